@@ -1,0 +1,162 @@
+"""The one place that reads the environment: a typed, immutable Settings object.
+
+AWS endpoints, region and credentials are deliberately absent: botocore resolves them itself
+(`AWS_REGION`, `AWS_ENDPOINT_URL_REKOGNITION`, the credential chain, ...), and re-implementing that
+resolution is how projects end up ignoring one of its sources.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from worker.errors import ConfigError
+
+RateLimitScope = Literal["process", "fleet"]
+
+
+def normalize_database_url(url: str) -> str:
+    """Return a libpq-style ``postgresql://`` DSN for asyncpg.
+
+    Accepts ``postgresql://``, ``postgres://`` and SQLAlchemy's ``postgresql+asyncpg://``. Query
+    parameters (``host=/socket/dir``, ``sslmode``, ...) are kept verbatim because asyncpg parses
+    them the way libpq does.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in {"postgresql", "postgres", "postgresql+asyncpg"}:
+        raise ConfigError(
+            f"DATABASE_URL must start with postgresql:// or postgresql+asyncpg:// (got scheme {scheme!r})"
+        )
+    return urlunsplit(("postgresql", parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer (got {raw!r})") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum} (got {value})")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number (got {raw!r})") from None
+    if not value >= minimum:  # also rejects NaN
+        raise ConfigError(f"{name} must be >= {minimum} (got {raw})")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false (got {raw!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every tunable of the worker. Build with :meth:`from_env`; tests build their own."""
+
+    database_url: str | None = None
+    queue_url: str | None = None
+    rekognition_tps: float = 5.0
+    max_concurrent_jobs: int = 4
+    rate_limit_scope: RateLimitScope = "process"
+    page_size: int = 1000
+    # Pages fetched ahead of the writer per job: bounds memory (a full page is ~3.6 MB of JSON).
+    prefetch_pages: int = 2
+    db_pool_size: int = 10
+    archive_raw_pages: bool = True
+    # Retries of one Get* call for faults and throttling before the job is handed back as transient.
+    max_call_attempts: int = 8
+    retry_base_s: float = 0.25
+    retry_cap_s: float = 20.0
+    # SQS worker
+    poll_wait_s: int = 20
+    visibility_timeout_s: int = 60
+    heartbeat_interval_s: float = 20.0
+    shutdown_grace_s: float = 25.0
+    not_ready_delay_s: int = 30
+    not_ready_max_delay_s: int = 900
+    health_port: int = 8080
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "info"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def asyncpg_dsn(self) -> str:
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL is not set")
+        return normalize_database_url(self.database_url)
+
+    def with_(self, **changes: object) -> Settings:
+        """A copy with some fields changed (tests and the local stack use this)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        database_url = env.get("DATABASE_URL") or None
+        if database_url is not None:
+            normalize_database_url(database_url)  # validate early, with a clear message
+        scope = (env.get("RATE_LIMIT_SCOPE") or "process").strip().lower()
+        if scope not in ("process", "fleet"):
+            raise ConfigError(f"RATE_LIMIT_SCOPE must be 'process' or 'fleet' (got {scope!r})")
+        log_format = (env.get("LOG_FORMAT") or "auto").strip().lower()
+        if log_format not in ("auto", "json", "console"):
+            raise ConfigError(f"LOG_FORMAT must be auto, json or console (got {log_format!r})")
+        page_size = _int(env, "PAGE_SIZE", 1000, minimum=1)
+        if page_size > 1000:
+            raise ConfigError(f"PAGE_SIZE must be 1..1000 (got {page_size})")
+        rekognition_tps = _float(env, "REKOGNITION_TPS", 5.0, minimum=0.01)
+        return cls(
+            database_url=database_url,
+            queue_url=env.get("QUEUE_URL") or None,
+            rekognition_tps=rekognition_tps,
+            max_concurrent_jobs=_int(env, "MAX_CONCURRENT_JOBS", 4, minimum=1),
+            rate_limit_scope=scope,  # type: ignore[arg-type]
+            page_size=page_size,
+            prefetch_pages=_int(env, "PREFETCH_PAGES", 2, minimum=1),
+            db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1),
+            archive_raw_pages=_bool(env, "ARCHIVE_RAW_PAGES", True),
+            max_call_attempts=_int(env, "MAX_CALL_ATTEMPTS", 8, minimum=1),
+            retry_base_s=_float(env, "RETRY_BASE_S", 0.25),
+            retry_cap_s=_float(env, "RETRY_CAP_S", 20.0),
+            poll_wait_s=_int(env, "POLL_WAIT_S", 20, minimum=0),
+            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", 60, minimum=1),
+            heartbeat_interval_s=_float(env, "HEARTBEAT_INTERVAL_S", 20.0, minimum=0.1),
+            shutdown_grace_s=_float(env, "SHUTDOWN_GRACE_S", 25.0),
+            not_ready_delay_s=_int(env, "NOT_READY_DELAY_S", 30, minimum=0),
+            not_ready_max_delay_s=_int(env, "NOT_READY_MAX_DELAY_S", 900, minimum=0),
+            health_port=_int(env, "HEALTH_PORT", 8080, minimum=0),
+            log_format=log_format,  # type: ignore[arg-type]
+            log_level=(env.get("LOG_LEVEL") or "info").strip().lower(),
+        )
