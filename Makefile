@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything installs from here.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+LINT_STAMP := $(VENV)/.installed-lint
+
+.PHONY: demo test lint bench bench-smoke clean install
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[test]'
+	touch $(STAMP) $@
+
+$(LINT_STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[test,lint]'
+	touch $(STAMP) $(TEST_STAMP) $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m worker demo
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check worker tests migrations bench
+	$(VENV)/bin/mypy
+	bash scripts/lint-deploy.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .local

@@ -1,0 +1,124 @@
+"""Shared fixtures: a real PostgreSQL (embedded unless DATABASE_URL is set), a fresh migrated
+database per test, the Rekognition emulator over HTTP, and no way to reach a real AWS account."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from worker.config import Settings, normalize_database_url
+
+# Captured before the AWS/env scrub below; DATABASE_URL points the suite at another server.
+_EXTERNAL_DB = os.environ.get("DATABASE_URL")
+
+
+@pytest.fixture(autouse=True)
+def _no_real_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_") or name in ("DATABASE_URL", "QUEUE_URL"):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(normalize_database_url(url))
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    if _EXTERNAL_DB:
+        yield normalize_database_url(_EXTERNAL_DB)
+        return
+    from worker.local.pg import start_embedded_postgres
+
+    tmp = Path(tempfile.mkdtemp(prefix="worker-tests-pg-"))
+    server, url = start_embedded_postgres(tmp / "pgdata")
+    try:
+        yield url
+    finally:
+        server.cleanup_mode = "delete"
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server_url: str) -> str:
+    """A migrated database that every test database is cloned from."""
+    from worker.db.migrate import upgrade_to_head
+
+    name = f"worker_template_{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(pg_server_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    upgrade_to_head(Settings(database_url=with_database(pg_server_url, name)))
+    return name
+
+
+@pytest.fixture
+async def db_url(pg_server_url: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await conn.close()
+    yield with_database(pg_server_url, name)
+    conn = await asyncpg.connect(pg_server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return Settings(database_url=db_url, rekognition_tps=1000.0, max_concurrent_jobs=4, retry_base_s=0.01,
+                    retry_cap_s=0.05, max_call_attempts=4, log_format="json")
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(db_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[object]:
+    from worker.local.emulator import EmulatorConfig, EmulatorThread
+
+    with EmulatorThread(EmulatorConfig()) as emu:
+        yield emu
+
+
+@pytest.fixture
+def rekognition_endpoint(emulator: object, monkeypatch: pytest.MonkeyPatch) -> object:
+    """Point botocore's own endpoint resolution at the emulator, as a user would."""
+    emulator.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0)  # type: ignore[attr-defined]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_REKOGNITION", emulator.url)  # type: ignore[attr-defined]
+    return emulator
+
+
+def unique_job_id(prefix: str = "job") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"

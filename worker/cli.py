@@ -1,0 +1,113 @@
+"""Command line: migrate, backfill, run, demo, report (see INTERFACE.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from worker import __version__
+from worker.config import Settings, redact_url
+from worker.errors import ConfigError, InvalidInput
+from worker.logs import configure_logging, get_logger, redact
+
+log = get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("migrate", help="alembic upgrade to head on DATABASE_URL")
+
+    b = sub.add_parser("backfill", help="ingest named jobs directly (no queue)")
+    b.add_argument("--api", help="GetFaceDetection, GetFaceSearch, StartFace*, FACE_DETECTION, FACE_SEARCH")
+    b.add_argument("--from-file", metavar="PATH", help="lines of JOB_ID or JOB_ID,API ('-' for stdin)")
+    b.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+
+    r = sub.add_parser("run", help="the SQS worker on QUEUE_URL")
+    r.add_argument("--exit-when-idle", action="store_true",
+                   help="exit 0 once the queue is empty and nothing is in flight")
+
+    d = sub.add_parser("demo", help="local end-to-end run: embedded PostgreSQL, emulator, moto SQS")
+    d.add_argument("--stop", action="store_true", help="stop the embedded PostgreSQL a previous demo left running")
+
+    rep = sub.add_parser("report", help="human summary of one ingested job")
+    rep.add_argument("job_id", metavar="JOB_ID")
+    rep.add_argument("--format", choices=("text", "json"), default="text")
+    rep.add_argument("--chart", metavar="PATH", help="write a timeline PNG of who is on screen when")
+    return p
+
+
+def _cmd_migrate(settings: Settings, console: Console) -> int:
+    from worker.db.migrate import upgrade_to_head
+
+    upgrade_to_head(settings)
+    console.print(f"database at head: {redact_url(settings.asyncpg_dsn)}")
+    return 0
+
+
+def _cmd_backfill(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    from worker.backfill import refs_from_args, run_backfill, summary_table
+    from worker.ingest import JobOutcome
+
+    if not args.job_ids and not args.from_file:
+        raise InvalidInput("backfill needs JOB_ID arguments (with --api) or --from-file PATH")
+    invalid: list[JobOutcome] = []
+    refs = refs_from_args(args.api, args.job_ids, args.from_file, invalid)
+    err = Console(stderr=True)
+    for o in invalid:
+        err.print(f"error: job {o.job_id!r}: {o.reason}", markup=False, highlight=False)
+    settings.asyncpg_dsn  # noqa: B018 - fail early with a clear message when DATABASE_URL is unset
+    outcomes = asyncio.run(run_backfill(settings, refs, console=err)) if refs else []
+    for o in outcomes:
+        if not o.ok:
+            err.print(f"error: job {o.job_id}: {o.outcome}: {o.reason}", markup=False, highlight=False)
+    console.print(summary_table([*outcomes, *invalid]))
+    return 0 if outcomes and not invalid and all(o.outcome == "ingested" for o in outcomes) else 1
+
+
+def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.service import run_service
+
+    return asyncio.run(run_service(settings, exit_when_idle=args.exit_when_idle))
+
+
+def _cmd_demo(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    from worker.local.demo import run_demo, stop_demo
+
+    if args.stop:
+        return stop_demo(console)
+    return run_demo(settings, console)
+
+
+def _cmd_report(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    from worker.report import run_report
+
+    return asyncio.run(run_report(settings, args.job_id, fmt=args.format, chart=args.chart, console=console))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        settings = Settings.from_env()
+        configure_logging(settings.log_level, settings.log_format)
+        if args.command == "migrate":
+            return _cmd_migrate(settings, console)
+        if args.command == "backfill":
+            return _cmd_backfill(settings, args, console)
+        if args.command == "run":
+            return _cmd_run(settings, args)
+        if args.command == "demo":
+            return _cmd_demo(settings, args, console)
+        return _cmd_report(settings, args, console)
+    except (ConfigError, InvalidInput) as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

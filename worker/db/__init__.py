@@ -1,0 +1,1 @@
+"""Database access: the engine factory and the store (atomic, idempotent writes)."""

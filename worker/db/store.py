@@ -1,0 +1,234 @@
+"""The store: atomic, idempotent writes of a job's rows.
+
+One job is written in one transaction: its old rows are deleted and the new ones copied in, so a
+reader sees either the previous ingest or the new one, never a mix, and re-ingesting converges to
+exactly the rows of one ingest. A transaction-scoped advisory lock on the JobId serializes writers
+of the same job across processes; the loser backs off (JobBusy) instead of writing twice.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from worker.errors import TransientError
+from worker.messages import JobRef
+from worker.normalize import (
+    COLLECTION_FACE_COLUMNS,
+    EMOTION_COLUMNS,
+    FACE_COLUMNS,
+    LANDMARK_COLUMNS,
+    MATCH_COLUMNS,
+    JobMeta,
+    PageRows,
+)
+
+RESULT_TABLES = ("faces", "landmarks", "emotions", "face_matches", "collection_faces", "persons", "raw_pages")
+_LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
+
+
+class JobBusy(TransientError):
+    """Another process is writing this job right now."""
+
+
+@dataclass(slots=True)
+class WriteCounts:
+    pages: int = 0
+    faces: int = 0
+    landmarks: int = 0
+    emotions: int = 0
+    face_matches: int = 0
+    collection_faces: int = 0
+    rows: int = 0
+
+
+def _meta_values(meta: JobMeta | None) -> tuple[Any, ...]:
+    if meta is None:
+        return (None,) * 13
+    return (
+        meta.job_status, meta.status_message, meta.job_tag, meta.video_bucket, meta.video_name,
+        meta.video_version, meta.codec, meta.duration_ms, meta.video_format, meta.frame_rate,
+        meta.frame_height, meta.frame_width, meta.color_range,
+    )
+
+
+def _ms_to_dt(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+_META_COLS = ("job_status, status_message, job_tag, video_bucket, video_name, video_version, video_codec, "
+              "duration_ms, video_format, frame_rate, frame_height, frame_width, color_range")
+_META_UPDATE = ", ".join(f"{c.strip()} = EXCLUDED.{c.strip()}" for c in _META_COLS.split(","))
+
+_UPSERT_INGESTED = f"""
+INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure_reason,
+                  pages, faces, persons, face_matches, collection_faces, landmarks, emotions,
+                  attempts, notified_at, ingest_started_at, ingested_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ingested', NULL, NULL,
+        $16, $17, (SELECT count(*) FROM persons WHERE job_id = $1), $18, $19, $20, $21,
+        1, $22, $23, now(), now())
+ON CONFLICT (job_id) DO UPDATE SET
+    api = EXCLUDED.api, {_META_UPDATE},
+    ingest_state = 'ingested', failure_code = NULL, failure_reason = NULL,
+    pages = EXCLUDED.pages, faces = EXCLUDED.faces, persons = EXCLUDED.persons,
+    face_matches = EXCLUDED.face_matches, collection_faces = EXCLUDED.collection_faces,
+    landmarks = EXCLUDED.landmarks, emotions = EXCLUDED.emotions,
+    attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
+    ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = now(), updated_at = now()
+"""
+
+# A failure never erases a complete ingest unless Rekognition itself says the job FAILED:
+# a job whose results expired (ResourceNotFound on a re-run) keeps the rows it has.
+_UPSERT_FAILED = f"""
+INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure_reason,
+                  attempts, notified_at, ingest_started_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'failed', $16, $17,
+        1, $18, $19, now())
+ON CONFLICT (job_id) DO UPDATE SET
+    api = EXCLUDED.api,
+    job_status = COALESCE(EXCLUDED.job_status, jobs.job_status),
+    status_message = COALESCE(EXCLUDED.status_message, jobs.status_message),
+    job_tag = COALESCE(EXCLUDED.job_tag, jobs.job_tag),
+    video_bucket = COALESCE(EXCLUDED.video_bucket, jobs.video_bucket),
+    video_name = COALESCE(EXCLUDED.video_name, jobs.video_name),
+    video_version = COALESCE(EXCLUDED.video_version, jobs.video_version),
+    video_codec = COALESCE(EXCLUDED.video_codec, jobs.video_codec),
+    duration_ms = COALESCE(EXCLUDED.duration_ms, jobs.duration_ms),
+    video_format = COALESCE(EXCLUDED.video_format, jobs.video_format),
+    frame_rate = COALESCE(EXCLUDED.frame_rate, jobs.frame_rate),
+    frame_height = COALESCE(EXCLUDED.frame_height, jobs.frame_height),
+    frame_width = COALESCE(EXCLUDED.frame_width, jobs.frame_width),
+    color_range = COALESCE(EXCLUDED.color_range, jobs.color_range),
+    ingest_state = 'failed', failure_code = EXCLUDED.failure_code, failure_reason = EXCLUDED.failure_reason,
+    pages = 0, faces = 0, persons = 0, face_matches = 0, collection_faces = 0, landmarks = 0, emotions = 0,
+    attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
+    ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = NULL, updated_at = now()
+"""
+
+_DERIVE_PERSONS = """
+INSERT INTO persons (job_id, person_index, first_seen_ms, last_seen_ms, detections)
+SELECT job_id, person_index, min(timestamp_ms), max(timestamp_ms), count(*)
+FROM faces WHERE job_id = $1 AND person_index IS NOT NULL
+GROUP BY job_id, person_index
+"""
+
+
+async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
+    raw = await conn.get_raw_connection()
+    return raw.driver_connection  # type: ignore[return-value]
+
+
+class JobWriter:
+    """Writes one job's pages inside the transaction opened by :meth:`Store.job_writer`."""
+
+    def __init__(self, conn: asyncpg.Connection, ref: JobRef, started_at: datetime, archive: bool) -> None:
+        self._conn = conn
+        self._ref = ref
+        self._started_at = started_at
+        self._archive = archive
+        self._seen_faces: set[str] = set()
+        self.counts = WriteCounts()
+
+    async def write_page(self, rows: PageRows, raw_page: bytes | None = None) -> None:
+        conn, c = self._conn, self.counts
+        if rows.faces:
+            await conn.copy_records_to_table("faces", records=rows.faces, columns=FACE_COLUMNS)
+        if rows.landmarks:
+            await conn.copy_records_to_table("landmarks", records=rows.landmarks, columns=LANDMARK_COLUMNS)
+        if rows.emotions:
+            await conn.copy_records_to_table("emotions", records=rows.emotions, columns=EMOTION_COLUMNS)
+        if rows.matches:
+            await conn.copy_records_to_table("face_matches", records=rows.matches, columns=MATCH_COLUMNS)
+        new_faces = [row for fid, row in rows.collection_faces.items() if fid not in self._seen_faces]
+        if new_faces:
+            await conn.copy_records_to_table(
+                "collection_faces", records=new_faces, columns=COLLECTION_FACE_COLUMNS
+            )
+            self._seen_faces.update(row[1] for row in new_faces)
+        if self._archive and raw_page is not None:
+            await conn.execute(
+                "INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) VALUES ($1, $2, $3, $4, $5)",
+                self._ref.job_id, c.pages, "zlib+json", zlib.compress(raw_page, 1), len(raw_page),
+            )
+        c.pages += 1
+        c.faces += len(rows.faces)
+        c.landmarks += len(rows.landmarks)
+        c.emotions += len(rows.emotions)
+        c.face_matches += len(rows.matches)
+        c.collection_faces += len(new_faces)
+        c.rows += len(rows.faces) + len(rows.landmarks) + len(rows.emotions) + len(rows.matches) + len(new_faces)
+
+    async def finish(self, meta: JobMeta) -> None:
+        """Derive persons and write the job row; the caller's context commits."""
+        conn, c, ref = self._conn, self.counts, self._ref
+        await conn.execute(_DERIVE_PERSONS, ref.job_id)
+        await conn.execute(
+            _UPSERT_INGESTED, ref.job_id, ref.api.value, *_meta_values(meta),
+            c.pages, c.faces, c.face_matches, c.collection_faces, c.landmarks, c.emotions,
+            _ms_to_dt(ref.notified_at_ms), self._started_at,
+        )
+
+
+class Store:
+    """All reads and writes of the worker's tables."""
+
+    def __init__(self, engine: AsyncEngine, *, archive_raw_pages: bool = True) -> None:
+        self.engine = engine
+        self.archive_raw_pages = archive_raw_pages
+
+    @asynccontextmanager
+    async def job_writer(self, ref: JobRef) -> AsyncIterator[JobWriter]:
+        """A transaction that replaces all rows of ``ref``; committed when the block exits cleanly."""
+        started_at = datetime.now(tz=UTC)
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            async with conn.transaction():
+                if not await conn.fetchval(_LOCK_SQL, ref.job_id):
+                    raise JobBusy(f"job {ref.job_id} is being written by another process")
+                for table in RESULT_TABLES:
+                    await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)  # noqa: S608
+                yield JobWriter(conn, ref, started_at, self.archive_raw_pages)
+
+    async def record_failure(self, ref: JobRef, *, code: str, reason: str, meta: JobMeta | None = None,
+                             rekognition_failed: bool = False) -> bool:
+        """Record that ``ref`` failed. Returns False when a complete earlier ingest was kept instead."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", ref.job_id)
+                state = await conn.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", ref.job_id)
+                if state == "ingested" and not rekognition_failed:
+                    await conn.execute(
+                        "UPDATE jobs SET failure_code = $2, failure_reason = $3, updated_at = now() "
+                        "WHERE job_id = $1", ref.job_id, code, reason,
+                    )
+                    return False
+                for table in RESULT_TABLES:
+                    await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)  # noqa: S608
+                await conn.execute(
+                    _UPSERT_FAILED, ref.job_id, ref.api.value, *_meta_values(meta), code, reason,
+                    _ms_to_dt(ref.notified_at_ms), datetime.now(tz=UTC),
+                )
+        return True
+
+    async def ingested_since(self, job_id: str, at_ms: int) -> bool:
+        """True when the job was completely ingested at or after ``at_ms`` (a duplicate notification)."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            return bool(await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = $1 AND ingest_state = 'ingested' "
+                "AND ingested_at >= $2)", job_id, _ms_to_dt(at_ms),
+            ))
+
+    async def job(self, job_id: str) -> Mapping[str, Any] | None:
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            row = await conn.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
+            return dict(row) if row is not None else None

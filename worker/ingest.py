@@ -1,0 +1,229 @@
+"""Ingest one job end to end: pages from Rekognition -> rows -> one PostgreSQL transaction.
+
+Fetching runs one page ahead of writing (a bounded queue), so page N+1 is on the wire and being
+normalized while page N is copied into PostgreSQL; memory stays bounded by ``prefetch_pages``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from worker import metrics
+from worker.db.store import JobBusy, Store
+from worker.errors import InvalidInput, JobNotReady, PermanentJobError, RestartJob, TransientError
+from worker.logs import get_logger
+from worker.messages import JobRef
+from worker.normalize import JobMeta, PageRows, normalize_page, parse_meta
+from worker.rekognition import Fetcher, Page
+
+log = get_logger(__name__)
+
+MAX_RESTARTS = 3
+
+
+@dataclass(slots=True)
+class JobOutcome:
+    """What happened to one job. ``outcome`` is one of the OUTCOMES below."""
+
+    job_id: str
+    api: str
+    outcome: str
+    pages: int = 0
+    faces: int = 0
+    persons: int = 0
+    matches: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("ingested", "duplicate")
+
+
+OUTCOMES = ("ingested", "duplicate", "failed", "not_ready", "busy", "transient", "invalid")
+
+
+class _Normalized:
+    __slots__ = ("page", "rows")
+
+    def __init__(self, page: Page, rows: PageRows) -> None:
+        self.page = page
+        self.rows = rows
+
+
+async def _prefetch(pages: AsyncIterator[_Normalized], depth: int) -> AsyncIterator[_Normalized]:
+    """Run ``pages`` in a task, ``depth`` items ahead of the consumer; errors surface in order."""
+    queue: asyncio.Queue[_Normalized | BaseException | None] = asyncio.Queue(maxsize=depth)
+
+    async def produce() -> None:
+        try:
+            async for item in pages:
+                await queue.put(item)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            await queue.put(exc)
+            return
+        await queue.put(None)
+
+    task = asyncio.create_task(produce())
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+        # Collect the producer so no exception is left unobserved.
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class Ingestor:
+    """Ingests jobs with a shared Fetcher (one client, one limiter) and a Store."""
+
+    def __init__(self, fetcher: Fetcher, store: Store, *, prefetch_pages: int = 2,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.fetcher = fetcher
+        self.store = store
+        self.prefetch_pages = prefetch_pages
+        self._clock = clock
+
+    async def _normalized(self, ref: JobRef, first: Page, rest: AsyncIterator[Page]) -> AsyncIterator[_Normalized]:
+        seq = 0
+        page: Page | None = first
+        while page is not None:
+            rows = normalize_page(page.body, ref.api, ref.job_id, seq)
+            seq += rows.elements
+            yield _Normalized(page, rows)
+            page = await anext(rest, None)
+
+    async def _attempt(self, ref: JobRef) -> JobOutcome:
+        pages = self.fetcher.pages(ref.api, ref.job_id)
+        try:
+            first = await anext(pages)
+            meta = parse_meta(first.body)
+            if meta.job_status == "FAILED":
+                reason = meta.status_message or "Rekognition reported the job FAILED"
+                await self.store.record_failure(ref, code="JobFailed", reason=reason, meta=meta,
+                                                rekognition_failed=True)
+                return JobOutcome(ref.job_id, ref.api.value, "failed", pages=1, reason=reason)
+            if meta.response_job_id is not None and meta.response_job_id != ref.job_id:
+                raise PermanentJobError(
+                    f"response JobId {meta.response_job_id!r} differs from the requested job", code="MalformedPage"
+                )
+            last_meta: JobMeta = meta
+            async with self.store.job_writer(ref) as writer:
+                # aclosing: a failed write must stop the prefetching task at once, not at GC time.
+                async with aclosing(_prefetch(self._normalized(ref, first, pages), self.prefetch_pages)) as stream:
+                    async for item in stream:
+                        await writer.write_page(item.rows, item.page.raw)
+                        last_meta = item.rows.meta
+                await writer.finish(_merge_meta(meta, last_meta))
+            c = writer.counts
+        finally:
+            await pages.aclose()
+        persons = 0
+        row = await self.store.job(ref.job_id)
+        if row is not None:
+            persons = int(row["persons"])
+        for table, n in (("faces", c.faces), ("landmarks", c.landmarks), ("emotions", c.emotions),
+                         ("face_matches", c.face_matches), ("collection_faces", c.collection_faces)):
+            metrics.ROWS.labels(table).inc(n)
+        return JobOutcome(ref.job_id, ref.api.value, "ingested", pages=c.pages, faces=c.faces,
+                          persons=persons, matches=c.face_matches, rows=c.rows)
+
+    async def ingest(self, ref: JobRef, *, skip_if_ingested_since_ms: int | None = None) -> JobOutcome:
+        """Ingest ``ref``. Never raises for a job's own problems: the outcome says what happened.
+
+        Transient problems (throttling that outlasts retries, database down, another writer) give
+        outcome ``transient``/``busy`` and leave nothing behind; the caller decides when to retry.
+        """
+        started = self._clock()
+        structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
+        metrics.IN_FLIGHT.inc()
+        try:
+            outcome = await self._ingest(ref, skip_if_ingested_since_ms)
+        finally:
+            metrics.IN_FLIGHT.dec()
+        outcome.seconds = round(self._clock() - started, 3)
+        metrics.JOBS.labels(ref.api.value, outcome.outcome).inc()
+        metrics.JOB_SECONDS.observe(outcome.seconds)
+        log.info("job finished", outcome=outcome.outcome, pages=outcome.pages, faces=outcome.faces,
+                 persons=outcome.persons, matches=outcome.matches, rows=outcome.rows,
+                 seconds=outcome.seconds, reason=outcome.reason)
+        structlog.contextvars.unbind_contextvars("job_id", "api")
+        return outcome
+
+    async def _ingest(self, ref: JobRef, skip_since_ms: int | None) -> JobOutcome:
+        name = ref.api.value
+        try:
+            if skip_since_ms is not None and await self.store.ingested_since(ref.job_id, skip_since_ms):
+                return JobOutcome(ref.job_id, name, "duplicate", reason="already ingested after this notification")
+            for restart in range(MAX_RESTARTS + 1):
+                try:
+                    return await self._attempt(ref)
+                except RestartJob as exc:
+                    log.warning("pagination token rejected; restarting job from its first page",
+                                restart=restart + 1, error=str(exc))
+            raise TransientError(f"pagination token rejected {MAX_RESTARTS + 1} times")
+        except JobNotReady as exc:
+            return JobOutcome(ref.job_id, name, "not_ready", reason=str(exc))
+        except JobBusy as exc:
+            return JobOutcome(ref.job_id, name, "busy", reason=str(exc))
+        except PermanentJobError as exc:
+            try:
+                await self.store.record_failure(ref, code=exc.code, reason=exc.reason)
+            except Exception as db_exc:  # the database itself is unreachable: retry the job later
+                return JobOutcome(ref.job_id, name, "transient", reason=f"{exc.reason}; recording it failed: {db_exc}")
+            return JobOutcome(ref.job_id, name, "failed", reason=exc.reason)
+        except InvalidInput as exc:
+            return JobOutcome(ref.job_id, name, "invalid", reason=str(exc))
+        except TransientError as exc:
+            return JobOutcome(ref.job_id, name, "transient", reason=str(exc))
+        except (OSError, asyncio.TimeoutError) as exc:
+            return JobOutcome(ref.job_id, name, "transient", reason=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            # asyncpg/SQLAlchemy errors: database unreachable, restarted, or a constraint we did not expect.
+            if _is_database_error(exc):
+                return JobOutcome(ref.job_id, name, "transient", reason=f"database: {type(exc).__name__}: {exc}")
+            raise
+
+    async def ingest_many(self, refs: Iterable[JobRef], *, concurrency: int,
+                          on_done: Callable[[JobOutcome], None] | None = None) -> list[JobOutcome]:
+        """Ingest jobs with at most ``concurrency`` in flight; results in input order."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(ref: JobRef) -> JobOutcome:
+            async with sem:
+                outcome = await self.ingest(ref)
+            if on_done is not None:
+                on_done(outcome)
+            return outcome
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(ref)) for ref in refs]
+        return [t.result() for t in tasks]
+
+
+def _merge_meta(first: JobMeta, last: JobMeta) -> JobMeta:
+    """Job-level members repeat on every page; prefer the last page's, fall back to the first's."""
+    values = {k: getattr(last, k) if getattr(last, k) is not None else getattr(first, k)
+              for k in JobMeta.__dataclass_fields__}
+    values["next_token"] = None
+    return JobMeta(**values)
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.startswith(("asyncpg", "sqlalchemy"))

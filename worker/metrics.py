@@ -1,0 +1,19 @@
+"""Prometheus metrics of the worker, registered once per process."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES = Counter("worker_messages_total", "SQS messages handled, by outcome", ["outcome"])
+JOBS = Counter("worker_jobs_total", "Jobs finished, by API and outcome", ["api", "outcome"])
+PAGES = Counter("worker_pages_fetched_total", "Result pages fetched", ["api"])
+ROWS = Counter("worker_rows_written_total", "Rows written, by table", ["table"])
+CALLS = Counter("worker_rekognition_calls_total", "Rekognition Get* calls, by outcome", ["operation", "outcome"])
+IN_FLIGHT = Gauge("worker_jobs_in_flight", "Jobs being ingested now")
+JOB_SECONDS = Histogram(
+    "worker_job_duration_seconds", "Wall time of one job ingest",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+OLDEST_MESSAGE_AGE = Gauge("worker_oldest_message_age_seconds", "Age of the oldest message received")
+RATE_LIMIT = Gauge("worker_rekognition_rate_limit_per_second", "Current Get* call rate of this process")
+HEARTBEAT_FAILURES = Counter("worker_visibility_extension_failures_total", "Failed visibility extensions")

@@ -1,0 +1,312 @@
+"""Pure normalization: one Get* result page in, row batches out. No I/O.
+
+Every value of the response syntax lands in a column; anything that violates the response
+model (a missing Timestamp, a string where a number belongs, an unknown enumeration value)
+raises MalformedPage naming the path, so the job fails with a clear reason and stores nothing.
+Rows are plain tuples in the column order of the tables below, ready for COPY.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.errors import MalformedPage
+from worker.messages import Api
+
+LANDMARK_TYPES = frozenset({
+    "eyeLeft", "eyeRight", "nose", "mouthLeft", "mouthRight", "leftEyeBrowLeft", "leftEyeBrowRight",
+    "leftEyeBrowUp", "rightEyeBrowLeft", "rightEyeBrowRight", "rightEyeBrowUp", "leftEyeLeft",
+    "leftEyeRight", "leftEyeUp", "leftEyeDown", "rightEyeLeft", "rightEyeRight", "rightEyeUp",
+    "rightEyeDown", "noseLeft", "noseRight", "mouthUp", "mouthDown", "leftPupil", "rightPupil",
+    "upperJawlineLeft", "midJawlineLeft", "chinBottom", "midJawlineRight", "upperJawlineRight",
+})
+EMOTION_TYPES = frozenset({"HAPPY", "SAD", "ANGRY", "CONFUSED", "DISGUSTED", "SURPRISED", "CALM", "UNKNOWN", "FEAR"})
+GENDERS = frozenset({"Male", "Female"})
+COLOR_RANGES = frozenset({"FULL", "LIMITED"})
+JOB_STATUSES = frozenset({"IN_PROGRESS", "SUCCEEDED", "FAILED"})
+
+# The boolean attributes of FaceDetail, in column order: (response member, column prefix).
+_BOOL_ATTRS = (
+    ("Smile", "smile"), ("Eyeglasses", "eyeglasses"), ("Sunglasses", "sunglasses"),
+    ("Beard", "beard"), ("Mustache", "mustache"), ("EyesOpen", "eyes_open"), ("MouthOpen", "mouth_open"),
+)
+
+FACE_COLUMNS: tuple[str, ...] = (
+    "job_id", "face_seq", "timestamp_ms", "person_index",
+    "person_bbox_width", "person_bbox_height", "person_bbox_left", "person_bbox_top",
+    "has_face", "bbox_width", "bbox_height", "bbox_left", "bbox_top", "confidence",
+    "age_low", "age_high",
+    "smile_value", "smile_confidence", "eyeglasses_value", "eyeglasses_confidence",
+    "sunglasses_value", "sunglasses_confidence", "gender_value", "gender_confidence",
+    "beard_value", "beard_confidence", "mustache_value", "mustache_confidence",
+    "eyes_open_value", "eyes_open_confidence", "mouth_open_value", "mouth_open_confidence",
+    "pose_roll", "pose_yaw", "pose_pitch", "quality_brightness", "quality_sharpness",
+    "face_occluded_value", "face_occluded_confidence",
+    "eye_direction_yaw", "eye_direction_pitch", "eye_direction_confidence",
+)
+LANDMARK_COLUMNS = ("job_id", "face_seq", "ordinal", "type", "x", "y")
+EMOTION_COLUMNS = ("job_id", "face_seq", "ordinal", "type", "confidence")
+MATCH_COLUMNS = ("job_id", "face_seq", "ordinal", "face_id", "similarity")
+COLLECTION_FACE_COLUMNS = (
+    "job_id", "face_id", "image_id", "external_image_id", "user_id", "index_faces_model_version",
+    "bbox_width", "bbox_height", "bbox_left", "bbox_top", "confidence",
+)
+
+_NO_FACE = (None,) * (len(FACE_COLUMNS) - 9)
+_NO_BOX = (None, None, None, None)
+_MAX_BIGINT = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class JobMeta:
+    """The job-level members of a page (repeated on every page)."""
+
+    job_status: str | None
+    status_message: str | None
+    job_tag: str | None
+    video_bucket: str | None
+    video_name: str | None
+    video_version: str | None
+    codec: str | None
+    duration_ms: int | None
+    video_format: str | None
+    frame_rate: float | None
+    frame_height: int | None
+    frame_width: int | None
+    color_range: str | None
+    next_token: str | None
+    response_job_id: str | None
+
+
+@dataclass(slots=True)
+class PageRows:
+    """Rows produced from one page."""
+
+    meta: JobMeta
+    elements: int = 0
+    faces: list[tuple[Any, ...]] = field(default_factory=list)
+    landmarks: list[tuple[Any, ...]] = field(default_factory=list)
+    emotions: list[tuple[Any, ...]] = field(default_factory=list)
+    matches: list[tuple[Any, ...]] = field(default_factory=list)
+    # FaceId -> row: a collection face appears once per job however often it matched.
+    collection_faces: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def row_count(self) -> int:
+        return (len(self.faces) + len(self.landmarks) + len(self.emotions) + len(self.matches)
+                + len(self.collection_faces))
+
+
+def _bad(path: str, expected: str, value: object) -> MalformedPage:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return MalformedPage(f"malformed result page: {path}: expected {expected}, got {shown}")
+
+
+def _obj(value: object, path: str) -> Mapping[str, Any] | None:
+    if value is None:
+        return None
+    if type(value) is not dict:
+        raise _bad(path, "object", value)
+    return value
+
+
+def _num(value: object, path: str) -> float | int | None:
+    t = type(value)
+    if t is float or t is int or value is None:
+        return value  # type: ignore[return-value]
+    raise _bad(path, "number", value)
+
+
+def _int(value: object, path: str) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not -_MAX_BIGINT <= value <= _MAX_BIGINT:  # type: ignore[operator]
+        raise _bad(path, "integer", value)
+    return value  # type: ignore[return-value]
+
+
+def _str(value: object, path: str) -> str | None:
+    if value is None or type(value) is str:
+        return value  # type: ignore[return-value]
+    raise _bad(path, "string", value)
+
+
+def _bool(value: object, path: str) -> bool | None:
+    if value is None or type(value) is bool:
+        return value  # type: ignore[return-value]
+    raise _bad(path, "boolean", value)
+
+
+def _enum(value: object, allowed: frozenset[str], path: str) -> str | None:
+    if value is None:
+        return None
+    if type(value) is not str or value not in allowed:
+        raise _bad(path, "one of " + ", ".join(sorted(allowed)), value)
+    return value  # type: ignore[return-value]
+
+
+def _box(value: object, path: str) -> tuple[Any, Any, Any, Any]:
+    box = _obj(value, path)
+    if box is None:
+        return _NO_BOX
+    return (
+        _num(box.get("Width"), path + ".Width"),
+        _num(box.get("Height"), path + ".Height"),
+        _num(box.get("Left"), path + ".Left"),
+        _num(box.get("Top"), path + ".Top"),
+    )
+
+
+def _list(value: object, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if type(value) is not list:
+        raise _bad(path, "list", value)
+    return value  # type: ignore[return-value]
+
+
+def parse_meta(page: Mapping[str, Any]) -> JobMeta:
+    """The job-level members of a page, validated."""
+    if type(page) is not dict:
+        raise _bad("page", "object", page)
+    video = _obj(page.get("Video"), "Video") or {}
+    s3 = _obj(video.get("S3Object"), "Video.S3Object") or {}
+    vm = _obj(page.get("VideoMetadata"), "VideoMetadata") or {}
+    return JobMeta(
+        job_status=_enum(page.get("JobStatus"), JOB_STATUSES, "JobStatus"),
+        status_message=_str(page.get("StatusMessage"), "StatusMessage"),
+        job_tag=_str(page.get("JobTag"), "JobTag"),
+        video_bucket=_str(s3.get("Bucket"), "Video.S3Object.Bucket"),
+        video_name=_str(s3.get("Name"), "Video.S3Object.Name"),
+        video_version=_str(s3.get("Version"), "Video.S3Object.Version"),
+        codec=_str(vm.get("Codec"), "VideoMetadata.Codec"),
+        duration_ms=_int(vm.get("DurationMillis"), "VideoMetadata.DurationMillis"),
+        video_format=_str(vm.get("Format"), "VideoMetadata.Format"),
+        frame_rate=_num(vm.get("FrameRate"), "VideoMetadata.FrameRate"),
+        frame_height=_int(vm.get("FrameHeight"), "VideoMetadata.FrameHeight"),
+        frame_width=_int(vm.get("FrameWidth"), "VideoMetadata.FrameWidth"),
+        color_range=_enum(vm.get("ColorRange"), COLOR_RANGES, "VideoMetadata.ColorRange"),
+        next_token=_str(page.get("NextToken"), "NextToken"),
+        response_job_id=_str(page.get("JobId"), "JobId"),
+    )
+
+
+def _face_columns(face: Mapping[str, Any], path: str) -> tuple[Any, ...]:
+    """Columns has_face .. eye_direction_confidence of FACE_COLUMNS for one FaceDetail."""
+    cols: list[Any] = [True, *_box(face.get("BoundingBox"), path + ".BoundingBox"),
+                       _num(face.get("Confidence"), path + ".Confidence")]
+    age = _obj(face.get("AgeRange"), path + ".AgeRange") or {}
+    cols.append(_int(age.get("Low"), path + ".AgeRange.Low"))
+    cols.append(_int(age.get("High"), path + ".AgeRange.High"))
+    for member, _ in _BOOL_ATTRS[:3]:
+        attr = _obj(face.get(member), f"{path}.{member}") or {}
+        cols.append(_bool(attr.get("Value"), f"{path}.{member}.Value"))
+        cols.append(_num(attr.get("Confidence"), f"{path}.{member}.Confidence"))
+    gender = _obj(face.get("Gender"), path + ".Gender") or {}
+    cols.append(_enum(gender.get("Value"), GENDERS, path + ".Gender.Value"))
+    cols.append(_num(gender.get("Confidence"), path + ".Gender.Confidence"))
+    for member, _ in _BOOL_ATTRS[3:]:
+        attr = _obj(face.get(member), f"{path}.{member}") or {}
+        cols.append(_bool(attr.get("Value"), f"{path}.{member}.Value"))
+        cols.append(_num(attr.get("Confidence"), f"{path}.{member}.Confidence"))
+    pose = _obj(face.get("Pose"), path + ".Pose") or {}
+    cols.append(_num(pose.get("Roll"), path + ".Pose.Roll"))
+    cols.append(_num(pose.get("Yaw"), path + ".Pose.Yaw"))
+    cols.append(_num(pose.get("Pitch"), path + ".Pose.Pitch"))
+    quality = _obj(face.get("Quality"), path + ".Quality") or {}
+    cols.append(_num(quality.get("Brightness"), path + ".Quality.Brightness"))
+    cols.append(_num(quality.get("Sharpness"), path + ".Quality.Sharpness"))
+    occluded = _obj(face.get("FaceOccluded"), path + ".FaceOccluded") or {}
+    cols.append(_bool(occluded.get("Value"), path + ".FaceOccluded.Value"))
+    cols.append(_num(occluded.get("Confidence"), path + ".FaceOccluded.Confidence"))
+    eyes = _obj(face.get("EyeDirection"), path + ".EyeDirection") or {}
+    cols.append(_num(eyes.get("Yaw"), path + ".EyeDirection.Yaw"))
+    cols.append(_num(eyes.get("Pitch"), path + ".EyeDirection.Pitch"))
+    cols.append(_num(eyes.get("Confidence"), path + ".EyeDirection.Confidence"))
+    return tuple(cols)
+
+
+def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any], path: str) -> None:
+    landmarks = rows.landmarks
+    for i, lm in enumerate(_list(face.get("Landmarks"), path + ".Landmarks")):
+        if type(lm) is not dict:
+            raise _bad(f"{path}.Landmarks[{i}]", "object", lm)
+        kind = lm.get("Type")
+        if kind not in LANDMARK_TYPES:
+            raise _bad(f"{path}.Landmarks[{i}].Type", "a landmark type", kind)
+        x, y = lm.get("X"), lm.get("Y")
+        tx, ty = type(x), type(y)
+        if not ((tx is float or tx is int or x is None) and (ty is float or ty is int or y is None)):
+            raise _bad(f"{path}.Landmarks[{i}].X/Y", "numbers", (x, y))
+        landmarks.append((job_id, seq, i, kind, x, y))
+    emotions = rows.emotions
+    for i, em in enumerate(_list(face.get("Emotions"), path + ".Emotions")):
+        if type(em) is not dict:
+            raise _bad(f"{path}.Emotions[{i}]", "object", em)
+        kind = em.get("Type")
+        if kind not in EMOTION_TYPES:
+            raise _bad(f"{path}.Emotions[{i}].Type", "an emotion type", kind)
+        emotions.append((job_id, seq, i, kind, _num(em.get("Confidence"), f"{path}.Emotions[{i}].Confidence")))
+
+
+def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: str) -> None:
+    for i, match in enumerate(matches):
+        mpath = f"{path}[{i}]"
+        if type(match) is not dict:
+            raise _bad(mpath, "object", match)
+        face = _obj(match.get("Face"), mpath + ".Face")
+        if face is None:
+            raise _bad(mpath + ".Face", "object with FaceId", None)
+        face_id = face.get("FaceId")
+        if type(face_id) is not str or not face_id:
+            raise _bad(mpath + ".Face.FaceId", "non-empty string", face_id)
+        rows.matches.append((job_id, seq, i, face_id, _num(match.get("Similarity"), mpath + ".Similarity")))
+        rows.collection_faces[face_id] = (
+            job_id, face_id,
+            _str(face.get("ImageId"), mpath + ".Face.ImageId"),
+            _str(face.get("ExternalImageId"), mpath + ".Face.ExternalImageId"),
+            _str(face.get("UserId"), mpath + ".Face.UserId"),
+            _str(face.get("IndexFacesModelVersion"), mpath + ".Face.IndexFacesModelVersion"),
+            *_box(face.get("BoundingBox"), mpath + ".Face.BoundingBox"),
+            _num(face.get("Confidence"), mpath + ".Face.Confidence"),
+        )
+
+
+def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: int) -> PageRows:
+    """Rows for one page. ``seq_start`` is the stream position of the page's first element."""
+    rows = PageRows(meta=parse_meta(page))
+    key = api.results_key
+    elements = _list(page.get(key), key)
+    search = api is Api.FACE_SEARCH
+    faces = rows.faces
+    for n, element in enumerate(elements):
+        seq = seq_start + n
+        path = f"{key}[{seq}]"
+        if type(element) is not dict:
+            raise _bad(path, "object", element)
+        ts = element.get("Timestamp")
+        if type(ts) is not int or not 0 <= ts <= _MAX_BIGINT:  # type: ignore[operator]
+            raise _bad(path + ".Timestamp", "non-negative integer (milliseconds)", ts)
+        if search:
+            person = _obj(element.get("Person"), path + ".Person") or {}
+            index = _int(person.get("Index"), path + ".Person.Index")
+            pbox = _box(person.get("BoundingBox"), path + ".Person.BoundingBox")
+            face = _obj(person.get("Face"), path + ".Person.Face")
+            fpath = path + ".Person.Face"
+            _matches(rows, job_id, seq, _list(element.get("FaceMatches"), path + ".FaceMatches"),
+                     path + ".FaceMatches")
+        else:
+            index, pbox = None, _NO_BOX
+            face = _obj(element.get("Face"), path + ".Face")
+            fpath = path + ".Face"
+        if face is None:
+            faces.append((job_id, seq, ts, index, *pbox, False, *_NO_FACE))
+            continue
+        faces.append((job_id, seq, ts, index, *pbox, *_face_columns(face, fpath)))
+        _face_children(rows, job_id, seq, face, fpath)
+    rows.elements = len(elements)
+    return rows
