@@ -14,7 +14,7 @@ $(PY):
 	$(PIP) install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e '.[local]'
 	touch $@
 
 $(TEST_STAMP): pyproject.toml | $(PY)

@@ -93,7 +93,8 @@ def _cmd_report(settings: Settings, args: argparse.Namespace, console: Console) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console()
+    # Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
         settings = Settings.from_env()
         configure_logging(settings.log_level, settings.log_format)

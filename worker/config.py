@@ -1,8 +1,10 @@
 """The one place that reads the environment: a typed, immutable Settings object.
 
-AWS endpoints, region and credentials are deliberately absent: botocore resolves them itself
-(`AWS_REGION`, `AWS_ENDPOINT_URL_REKOGNITION`, the credential chain, ...), and re-implementing that
-resolution is how projects end up ignoring one of its sources.
+AWS endpoints and credentials are deliberately absent: botocore resolves them itself
+(`AWS_ENDPOINT_URL_REKOGNITION`, `AWS_ENDPOINT_URL_SQS`, the credential chain, ...), and
+re-implementing that resolution is how projects end up ignoring one of its sources. The one AWS
+value read here is `AWS_REGION`, which the AWS SDKs honour but botocore only knows as
+`AWS_DEFAULT_REGION`.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class Settings:
     health_port: int = 8080
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
+    # AWS_REGION as the AWS SDKs define it (it wins over AWS_DEFAULT_REGION); None leaves the
+    # region entirely to botocore (AWS_DEFAULT_REGION, the profile).
+    aws_region: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -159,4 +164,5 @@ class Settings:
             health_port=_int(env, "HEALTH_PORT", 8080, minimum=0),
             log_format=log_format,  # type: ignore[arg-type]
             log_level=(env.get("LOG_LEVEL") or "info").strip().lower(),
+            aws_region=env.get("AWS_REGION") or None,
         )

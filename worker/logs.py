@@ -59,6 +59,8 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     )
     # Libraries log through stdlib logging; keep them quiet unless asked.
     logging.basicConfig(level=max(level_no, logging.WARNING), stream=sys.stderr)
+    for noisy in ("werkzeug", "aiobotocore", "botocore", "moto", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def get_logger(name: str | None = None) -> Any:

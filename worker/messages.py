@@ -73,6 +73,8 @@ class JobRef:
     notified_status: str | None = None
     notified_at_ms: int | None = None
     job_tag: str | None = None
+    video_bucket: str | None = None
+    video_name: str | None = None
 
     @classmethod
     def create(cls, job_id: object, api: object, **kw: Any) -> JobRef:
@@ -143,10 +145,14 @@ def parse_message_body(body: str | bytes) -> JobRef:
     ts = doc.get("Timestamp")
     notified_at_ms = ts if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0 else None
     tag = doc.get("JobTag")
+    video = doc.get("Video") if isinstance(doc.get("Video"), dict) else {}
+    bucket, name = video.get("S3Bucket"), video.get("S3ObjectName")
     return JobRef.create(
         doc["JobId"],
         doc["API"],
         notified_status=status,
         notified_at_ms=notified_at_ms,
         job_tag=tag if isinstance(tag, str) else None,
+        video_bucket=bucket if isinstance(bucket, str) else None,
+        video_name=name if isinstance(name, str) else None,
     )

@@ -65,7 +65,8 @@ def error_code(exc: ClientError) -> str:
 
 
 @asynccontextmanager
-async def create_client(*, max_pool_connections: int = 50, read_timeout_s: float = 60.0) -> AsyncIterator[Any]:
+async def create_client(*, region: str | None = None, max_pool_connections: int = 50,
+                        read_timeout_s: float = 60.0) -> AsyncIterator[Any]:
     """One aiobotocore Rekognition client for the process.
 
     Region, endpoint (``AWS_ENDPOINT_URL_REKOGNITION``) and credentials are resolved by botocore.
@@ -78,7 +79,7 @@ async def create_client(*, max_pool_connections: int = 50, read_timeout_s: float
         connect_timeout=10,
         read_timeout=read_timeout_s,
     )
-    async with session.create_client("rekognition", config=config) as client:
+    async with session.create_client("rekognition", region_name=region, config=config) as client:
         for op in _OPERATIONS:
             client.meta.events.register(f"before-parse.rekognition.{op}", _orjson_before_parse)
         yield client

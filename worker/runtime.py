@@ -42,7 +42,8 @@ async def open_runtime(settings: Settings, *, limiter: RateLimiter | None = None
     limiter = limiter or RateLimiter(settings.rekognition_tps, on_change=_rate_changed)
     metrics.RATE_LIMIT.set(limiter.rate_per_s)
     try:
-        async with create_client(max_pool_connections=max(10, settings.max_concurrent_jobs * 2)) as client:
+        async with create_client(region=settings.aws_region,
+                                 max_pool_connections=max(10, settings.max_concurrent_jobs * 2)) as client:
             fetcher = Fetcher(client, limiter, page_size=settings.page_size, max_attempts=settings.max_call_attempts,
                               retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s)
             store = Store(engine, archive_raw_pages=settings.archive_raw_pages)

@@ -212,6 +212,13 @@ class Store:
                     return False
                 for table in RESULT_TABLES:
                     await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)  # noqa: S608
+                if meta is None:
+                    # Only the notification is known: keep what it says about the job and its video.
+                    meta = JobMeta(job_status="FAILED" if rekognition_failed else None, status_message=None,
+                                   job_tag=ref.job_tag, video_bucket=ref.video_bucket, video_name=ref.video_name,
+                                   video_version=None, codec=None, duration_ms=None, video_format=None,
+                                   frame_rate=None, frame_height=None, frame_width=None, color_range=None,
+                                   next_token=None, response_job_id=None)
                 await conn.execute(
                     _UPSERT_FAILED, ref.job_id, ref.api.value, *_meta_values(meta), code, reason,
                     _ms_to_dt(ref.notified_at_ms), datetime.now(tz=UTC),

