@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +60,7 @@ class _Normalized:
         self.rows = rows
 
 
-async def _prefetch(pages: AsyncIterator[_Normalized], depth: int) -> AsyncIterator[_Normalized]:
+async def _prefetch(pages: AsyncIterator[_Normalized], depth: int) -> AsyncGenerator[_Normalized]:
     """Run ``pages`` in a task, ``depth`` items ahead of the consumer; errors surface in order."""
     queue: asyncio.Queue[_Normalized | BaseException | None] = asyncio.Queue(maxsize=depth)
 
@@ -99,7 +99,7 @@ class Ingestor:
         self.prefetch_pages = prefetch_pages
         self._clock = clock
 
-    async def _normalized(self, ref: JobRef, first: Page, rest: AsyncIterator[Page]) -> AsyncIterator[_Normalized]:
+    async def _normalized(self, ref: JobRef, first: Page, rest: AsyncIterator[Page]) -> AsyncGenerator[_Normalized]:
         seq = 0
         page: Page | None = first
         while page is not None:
@@ -191,7 +191,7 @@ class Ingestor:
             return JobOutcome(ref.job_id, name, "invalid", reason=str(exc))
         except TransientError as exc:
             return JobOutcome(ref.job_id, name, "transient", reason=str(exc))
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             return JobOutcome(ref.job_id, name, "transient", reason=f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             # asyncpg/SQLAlchemy errors: database unreachable, restarted, or a constraint we did not expect.

@@ -145,7 +145,8 @@ def parse_message_body(body: str | bytes) -> JobRef:
     ts = doc.get("Timestamp")
     notified_at_ms = ts if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0 else None
     tag = doc.get("JobTag")
-    video = doc.get("Video") if isinstance(doc.get("Video"), dict) else {}
+    video_raw = doc.get("Video")
+    video: dict[str, Any] = video_raw if isinstance(video_raw, dict) else {}
     bucket, name = video.get("S3Bucket"), video.get("S3ObjectName")
     return JobRef.create(
         doc["JobId"],

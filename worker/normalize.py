@@ -124,20 +124,20 @@ def _num(value: object, path: str) -> float | int | None:
 def _int(value: object, path: str) -> int | None:
     if value is None:
         return None
-    if type(value) is not int or not -_MAX_BIGINT <= value <= _MAX_BIGINT:  # type: ignore[operator]
+    if type(value) is not int or not -_MAX_BIGINT <= value <= _MAX_BIGINT:
         raise _bad(path, "integer", value)
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _str(value: object, path: str) -> str | None:
     if value is None or type(value) is str:
-        return value  # type: ignore[return-value]
+        return value
     raise _bad(path, "string", value)
 
 
 def _bool(value: object, path: str) -> bool | None:
     if value is None or type(value) is bool:
-        return value  # type: ignore[return-value]
+        return value
     raise _bad(path, "boolean", value)
 
 
@@ -146,7 +146,7 @@ def _enum(value: object, allowed: frozenset[str], path: str) -> str | None:
         return None
     if type(value) is not str or value not in allowed:
         raise _bad(path, "one of " + ", ".join(sorted(allowed)), value)
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _box(value: object, path: str) -> tuple[Any, Any, Any, Any]:
@@ -166,7 +166,7 @@ def _list(value: object, path: str) -> list[Any]:
         return []
     if type(value) is not list:
         raise _bad(path, "list", value)
-    return value  # type: ignore[return-value]
+    return value
 
 
 def parse_meta(page: Mapping[str, Any]) -> JobMeta:
@@ -289,7 +289,7 @@ def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: in
         if type(element) is not dict:
             raise _bad(path, "object", element)
         ts = element.get("Timestamp")
-        if type(ts) is not int or not 0 <= ts <= _MAX_BIGINT:  # type: ignore[operator]
+        if type(ts) is not int or not 0 <= ts <= _MAX_BIGINT:
             raise _bad(path + ".Timestamp", "non-negative integer (milliseconds)", ts)
         if search:
             person = _obj(element.get("Person"), path + ".Person") or {}

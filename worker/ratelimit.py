@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from asyncio_throttle import Throttler
+from asyncio_throttle.throttler import Throttler
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -74,7 +74,7 @@ class AimdController:
         return True
 
 
-class PacedThrottler(Throttler):  # type: ignore[misc]
+class PacedThrottler(Throttler):
     """asyncio-throttle's Throttler that waits for the exact slot and takes an injected clock."""
 
     def __init__(self, rate_per_s: float, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:

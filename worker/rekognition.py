@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +20,11 @@ from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     HTTPClientError,
     NoCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 
 from worker import metrics
@@ -117,7 +119,7 @@ class Fetcher:
             params["SortBy"] = "TIMESTAMP"
         method = self._client.get_face_detection if api is Api.FACE_DETECTION else self._client.get_face_search
         async with self.limiter:
-            return await method(**params)  # type: ignore[no-any-return]
+            return await method(**params)
 
     async def fetch(self, api: Api, job_id: str, token: str | None) -> dict[str, Any]:
         """One page, retried with full-jitter backoff; raises the error type that decides the job's fate."""
@@ -171,7 +173,7 @@ class Fetcher:
     def _backoff(self, attempt: int) -> float:
         return full_jitter_backoff_s(attempt, base_s=self.retry_base_s, cap_s=self.retry_cap_s, rng=self._rng)
 
-    async def pages(self, api: Api, job_id: str) -> AsyncIterator[Page]:
+    async def pages(self, api: Api, job_id: str) -> AsyncGenerator[Page]:
         """All pages of a job, chained by NextToken. The first page decides readiness."""
         token: str | None = None
         number = 0

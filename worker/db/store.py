@@ -122,7 +122,7 @@ GROUP BY job_id, person_index
 
 async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
     raw = await conn.get_raw_connection()
-    return raw.driver_connection  # type: ignore[return-value]
+    return raw.driver_connection
 
 
 class JobWriter:
@@ -193,7 +193,7 @@ class Store:
                 if not await conn.fetchval(_LOCK_SQL, ref.job_id):
                     raise JobBusy(f"job {ref.job_id} is being written by another process")
                 for table in RESULT_TABLES:
-                    await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)  # noqa: S608
+                    await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
                 yield JobWriter(conn, ref, started_at, self.archive_raw_pages)
 
     async def record_failure(self, ref: JobRef, *, code: str, reason: str, meta: JobMeta | None = None,
@@ -211,7 +211,7 @@ class Store:
                     )
                     return False
                 for table in RESULT_TABLES:
-                    await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)  # noqa: S608
+                    await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
                 if meta is None:
                     # Only the notification is known: keep what it says about the job and its video.
                     meta = JobMeta(job_status="FAILED" if rekognition_failed else None, status_message=None,

