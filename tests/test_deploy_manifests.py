@@ -695,7 +695,7 @@ def test_worker_iam_policy_is_least_privilege() -> None:
         "sqs:DeleteMessage",
         "sqs:ChangeMessageVisibility",
         "sqs:GetQueueAttributes",
-        "sqs:GetQueueUrl",
+        "sqs:SendMessage",
     }
     for action, resources in granted.items():
         if action.startswith("rekognition:"):
