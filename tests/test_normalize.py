@@ -100,3 +100,12 @@ def test_unknown_extra_fields_are_ignored() -> None:
     page["Faces"][0]["Face"]["NewAttribute"] = {"Value": True}
     rows = normalize_page(page, Api.FACE_DETECTION, "det-extra", 0)
     assert rows.elements == 5
+
+
+def test_unhashable_enum_values_are_malformed_not_crashes() -> None:
+    fx = synth.detection_job("det-unhashable", faces=3, attributes="ALL")
+    for member in ("Landmarks", "Emotions"):
+        page = copy.deepcopy(_page(fx, 3))
+        page["Faces"][1]["Face"][member][0]["Type"] = ["eyeLeft"]
+        with pytest.raises(MalformedPage, match=f"Faces\\[1\\].Face.{member}\\[0\\].Type"):
+            normalize_page(page, Api.FACE_DETECTION, "det-unhashable", 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -91,8 +92,19 @@ def _cmd_report(settings: Settings, args: argparse.Namespace, console: Console) 
     return asyncio.run(run_report(settings, args.job_id, fmt=args.format, chart=args.chart, console=console))
 
 
+def tune_gc() -> None:
+    """Collect the young generation less often.
+
+    A full result page becomes ~40,000 row tuples next to a decoded page of ~1 million objects; with
+    CPython's default threshold (700) the collector runs every few hundred rows and keeps walking that
+    live heap. Measured: +50% faces/s on a 10-page job. Nothing here is cyclic garbage-heavy.
+    """
+    gc.set_threshold(100_000, 50, 1000)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    tune_gc()
     # Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:

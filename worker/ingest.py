@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from worker import metrics
-from worker.db.store import JobBusy, Store
+from worker.db.store import ArchivedPage, JobBusy, Store
 from worker.errors import InvalidInput, JobNotReady, PermanentJobError, RestartJob, TransientError
 from worker.logs import get_logger
 from worker.messages import JobRef
@@ -53,11 +53,14 @@ OUTCOMES = ("ingested", "duplicate", "failed", "not_ready", "busy", "transient",
 
 
 class _Normalized:
-    __slots__ = ("page", "rows")
+    """What the writer needs of a page. The decoded page itself (~1 million objects for a full
+    page) is dropped as soon as it is normalized: it is most of a job's memory."""
 
-    def __init__(self, page: Page, rows: PageRows) -> None:
-        self.page = page
+    __slots__ = ("archived", "rows")
+
+    def __init__(self, rows: PageRows, archived: ArchivedPage | None) -> None:
         self.rows = rows
+        self.archived = archived
 
 
 async def _prefetch(pages: AsyncIterator[_Normalized], depth: int) -> AsyncGenerator[_Normalized]:
@@ -99,13 +102,22 @@ class Ingestor:
         self.prefetch_pages = prefetch_pages
         self._clock = clock
 
-    async def _normalized(self, ref: JobRef, first: Page, rest: AsyncIterator[Page]) -> AsyncGenerator[_Normalized]:
+    async def _normalized(self, ref: JobRef, first: list[Page],
+                          rest: AsyncIterator[Page]) -> AsyncGenerator[_Normalized]:
+        """``first`` is a one-item list so that the generator can drop its reference to the page."""
         seq = 0
-        page: Page | None = first
+        page: Page | None = first.pop()
         while page is not None:
             rows = normalize_page(page.body, ref.api, ref.job_id, seq)
             seq += rows.elements
-            yield _Normalized(page, rows)
+            raw = page.raw
+            page = None  # release the decoded page before fetching the next one
+            archived = None
+            if self.store.archive_raw_pages and raw is not None:
+                # zlib releases the GIL: compressing in a thread overlaps the writer's COPY of the last page.
+                archived = await asyncio.to_thread(ArchivedPage.compress, raw)
+            del raw
+            yield _Normalized(rows, archived)
             page = await anext(rest, None)
 
     async def _attempt(self, ref: JobRef) -> JobOutcome:
@@ -125,9 +137,11 @@ class Ingestor:
             last_meta: JobMeta = meta
             async with self.store.job_writer(ref) as writer:
                 # aclosing: a failed write must stop the prefetching task at once, not at GC time.
-                async with aclosing(_prefetch(self._normalized(ref, first, pages), self.prefetch_pages)) as stream:
+                normalized = self._normalized(ref, [first], pages)
+                del first
+                async with aclosing(_prefetch(normalized, self.prefetch_pages)) as stream:
                     async for item in stream:
-                        await writer.write_page(item.rows, item.page.raw)
+                        await writer.write_page(item.rows, item.archived)
                         last_meta = item.rows.meta
                 await writer.finish(_merge_meta(meta, last_meta))
             c = writer.counts

@@ -236,7 +236,7 @@ def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any
         if type(lm) is not dict:
             raise _bad(f"{path}.Landmarks[{i}]", "object", lm)
         kind = lm.get("Type")
-        if kind not in LANDMARK_TYPES:
+        if type(kind) is not str or kind not in LANDMARK_TYPES:
             raise _bad(f"{path}.Landmarks[{i}].Type", "a landmark type", kind)
         x, y = lm.get("X"), lm.get("Y")
         tx, ty = type(x), type(y)
@@ -248,7 +248,7 @@ def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any
         if type(em) is not dict:
             raise _bad(f"{path}.Emotions[{i}]", "object", em)
         kind = em.get("Type")
-        if kind not in EMOTION_TYPES:
+        if type(kind) is not str or kind not in EMOTION_TYPES:
             raise _bad(f"{path}.Emotions[{i}].Type", "an emotion type", kind)
         emotions.append((job_id, seq, i, kind, _num(em.get("Confidence"), f"{path}.Emotions[{i}].Confidence")))
 

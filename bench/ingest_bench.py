@@ -1,0 +1,342 @@
+"""Ingestion throughput and memory: the product's `backfill` path against a bare reference pipeline.
+
+Both run on the same pre-rendered pages served by the Rekognition emulator in its own process (so the
+server's serialization is not measured), each in a fresh child process (so peak RSS is its own):
+
+- worker:    `worker.backfill.run_backfill`, i.e. HTTP -> aiobotocore -> normalization -> PostgreSQL,
+             with every guarantee (atomic per job, idempotent, raw page archive, rate limiter);
+- reference: raw aiohttp POSTs + orjson + a minimal flatten + asyncpg COPY into plain tables with no
+             keys, the next page fetched while the last is written.
+
+Prints faces/s and rows/s for both, their ratio, and peak RSS, per workload. Usage:
+
+    .venv/bin/python bench/ingest_bench.py                 # the full table (a few minutes)
+    .venv/bin/python bench/ingest_bench.py --smoke         # tiny, for CI: proves it runs, asserts nothing
+    .venv/bin/python bench/ingest_bench.py --json out.json # also write the figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    api: str  # GetFaceDetection | GetFaceSearch
+    jobs: int
+    pages: int
+    attributes: str = "ALL"
+    page_size: int = 1000
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [f"bench-{self.name}-{i:03d}" for i in range(self.jobs)]
+
+
+FULL = (
+    Workload("det-all-1p", "GetFaceDetection", jobs=6, pages=1),
+    Workload("det-all-10p", "GetFaceDetection", jobs=3, pages=10),
+    Workload("det-all-50p", "GetFaceDetection", jobs=1, pages=50),
+    Workload("search-10p", "GetFaceSearch", jobs=3, pages=10, attributes="DEFAULT"),
+)
+SMOKE = (
+    Workload("smoke-det", "GetFaceDetection", jobs=2, pages=2, page_size=100),
+    Workload("smoke-search", "GetFaceSearch", jobs=1, pages=2, attributes="DEFAULT", page_size=100),
+)
+
+
+@dataclass
+class Result:
+    workload: str
+    pipeline: str
+    faces: int
+    rows: int
+    seconds: float
+    peak_rss_mb: float
+
+    @property
+    def faces_per_s(self) -> float:
+        return self.faces / self.seconds if self.seconds else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+# --- the emulator, in its own process --------------------------------------------------------------
+
+
+def _serve(workloads: list[dict[str, Any]], ready: Any, stop: Any) -> None:
+    from worker.local import synth
+    from worker.local.emulator import EmulatorConfig, EmulatorThread
+
+    fixtures = []
+    for w in (Workload(**d) for d in workloads):
+        for n, job_id in enumerate(w.job_ids):
+            count = w.pages * w.page_size
+            if w.api == "GetFaceDetection":
+                fixtures.append(synth.detection_job(job_id, faces=count, attributes=w.attributes, seed=n))  # type: ignore[arg-type]
+            else:
+                fixtures.append(synth.search_job(job_id, persons_elements=count, seed=n))
+    with EmulatorThread(EmulatorConfig(), jobs=fixtures) as emu:
+        for page_size in sorted({Workload(**d).page_size for d in workloads}):
+            emu.prerender(max_results=page_size)
+        ready.send(emu.url)
+        stop.recv()
+
+
+# --- the two pipelines, each in a fresh process ------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_worker(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any) -> None:
+    os.environ["AWS_ENDPOINT_URL_REKOGNITION"] = endpoint
+    from rich.console import Console
+
+    from worker.backfill import run_backfill
+    from worker.cli import tune_gc
+    from worker.config import Settings
+    from worker.logs import configure_logging
+    from worker.messages import JobRef
+
+    configure_logging("warning", "json")
+    tune_gc()  # as `python -m worker` does
+    w = Workload(**workload)
+    settings = Settings(database_url=db_url, rekognition_tps=1000.0, max_concurrent_jobs=4, page_size=w.page_size)
+    refs = [JobRef.create(j, w.api) for j in w.job_ids]
+    started = time.perf_counter()
+    outcomes = asyncio.run(run_backfill(settings, refs, console=Console(file=open(os.devnull, "w"))))  # noqa: SIM115
+    seconds = time.perf_counter() - started
+    bad = [o for o in outcomes if o.outcome != "ingested"]
+    if bad:
+        raise SystemExit(f"worker failed: {bad[0].job_id}: {bad[0].outcome}: {bad[0].reason}")
+    conn.send(Result(w.name, "worker", sum(o.faces for o in outcomes), sum(o.rows for o in outcomes), seconds,
+                     _peak_rss_mb()))
+
+
+REFERENCE_DDL = """
+DROP TABLE IF EXISTS ref_faces, ref_landmarks, ref_emotions, ref_matches;
+CREATE UNLOGGED TABLE ref_faces (job_id text, seq int, ts bigint, person bigint, w float8, h float8, l float8,
+    t float8, conf float8, age_low int, age_high int, smile bool, smile_c float8, gender text, gender_c float8,
+    roll float8, yaw float8, pitch float8, brightness float8, sharpness float8);
+CREATE UNLOGGED TABLE ref_landmarks (job_id text, seq int, type text, x float8, y float8);
+CREATE UNLOGGED TABLE ref_emotions (job_id text, seq int, type text, conf float8);
+CREATE UNLOGGED TABLE ref_matches (job_id text, seq int, face_id text, similarity float8);
+"""
+
+
+def _flatten(job_id: str, page: dict[str, Any], seq: int, search: bool) -> tuple[list[Any], ...]:
+    faces, lms, ems, matches = [], [], [], []
+    for n, el in enumerate(page.get("Persons" if search else "Faces", [])):
+        s = seq + n
+        if search:
+            person = el.get("Person", {})
+            face, index = person.get("Face", {}), person.get("Index")
+            for m in el.get("FaceMatches", []):
+                matches.append((job_id, s, m["Face"]["FaceId"], m["Similarity"]))
+        else:
+            face, index = el["Face"], None
+        bb, pose, q = face.get("BoundingBox", {}), face.get("Pose", {}), face.get("Quality", {})
+        age, smile, gender = face.get("AgeRange", {}), face.get("Smile", {}), face.get("Gender", {})
+        faces.append((job_id, s, el["Timestamp"], index, bb.get("Width"), bb.get("Height"), bb.get("Left"),
+                      bb.get("Top"), face.get("Confidence"), age.get("Low"), age.get("High"), smile.get("Value"),
+                      smile.get("Confidence"), gender.get("Value"), gender.get("Confidence"), pose.get("Roll"),
+                      pose.get("Yaw"), pose.get("Pitch"), q.get("Brightness"), q.get("Sharpness")))
+        for lm in face.get("Landmarks", []):
+            lms.append((job_id, s, lm["Type"], lm["X"], lm["Y"]))
+        for em in face.get("Emotions", []):
+            ems.append((job_id, s, em["Type"], em["Confidence"]))
+    return faces, lms, ems, matches
+
+
+async def _reference(w: Workload, db_url: str, endpoint: str) -> tuple[int, int]:
+    import aiohttp
+    import asyncpg
+    import orjson
+
+    search = w.api == "GetFaceSearch"
+    headers = {"X-Amz-Target": f"RekognitionService.{w.api}", "Content-Type": "application/x-amz-json-1.1",
+               "Authorization": "AWS4-HMAC-SHA256 Credential=bench/20260101/us-east-1/rekognition/aws4_request"}
+    conn = await asyncpg.connect(db_url)
+    faces = rows = 0
+    sem = asyncio.Semaphore(4)
+    try:
+        await conn.execute(REFERENCE_DDL)
+        pool = await asyncpg.create_pool(db_url, min_size=4, max_size=4)
+        async with aiohttp.ClientSession() as http:
+
+            async def fetch(job_id: str, token: str | None) -> dict[str, Any]:
+                body: dict[str, Any] = {"JobId": job_id, "MaxResults": w.page_size}
+                if token:
+                    body["NextToken"] = token
+                async with http.post(endpoint, data=orjson.dumps(body), headers=headers) as resp:
+                    return orjson.loads(await resp.read())  # type: ignore[no-any-return]
+
+            async def one(job_id: str) -> tuple[int, int]:
+                n_faces = n_rows = seq = 0
+                async with sem, pool.acquire() as db:
+                    page = await fetch(job_id, None)
+                    while page is not None:
+                        token = page.get("NextToken")
+                        nxt = asyncio.create_task(fetch(job_id, token)) if token else None
+                        f, lm, em, mt = _flatten(job_id, page, seq, search)
+                        seq += len(f)
+                        for table, recs in (("ref_faces", f), ("ref_landmarks", lm), ("ref_emotions", em),
+                                            ("ref_matches", mt)):
+                            if recs:
+                                await db.copy_records_to_table(table, records=recs)
+                        n_faces += len(f)
+                        n_rows += len(f) + len(lm) + len(em) + len(mt)
+                        page = await nxt if nxt else None
+                return n_faces, n_rows
+
+            for f, r in await asyncio.gather(*(one(j) for j in w.job_ids)):
+                faces += f
+                rows += r
+        await pool.close()
+    finally:
+        await conn.close()
+    return faces, rows
+
+
+def _run_reference(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any) -> None:
+    w = Workload(**workload)
+    started = time.perf_counter()
+    faces, rows = asyncio.run(_reference(w, db_url, endpoint))
+    conn.send(Result(w.name, "reference", faces, rows, time.perf_counter() - started, _peak_rss_mb()))
+
+
+def _in_child(target: Any, *args: Any) -> Result:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(*args, child))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or not parent.poll():
+        raise RuntimeError(f"{target.__name__} failed with exit code {proc.exitcode}")
+    return parent.recv()  # type: ignore[no-any-return]
+
+
+# --- orchestration -----------------------------------------------------------------------------------
+
+
+def _database(base_url: str, name: str) -> str:
+    import asyncpg
+
+    from worker.config import Settings
+    from worker.db.migrate import upgrade_to_head
+
+    async def create() -> None:
+        conn = await asyncpg.connect(base_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    head, _, query = base_url.partition("?")
+    url = head.rsplit("/", 1)[0] + "/" + name + (("?" + query) if query else "")
+    upgrade_to_head(Settings(database_url=url))
+    return url
+
+
+def _machine() -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, {platform.machine()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny workloads, for CI")
+    parser.add_argument("--only", help="comma-separated workload names")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+    workloads = list(SMOKE if args.smoke else FULL)
+    if args.only:
+        workloads = [w for w in workloads if w.name in set(args.only.split(","))]
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+    server = None
+    base_url = os.environ.get("DATABASE_URL")
+    if not base_url:
+        from worker.local.pg import start_embedded_postgres
+
+        server, base_url = start_embedded_postgres(Path(tempfile.mkdtemp(prefix="bench-pg-")) / "pgdata")
+    ctx = mp.get_context("spawn")
+    ready_parent, ready_child = ctx.Pipe()
+    stop_parent, stop_child = ctx.Pipe()
+    emu = ctx.Process(target=_serve, args=([asdict(w) for w in workloads], ready_child, stop_child), daemon=True)
+    emu.start()
+    results: list[Result] = []
+    try:
+        print(f"rendering {sum(w.jobs * w.pages for w in workloads)} pages in the emulator ...", flush=True)
+        endpoint = ready_parent.recv()
+        for w in workloads:
+            worker_db = _database(base_url, f"bench_worker_{w.name.replace('-', '_')}")
+            ref_db = _database(base_url, f"bench_ref_{w.name.replace('-', '_')}")
+            results.append(_in_child(_run_worker, asdict(w), worker_db, endpoint))
+            results.append(_in_child(_run_reference, asdict(w), ref_db, endpoint))
+            wr, rr = results[-2], results[-1]
+            print(f"{w.name}: worker {wr.faces_per_s:,.0f} faces/s, reference {rr.faces_per_s:,.0f} faces/s",
+                  flush=True)
+    finally:
+        stop_parent.send("stop")
+        emu.join(timeout=10)
+        if server is not None:
+            server.cleanup_mode = "delete"
+            server.cleanup()
+
+    print(f"\nmachine: {_machine()}")
+    header = (f"{'workload':<14} {'jobs x pages':>12} {'faces':>7} {'worker faces/s':>15} {'worker rows/s':>14} "
+              f"{'ref faces/s':>12} {'ref rows/s':>11} {'ratio':>6} {'worker RSS MB':>14} {'ref RSS MB':>11}")
+    print(header)
+    print("-" * len(header))
+    table = []
+    for w in workloads:
+        wr = next(r for r in results if r.workload == w.name and r.pipeline == "worker")
+        rr = next(r for r in results if r.workload == w.name and r.pipeline == "reference")
+        ratio = wr.faces_per_s / rr.faces_per_s if rr.faces_per_s else 0.0
+        size = f"{w.jobs} x {w.pages}"
+        print(f"{w.name:<14} {size:>12} {wr.faces:>7} {wr.faces_per_s:>15,.0f} {wr.rows_per_s:>14,.0f} "
+              f"{rr.faces_per_s:>12,.0f} {rr.rows_per_s:>11,.0f} {ratio:>6.2f} {wr.peak_rss_mb:>14.0f} "
+              f"{rr.peak_rss_mb:>11.0f}")
+        table.append({"workload": w.name, "jobs": w.jobs, "pages": w.pages, "faces": wr.faces,
+                      "worker_faces_per_s": wr.faces_per_s, "worker_rows_per_s": wr.rows_per_s,
+                      "reference_faces_per_s": rr.faces_per_s, "reference_rows_per_s": rr.rows_per_s,
+                      "ratio": ratio, "worker_peak_rss_mb": wr.peak_rss_mb, "reference_peak_rss_mb": rr.peak_rss_mb})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": _machine(), "results": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
