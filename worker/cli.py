@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="local end-to-end run: embedded PostgreSQL, emulator, moto SQS")
     d.add_argument("--stop", action="store_true", help="stop the embedded PostgreSQL a previous demo left running")
 
+    rp = sub.add_parser("reprocess", help="rebuild jobs' rows from the raw page archive (no AWS calls)")
+    rp.add_argument("--all", action="store_true", help="every ingested job that has archived pages")
+    rp.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+
     rep = sub.add_parser("report", help="human summary of one ingested job")
     rep.add_argument("job_id", metavar="JOB_ID")
     rep.add_argument("--format", choices=("text", "json"), default="text")
@@ -86,6 +90,21 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace, console: Console) ->
     return run_demo(settings, console)
 
 
+def _cmd_reprocess(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    from worker.backfill import summary_table
+    from worker.reprocess import run_reprocess
+
+    if bool(args.all) == bool(args.job_ids):
+        raise InvalidInput("reprocess needs JOB_ID arguments or --all (not both)")
+    outcomes = asyncio.run(run_reprocess(settings, None if args.all else list(args.job_ids)))
+    err = Console(stderr=True)
+    for o in outcomes:
+        if o.outcome != "ingested":
+            err.print(f"error: job {o.job_id}: {o.reason}", markup=False, highlight=False)
+    console.print(summary_table(outcomes))
+    return 0 if outcomes and all(o.outcome == "ingested" for o in outcomes) else 1
+
+
 def _cmd_report(settings: Settings, args: argparse.Namespace, console: Console) -> int:
     from worker.report import run_report
 
@@ -118,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(settings, args)
         if args.command == "demo":
             return _cmd_demo(settings, args, console)
+        if args.command == "reprocess":
+            return _cmd_reprocess(settings, args, console)
         return _cmd_report(settings, args, console)
     except (ConfigError, InvalidInput) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)

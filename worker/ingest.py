@@ -143,7 +143,7 @@ class Ingestor:
                     async for item in stream:
                         await writer.write_page(item.rows, item.archived)
                         last_meta = item.rows.meta
-                await writer.finish(_merge_meta(meta, last_meta))
+                await writer.finish(merge_meta(meta, last_meta))
             c = writer.counts
         finally:
             await pages.aclose()
@@ -230,7 +230,7 @@ class Ingestor:
         return [t.result() for t in tasks]
 
 
-def _merge_meta(first: JobMeta, last: JobMeta) -> JobMeta:
+def merge_meta(first: JobMeta, last: JobMeta) -> JobMeta:
     """Job-level members repeat on every page; prefer the last page's, fall back to the first's."""
     values = {k: getattr(last, k) if getattr(last, k) is not None else getattr(first, k)
               for k in JobMeta.__dataclass_fields__}

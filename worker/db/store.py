@@ -184,6 +184,18 @@ class JobWriter:
         c.collection_faces += len(new_faces)
         c.rows += len(rows.faces) + len(rows.landmarks) + len(rows.emotions) + len(rows.matches) + len(new_faces)
 
+    async def archived_page_numbers(self) -> list[int]:
+        return [r["page_no"] for r in await self._conn.fetch(
+            "SELECT page_no FROM raw_pages WHERE job_id = $1 ORDER BY page_no", self._ref.job_id)]
+
+    async def archived_page(self, page_no: int) -> ArchivedPage:
+        row = await self._conn.fetchrow(
+            "SELECT encoding, body, body_bytes FROM raw_pages WHERE job_id = $1 AND page_no = $2",
+            self._ref.job_id, page_no)
+        if row is None:
+            raise LookupError(f"job {self._ref.job_id} has no archived page {page_no}")
+        return ArchivedPage(bytes(row["body"]), row["body_bytes"], row["encoding"])
+
     async def finish(self, meta: JobMeta) -> None:
         """Derive persons and write the job row; the caller's context commits."""
         conn, c, ref = self._conn, self.counts, self._ref
@@ -203,8 +215,11 @@ class Store:
         self.archive_raw_pages = archive_raw_pages
 
     @asynccontextmanager
-    async def job_writer(self, ref: JobRef) -> AsyncIterator[JobWriter]:
-        """A transaction that replaces all rows of ``ref``; committed when the block exits cleanly."""
+    async def job_writer(self, ref: JobRef, *, from_archive: bool = False) -> AsyncIterator[JobWriter]:
+        """A transaction that replaces all rows of ``ref``; committed when the block exits cleanly.
+
+        ``from_archive`` rebuilds the rows from the job's own raw pages, which are kept as they are.
+        """
         started_at = datetime.now(tz=UTC)
         async with self.engine.connect() as sa_conn:
             conn = await _driver(sa_conn)
@@ -212,8 +227,19 @@ class Store:
                 if not await conn.fetchval(_LOCK_SQL, ref.job_id):
                     raise JobBusy(f"job {ref.job_id} is being written by another process")
                 for table in RESULT_TABLES:
-                    await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
-                yield JobWriter(conn, ref, started_at, self.archive_raw_pages)
+                    if not (from_archive and table == "raw_pages"):
+                        await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
+                yield JobWriter(conn, ref, started_at, self.archive_raw_pages and not from_archive)
+
+    async def archived_jobs(self) -> list[tuple[str, str]]:
+        """(job_id, api) of every ingested job that has raw pages archived."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            rows = await conn.fetch(
+                "SELECT j.job_id, j.api::text AS api FROM jobs j WHERE j.ingest_state = 'ingested' "
+                "AND EXISTS (SELECT 1 FROM raw_pages r WHERE r.job_id = j.job_id) ORDER BY j.job_id"
+            )
+            return [(r["job_id"], r["api"]) for r in rows]
 
     async def record_failure(self, ref: JobRef, *, code: str, reason: str, meta: JobMeta | None = None,
                              rekognition_failed: bool = False) -> bool:
