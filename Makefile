@@ -38,5 +38,11 @@ lint: $(LINT_STAMP)
 	$(VENV)/bin/mypy
 	bash scripts/lint-deploy.sh
 
+bench: $(TEST_STAMP)
+	$(PY) bench/ingest_bench.py --json bench/results/latest.json
+
+bench-smoke: $(TEST_STAMP)
+	$(PY) bench/ingest_bench.py --smoke
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .local
