@@ -287,15 +287,16 @@ async def run_report(settings: Settings, job_id: str, *, fmt: str, chart: str | 
             timeline = await load_timeline(conn, job_id, gap_for(report)) if chart else None
     finally:
         await conn.close()
+    if chart and timeline is not None:
+        # Drawn first: a path that cannot be written fails the command before anything is printed.
+        try:
+            render_chart(report, timeline, chart)
+        except OSError as exc:  # the caller's input, not a crash
+            raise InvalidInput(f"cannot write the chart to {chart}: {exc.strerror or exc}") from exc
     if fmt == "json":
         print(json.dumps(report, indent=2, default=str))
     else:
         render_text(report, console)
-    if chart and timeline is not None:
-        try:
-            render_chart(report, timeline, chart)
-        except OSError as exc:  # a path that cannot be written is the caller's input, not a crash
-            raise InvalidInput(f"cannot write the chart to {chart}: {exc.strerror or exc}") from exc
-        if fmt != "json":
+        if chart:
             console.print(f"timeline written to {chart}")
     return 0
