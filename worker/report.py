@@ -10,6 +10,7 @@ than lanes invented by a tracker.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -120,7 +121,8 @@ def _ms(value: int | None) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}%"
+    # Truncated, not rounded: a 99.97 % match must not read as a certain 100.0 %.
+    return "-" if value is None else f"{math.floor(value * 10) / 10:.1f}%"
 
 
 def _identity(person: Mapping[str, Any]) -> str:
