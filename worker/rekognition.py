@@ -31,7 +31,7 @@ from worker import metrics
 from worker.errors import JobNotReady, PermanentJobError, RestartJob, TransientError
 from worker.logs import get_logger
 from worker.messages import Api
-from worker.ratelimit import RateLimiter, Sleep, full_jitter_backoff_s
+from worker.ratelimit import Limiter, Permit, Sleep, full_jitter_backoff_s
 
 log = get_logger(__name__)
 
@@ -87,6 +87,18 @@ async def create_client(*, region: str | None = None, max_pool_connections: int 
         yield client
 
 
+_CALL_ERRORS = (ClientError, NoCredentialsError, BotoConnectionError, HTTPClientError, aiohttp.ClientError,
+                TimeoutError, BotoCoreError)
+
+
+@dataclass(slots=True)
+class _Tries:
+    """Failed tries of one page so far, by kind: throttling is allowed many more than faults."""
+
+    throttles: int = 0
+    faults: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     """One decoded result page and the bytes it came from (for the raw archive)."""
@@ -99,7 +111,7 @@ class Page:
 class Fetcher:
     """Fetches result pages through the limiter, retrying throttling and faults with backoff."""
 
-    def __init__(self, client: Any, limiter: RateLimiter, *, page_size: int = 1000, max_attempts: int = 8,
+    def __init__(self, client: Any, limiter: Limiter, *, page_size: int = 1000, max_attempts: int = 8,
                  retry_base_s: float = 0.25, retry_cap_s: float = 20.0, sleep: Sleep = asyncio.sleep,
                  rng: random.Random | None = None) -> None:
         self._client = client
@@ -111,64 +123,69 @@ class Fetcher:
         self._sleep = sleep
         self._rng = rng or random.Random()
 
-    async def _call(self, api: Api, job_id: str, token: str | None) -> dict[str, Any]:
+    async def _request(self, api: Api, job_id: str, token: str | None) -> dict[str, Any]:
         params: dict[str, Any] = {"JobId": job_id, "MaxResults": self.page_size}
         if token:
             params["NextToken"] = token
         if api is Api.FACE_SEARCH:
             params["SortBy"] = "TIMESTAMP"
         method = self._client.get_face_detection if api is Api.FACE_DETECTION else self._client.get_face_search
-        async with self.limiter:
-            return await method(**params)
+        return await method(**params)
 
     async def fetch(self, api: Api, job_id: str, token: str | None) -> dict[str, Any]:
         """One page, retried with full-jitter backoff; raises the error type that decides the job's fate."""
-        op = api.operation
-        faults = throttles = 0
+        tries = _Tries()
         while True:
-            try:
-                response = await self._call(api, job_id, token)
-            except ClientError as exc:
-                code = error_code(exc)
-                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-                message = str(exc.response.get("Error", {}).get("Message", ""))[:500]
-                if code in THROTTLE_CODES:
-                    metrics.CALLS.labels(op, "throttled").inc()
-                    self.limiter.record_throttle()
-                    throttles += 1
-                    # Throttling is the limiter's signal, not the job's failure: retry longer.
-                    if throttles >= self.max_attempts * 4:
-                        raise TransientError(f"{op} still throttled after {throttles} tries") from exc
-                    await self._sleep(self._backoff(throttles - 1))
-                    continue
-                if code in RESTART_CODES:
-                    metrics.CALLS.labels(op, "invalid_token").inc()
-                    raise RestartJob(f"{op}: {code}: {message}") from exc
-                if code in PERMANENT_CODES:
-                    metrics.CALLS.labels(op, "permanent_error").inc()
-                    raise PermanentJobError(f"{op} answered {code}: {message}", code=code) from exc
-                metrics.CALLS.labels(op, "fault").inc()
-                if code not in FAULT_CODES and status < 500:
-                    # An unmodeled client error (credentials, signature): not the job's fault; retry later.
-                    raise TransientError(f"{op} answered {code} (HTTP {status}): {message}") from exc
-                faults += 1
-                if faults >= self.max_attempts:
-                    raise TransientError(f"{op} failed {faults} times, last {code}: {message}") from exc
-                await self._sleep(self._backoff(faults - 1))
-                continue
-            except NoCredentialsError as exc:
-                metrics.CALLS.labels(op, "fault").inc()
-                raise TransientError(f"{op}: no AWS credentials found") from exc
-            except (BotoConnectionError, HTTPClientError, aiohttp.ClientError, TimeoutError, BotoCoreError) as exc:
-                metrics.CALLS.labels(op, "connection_error").inc()
-                faults += 1
-                if faults >= self.max_attempts:
-                    raise TransientError(f"{op} unreachable after {faults} tries: {exc}") from exc
-                await self._sleep(self._backoff(faults - 1))
-                continue
-            metrics.CALLS.labels(op, "ok").inc()
-            self.limiter.record_success()
-            return response
+            # Every attempt, first or retry, takes a slot from the limiter: retries never bypass it.
+            async with self.limiter as permit:
+                try:
+                    response = await self._request(api, job_id, token)
+                except _CALL_ERRORS as exc:
+                    failure: BaseException | None = exc
+                else:
+                    failure = None
+            if failure is None:
+                metrics.CALLS.labels(api.operation, "ok").inc()
+                self.limiter.record_success(permit)
+                return response
+            await self._sleep(await self._retry_delay_s(api.operation, failure, permit, tries))
+
+    async def _retry_delay_s(self, op: str, failure: BaseException, permit: Permit, tries: _Tries) -> float:
+        """How long to wait before retrying ``failure``, or raise the error that ends the page's tries."""
+        if isinstance(failure, NoCredentialsError):
+            metrics.CALLS.labels(op, "fault").inc()
+            raise TransientError(f"{op}: no AWS credentials found") from failure
+        if not isinstance(failure, ClientError):
+            metrics.CALLS.labels(op, "connection_error").inc()
+            tries.faults += 1
+            if tries.faults >= self.max_attempts:
+                raise TransientError(f"{op} unreachable after {tries.faults} tries: {failure}") from failure
+            return self._backoff(tries.faults - 1)
+        code = error_code(failure)
+        status = int(failure.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = str(failure.response.get("Error", {}).get("Message", ""))[:500]
+        if code in THROTTLE_CODES:
+            metrics.CALLS.labels(op, "throttled").inc()
+            await self.limiter.record_throttle(permit)
+            tries.throttles += 1
+            # Throttling is the limiter's signal, not the job's failure: retry longer.
+            if tries.throttles >= self.max_attempts * 4:
+                raise TransientError(f"{op} still throttled after {tries.throttles} tries") from failure
+            return self._backoff(tries.throttles - 1)
+        if code in RESTART_CODES:
+            metrics.CALLS.labels(op, "invalid_token").inc()
+            raise RestartJob(f"{op}: {code}: {message}") from failure
+        if code in PERMANENT_CODES:
+            metrics.CALLS.labels(op, "permanent_error").inc()
+            raise PermanentJobError(f"{op} answered {code}: {message}", code=code) from failure
+        metrics.CALLS.labels(op, "fault").inc()
+        if code not in FAULT_CODES and status < 500:
+            # An unmodeled client error (credentials, signature): not the job's fault; retry later.
+            raise TransientError(f"{op} answered {code} (HTTP {status}): {message}") from failure
+        tries.faults += 1
+        if tries.faults >= self.max_attempts:
+            raise TransientError(f"{op} failed {tries.faults} times, last {code}: {message}") from failure
+        return self._backoff(tries.faults - 1)
 
     def _backoff(self, attempt: int) -> float:
         return full_jitter_backoff_s(attempt, base_s=self.retry_base_s, cap_s=self.retry_cap_s, rng=self._rng)
