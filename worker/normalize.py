@@ -3,11 +3,16 @@
 Every value of the response syntax lands in a column; anything that violates the response
 model (a missing Timestamp, a string where a number belongs, an unknown enumeration value)
 raises MalformedPage naming the path, so the job fails with a clear reason and stores nothing.
+So does anything PostgreSQL would refuse (a NUL character in text, an integer beyond its column,
+a FaceId too long for a btree index): a value the database rejects at COPY time would look like a
+database fault and be retried forever, so it is caught here, where it is a property of the page.
 Rows are plain tuples in the column order of the tables below, ready for COPY.
 """
 
 from __future__ import annotations
 
+import reprlib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +62,23 @@ COLLECTION_FACE_COLUMNS = (
 _NO_FACE = (None,) * (len(FACE_COLUMNS) - 9)
 _NO_BOX = (None, None, None, None)
 _MAX_BIGINT = 2**63 - 1
+# face_seq is an integer column; landmarks, emotions and face_matches are keyed by a smallint
+# ordinal (0..32767), so one face holds at most 2**15 of each.
+_MAX_SEQ = 2**31 - 1
+_MAX_CHILDREN = 2**15
+# An int in a double precision column must convert to a float (JSON ints beyond ~1.8e308 cannot).
+_MAX_FLOAT_INT = int(sys.float_info.max)
+# FaceId and ExternalImageId are indexed; a btree entry must stay under ~2700 bytes. 512 characters
+# (at most 2048 bytes of UTF-8) is twice anything the service model allows (UUIDs, <= 255).
+_MAX_KEY_CHARS = 512
+
+# Error messages quote the offending value: bounded in length and nesting, so a hostile page (a
+# 10 MB string, a list nested 1000 deep) cannot make building the message itself slow or crash.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel = 3
+_QUOTE.maxstring = 60
+_QUOTE.maxother = 60
+_QUOTE.maxlong = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +122,13 @@ class PageRows:
 
 
 def _bad(path: str, expected: str, value: object) -> MalformedPage:
-    shown = repr(value)
+    if type(value) is int and value.bit_length() > 128:
+        shown = f"an integer of {value.bit_length()} bits"
+    else:
+        try:
+            shown = _QUOTE.repr(value)
+        except ValueError:  # an int too long to print, inside a container (sys.get_int_max_str_digits)
+            shown = f"a {type(value).__name__}"
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return MalformedPage(f"malformed result page: {path}: expected {expected}, got {shown}")
@@ -116,7 +144,9 @@ def _obj(value: object, path: str) -> Mapping[str, Any] | None:
 
 def _num(value: object, path: str) -> float | int | None:
     t = type(value)
-    if t is float or t is int or value is None:
+    if t is float or value is None:
+        return value  # type: ignore[return-value]
+    if t is int and -_MAX_FLOAT_INT <= value <= _MAX_FLOAT_INT:  # type: ignore[operator]
         return value  # type: ignore[return-value]
     raise _bad(path, "number", value)
 
@@ -130,9 +160,17 @@ def _int(value: object, path: str) -> int | None:
 
 
 def _str(value: object, path: str) -> str | None:
-    if value is None or type(value) is str:
+    # PostgreSQL text cannot hold NUL; JSON can ("\u0000").
+    if value is None or (type(value) is str and "\x00" not in value):
         return value
-    raise _bad(path, "string", value)
+    raise _bad(path, "string without NUL characters", value)
+
+
+def _key(value: object, path: str) -> str | None:
+    """A string that is also an index key: bounded length (see _MAX_KEY_CHARS)."""
+    if value is None or (type(value) is str and len(value) <= _MAX_KEY_CHARS and "\x00" not in value):
+        return value
+    raise _bad(path, f"string of at most {_MAX_KEY_CHARS} characters without NUL", value)
 
 
 def _bool(value: object, path: str) -> bool | None:
@@ -167,6 +205,11 @@ def _list(value: object, path: str) -> list[Any]:
     if type(value) is not list:
         raise _bad(path, "list", value)
     return value
+
+
+def _too_many(path: str, items: list[Any]) -> MalformedPage:
+    """Landmarks, emotions and face matches are keyed by a smallint ordinal."""
+    return _bad(path, f"at most {_MAX_CHILDREN} elements", f"{len(items)} elements")
 
 
 def parse_meta(page: Mapping[str, Any]) -> JobMeta:
@@ -232,19 +275,26 @@ def _face_columns(face: Mapping[str, Any], path: str) -> tuple[Any, ...]:
 
 def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any], path: str) -> None:
     landmarks = rows.landmarks
-    for i, lm in enumerate(_list(face.get("Landmarks"), path + ".Landmarks")):
+    items = _list(face.get("Landmarks"), path + ".Landmarks")
+    if len(items) > _MAX_CHILDREN:
+        raise _too_many(path + ".Landmarks", items)
+    for i, lm in enumerate(items):
         if type(lm) is not dict:
             raise _bad(f"{path}.Landmarks[{i}]", "object", lm)
         kind = lm.get("Type")
         if type(kind) is not str or kind not in LANDMARK_TYPES:
             raise _bad(f"{path}.Landmarks[{i}].Type", "a landmark type", kind)
         x, y = lm.get("X"), lm.get("Y")
-        tx, ty = type(x), type(y)
-        if not ((tx is float or tx is int or x is None) and (ty is float or ty is int or y is None)):
-            raise _bad(f"{path}.Landmarks[{i}].X/Y", "numbers", (x, y))
+        if not ((type(x) is float or x is None) and (type(y) is float or y is None)):
+            # The rare path (ints, wrong types): full checks, one at a time.
+            x = _num(x, f"{path}.Landmarks[{i}].X")
+            y = _num(y, f"{path}.Landmarks[{i}].Y")
         landmarks.append((job_id, seq, i, kind, x, y))
     emotions = rows.emotions
-    for i, em in enumerate(_list(face.get("Emotions"), path + ".Emotions")):
+    items = _list(face.get("Emotions"), path + ".Emotions")
+    if len(items) > _MAX_CHILDREN:
+        raise _too_many(path + ".Emotions", items)
+    for i, em in enumerate(items):
         if type(em) is not dict:
             raise _bad(f"{path}.Emotions[{i}]", "object", em)
         kind = em.get("Type")
@@ -254,6 +304,8 @@ def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any
 
 
 def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: str) -> None:
+    if len(matches) > _MAX_CHILDREN:
+        raise _too_many(path, matches)
     for i, match in enumerate(matches):
         mpath = f"{path}[{i}]"
         if type(match) is not dict:
@@ -262,13 +314,14 @@ def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: st
         if face is None:
             raise _bad(mpath + ".Face", "object with FaceId", None)
         face_id = face.get("FaceId")
-        if type(face_id) is not str or not face_id:
-            raise _bad(mpath + ".Face.FaceId", "non-empty string", face_id)
+        if type(face_id) is not str or not face_id or len(face_id) > _MAX_KEY_CHARS or "\x00" in face_id:
+            raise _bad(mpath + ".Face.FaceId", f"non-empty string of at most {_MAX_KEY_CHARS} characters without NUL",
+                       face_id)
         rows.matches.append((job_id, seq, i, face_id, _num(match.get("Similarity"), mpath + ".Similarity")))
         rows.collection_faces[face_id] = (
             job_id, face_id,
             _str(face.get("ImageId"), mpath + ".Face.ImageId"),
-            _str(face.get("ExternalImageId"), mpath + ".Face.ExternalImageId"),
+            _key(face.get("ExternalImageId"), mpath + ".Face.ExternalImageId"),
             _str(face.get("UserId"), mpath + ".Face.UserId"),
             _str(face.get("IndexFacesModelVersion"), mpath + ".Face.IndexFacesModelVersion"),
             *_box(face.get("BoundingBox"), mpath + ".Face.BoundingBox"),
@@ -281,6 +334,8 @@ def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: in
     rows = PageRows(meta=parse_meta(page))
     key = api.results_key
     elements = _list(page.get(key), key)
+    if seq_start + len(elements) > _MAX_SEQ + 1:
+        raise _bad(key, f"at most {_MAX_SEQ + 1} elements in a job", f"{seq_start + len(elements)} elements")
     search = api is Api.FACE_SEARCH
     faces = rows.faces
     for n, element in enumerate(elements):
