@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +13,10 @@ from worker import metrics
 from worker.config import Settings
 from worker.db.engine import create_engine
 from worker.db.store import Store
+from worker.fleet import FleetRateLimiter
 from worker.ingest import Ingestor
 from worker.logs import get_logger
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import Limiter, RateLimiter
 from worker.rekognition import Fetcher, create_client
 
 log = get_logger(__name__)
@@ -36,14 +37,30 @@ def _rate_changed(rate_per_s: float, why: str) -> None:
     log.info("rekognition rate changed", rate_per_s=round(rate_per_s, 3), why=why)
 
 
+async def _open_limiter(settings: Settings, stack: AsyncExitStack, region: str | None) -> Limiter:
+    """The process's limiter: its own AIMD bucket, or (RATE_LIMIT_SCOPE=fleet) the fleet's shared row."""
+    if settings.rate_limit_scope != "fleet":
+        return RateLimiter(settings.rekognition_tps, on_change=_rate_changed)
+    # Quotas are per account and region: one shared bucket per region, whatever shares the database.
+    fleet = FleetRateLimiter(settings.asyncpg_dsn, ceiling_per_s=settings.rekognition_tps,
+                             name=f"rekognition:{region or 'default'}", on_change=_rate_changed)
+    await fleet.open()
+    stack.push_async_callback(fleet.close)
+    log.info("fleet rate limit joined", bucket=fleet.name, ceiling_per_s=settings.rekognition_tps,
+             rate_per_s=round(fleet.rate_per_s, 3))
+    return fleet
+
+
 @asynccontextmanager
-async def open_runtime(settings: Settings, *, limiter: RateLimiter | None = None) -> AsyncIterator[Runtime]:
+async def open_runtime(settings: Settings, *, limiter: Limiter | None = None) -> AsyncIterator[Runtime]:
     engine = create_engine(settings)
-    limiter = limiter or RateLimiter(settings.rekognition_tps, on_change=_rate_changed)
-    metrics.RATE_LIMIT.set(limiter.rate_per_s)
     try:
-        async with create_client(region=settings.aws_region,
-                                 max_pool_connections=max(10, settings.max_concurrent_jobs * 2)) as client:
+        async with AsyncExitStack() as stack:
+            pool_connections = max(10, settings.max_concurrent_jobs * 2)
+            client = await stack.enter_async_context(
+                create_client(region=settings.aws_region, max_pool_connections=pool_connections))
+            limiter = limiter or await _open_limiter(settings, stack, client.meta.region_name)
+            metrics.RATE_LIMIT.set(limiter.rate_per_s)
             fetcher = Fetcher(client, limiter, page_size=settings.page_size, max_attempts=settings.max_call_attempts,
                               retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s)
             store = Store(engine, archive_raw_pages=settings.archive_raw_pages)

@@ -1,0 +1,201 @@
+"""Fleet mode (RATE_LIMIT_SCOPE=fleet): every process sharing one database shares one Get* budget.
+
+The budget is one row of ``rate_limit_buckets`` (migration 0003). Each call takes its slot with one
+atomic ``UPDATE ... RETURNING`` that refills the bucket by elapsed *server* time (``clock_timestamp()``,
+so all processes share one clock) and takes a token; a negative balance is a reservation, and the
+statement returns how long to wait for it. That is a token bucket of capacity one, i.e. even pacing
+at ``rate_per_s`` across the fleet, with exactly one statement per call and no polling.
+
+The AIMD rules of :mod:`worker.ratelimit` run in the same row: a throttle seen by any process cuts
+the shared rate (once per round: only for calls reserved after the last cut), and the take statement
+raises it again after a quiet period. So the fleet behaves like one process with one limiter, and
+REKOGNITION_TPS is the ceiling of the whole fleet.
+
+Each process keeps at most one reservation outstanding (a local lock held while it waits), so a cut
+reaches the next call of every process, and the connection is its own: a job's long write
+transaction never holds up the limiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from worker.errors import TransientError
+from worker.logs import get_logger
+from worker.ratelimit import AimdParams, Clock, OnRateChange, Permit, Sleep
+
+log = get_logger(__name__)
+
+# Created on first use; REKOGNITION_TPS of the process that started last is the fleet's ceiling.
+UPSERT_SQL = """
+INSERT INTO rate_limit_buckets AS b (name, ceiling_per_s, rate_per_s)
+VALUES ($1, $2::float8, $2::float8)
+ON CONFLICT (name) DO UPDATE
+SET ceiling_per_s = EXCLUDED.ceiling_per_s,
+    rate_per_s = least(b.rate_per_s, EXCLUDED.ceiling_per_s),
+    updated_at = clock_timestamp()
+RETURNING b.rate_per_s
+"""
+
+# One slot: refill by elapsed time at the old rate, maybe raise the rate (AIMD, as
+# ratelimit.increased_rate), take a token. The row subquery is re-evaluated if the row was updated
+# while this statement waited for its lock, so "now" is always read after the lock.
+# $1 name, $2 now (NULL: clock_timestamp(); tests pass times), $3 quiet_s, $4 step_interval_s,
+# $5 increase_fraction_per_s, $6 probe_fraction_per_s, $7 probe_band, $8 forget_after_s.
+TAKE_SQL = """
+UPDATE rate_limit_buckets AS b
+SET (rate_per_s, increased_at, tokens, refilled_at, grants, updated_at) = (
+    SELECT s.rate_per_s, s.increased_at,
+           least(1.0, b.tokens + s.elapsed_s * b.rate_per_s) - 1.0,
+           greatest(b.refilled_at, s.now), b.grants + 1, s.now
+    FROM (
+        SELECT d.now, d.elapsed_s,
+               CASE WHEN NOT d.due THEN b.rate_per_s
+                    WHEN b.cut_rate_per_s IS NULL OR d.quiet_for_s >= $8::float8
+                        THEN least(b.ceiling_per_s, b.rate_per_s + $5::float8 * b.ceiling_per_s * d.since_s)
+                    WHEN b.rate_per_s < (1.0 - $7::float8) * b.cut_rate_per_s
+                        THEN least(b.ceiling_per_s, (1.0 - $7::float8) * b.cut_rate_per_s,
+                                   b.rate_per_s + $5::float8 * b.ceiling_per_s * d.since_s)
+                    ELSE least(b.ceiling_per_s, b.rate_per_s + $6::float8 * b.cut_rate_per_s * d.since_s)
+               END AS rate_per_s,
+               CASE WHEN d.due THEN d.now ELSE b.increased_at END AS increased_at
+        FROM (
+            SELECT c.now,
+                   greatest(0.0, extract(epoch FROM c.now - b.refilled_at)::float8) AS elapsed_s,
+                   extract(epoch FROM c.now - greatest(b.increased_at, c.quiet_from))::float8 AS since_s,
+                   extract(epoch FROM c.now - b.cut_at)::float8 AS quiet_for_s,
+                   b.rate_per_s < b.ceiling_per_s AND c.now >= c.quiet_from
+                       AND extract(epoch FROM c.now - greatest(b.increased_at, c.quiet_from))::float8
+                           >= $4::float8 AS due
+            FROM (SELECT coalesce($2::timestamptz, clock_timestamp()) AS now,
+                         b.cut_at + $3::float8 * interval '1 second' AS quiet_from) AS c
+        ) AS d
+    ) AS s
+)
+WHERE b.name = $1
+RETURNING b.rate_per_s, b.tokens, b.refilled_at
+"""
+
+# A throttle: cut the shared rate, unless the throttled call was reserved before the last cut (it was
+# paced at the old rate; its throttle is part of the event already acted on). No row: nothing cut.
+# $1 name, $2 now (NULL: clock_timestamp()), $3 decrease_factor, $4 floor_per_s, $5 the call's reservation time.
+CUT_SQL = """
+UPDATE rate_limit_buckets AS b
+SET (cut_rate_per_s, rate_per_s, cut_at, cuts, updated_at) = (
+    SELECT b.rate_per_s, greatest(least($4::float8, b.ceiling_per_s), b.rate_per_s * $3::float8),
+           c.now, b.cuts + 1, c.now
+    FROM (SELECT coalesce($2::timestamptz, clock_timestamp()) AS now) AS c
+)
+WHERE b.name = $1 AND b.cut_at <= $5::timestamptz
+RETURNING b.rate_per_s
+"""
+
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class FleetRateLimiter:
+    """A limiter whose bucket and AIMD state are one PostgreSQL row shared by every process.
+
+    ``await open()`` before use and ``await close()`` after. Same protocol as
+    :class:`worker.ratelimit.RateLimiter`: ``async with limiter as permit``, then report the outcome.
+    """
+
+    def __init__(self, dsn: str, *, ceiling_per_s: float, name: str = "rekognition",
+                 params: AimdParams | None = None, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
+                 on_change: OnRateChange | None = None, statement_timeout_s: float = 10.0) -> None:
+        if not ceiling_per_s > 0:
+            raise ValueError(f"ceiling_per_s must be > 0 (got {ceiling_per_s})")
+        self.dsn = dsn
+        self.name = name
+        self.ceiling_per_s = ceiling_per_s
+        self.params = params or AimdParams()
+        self._clock = clock
+        self._sleep = sleep
+        self._on_change = on_change
+        self._timeout_s = statement_timeout_s
+        self._rate_per_s = ceiling_per_s
+        self._conn: asyncpg.Connection | None = None
+        # One statement at a time on the connection; one reservation at a time per process.
+        self._conn_lock = asyncio.Lock()
+        self._slot_lock = asyncio.Lock()
+
+    @property
+    def rate_per_s(self) -> float:
+        """The fleet's rate as of this process's last statement."""
+        return self._rate_per_s
+
+    async def open(self) -> None:
+        row = await self._fetchrow(UPSERT_SQL, self.name, self.ceiling_per_s)
+        if row is not None:
+            self._rate_per_s = float(row["rate_per_s"])
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close(timeout=self._timeout_s)
+
+    async def __aenter__(self) -> Permit:
+        async with self._slot_lock:
+            row = await self._take()
+            if row is None:
+                # The row is gone (an operator reset it, a test truncated it): recreate it and go on.
+                await self.open()
+                row = await self._take()
+                if row is None:
+                    raise TransientError(f"fleet rate limit bucket {self.name!r} vanished")
+            rate_per_s = float(row["rate_per_s"])
+            self._observe(rate_per_s, "fleet")
+            # A negative balance is this call's place in the fleet's queue.
+            wait_s = max(0.0, -float(row["tokens"])) / rate_per_s
+            if wait_s > 0:
+                await self._sleep(wait_s)
+        return Permit(sent_s=self._clock(), fleet_slot=row["refilled_at"])
+
+    async def _take(self) -> Any:
+        p = self.params
+        return await self._fetchrow(TAKE_SQL, self.name, None, p.quiet_s, p.step_interval_s,
+                                    p.increase_fraction_per_s, p.probe_fraction_per_s, p.probe_band,
+                                    p.forget_after_s)
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def record_throttle(self, permit: Permit | None = None) -> None:
+        reserved_at = permit.fleet_slot if permit is not None else None
+        if not isinstance(reserved_at, datetime):
+            return  # not one of ours: nothing to compare with the last cut
+        p = self.params
+        row = await self._fetchrow(CUT_SQL, self.name, None, p.decrease_factor, p.floor_per_s, reserved_at)
+        if row is not None:
+            self._observe(float(row["rate_per_s"]), "throttled")
+
+    def record_success(self, permit: Permit | None = None) -> None:
+        """Nothing to do: the take statement raises the shared rate by quiet time, not per success."""
+
+    def _observe(self, rate_per_s: float, why: str) -> None:
+        if abs(rate_per_s - self._rate_per_s) <= 1e-9 * max(1.0, rate_per_s):
+            return
+        self._rate_per_s = rate_per_s
+        if self._on_change is not None:
+            self._on_change(rate_per_s, why)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Any:
+        async with self._conn_lock:
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(
+                        self.dsn, timeout=self._timeout_s, command_timeout=self._timeout_s,
+                        server_settings={"application_name": "rekognition-worker-limiter"},
+                    )
+                return await self._conn.fetchrow(sql, *args)
+            except _DB_ERRORS as exc:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.terminate()
+                raise TransientError(f"fleet rate limiter: database unavailable: {type(exc).__name__}: {exc}") \
+                    from exc
