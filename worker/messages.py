@@ -18,6 +18,13 @@ JOB_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 # A body larger than this cannot be a Rekognition notification; refuse before decoding.
 MAX_BODY_BYTES = 256 * 1024
 _MAX_JSON_DEPTH = 16
+# The notification's informational members (JobTag <= 1024, S3 bucket <= 255, object name <= 1024
+# characters in the service model) are stored as given when a job is recorded FAILED from the
+# notification alone; anything PostgreSQL text cannot hold (NUL) or longer than the model allows is
+# dropped rather than allowed to fail that write and send a good notification round in retries.
+_MAX_INFO_CHARS = 1024
+# Notification timestamps are Unix milliseconds; beyond year 9999 Python's datetime cannot hold them.
+_MAX_TIMESTAMP_MS = 253_402_300_799_999
 
 
 class Api(enum.StrEnum):
@@ -143,17 +150,22 @@ def parse_message_body(body: str | bytes) -> JobRef:
     if status is not None and status not in ("SUCCEEDED", "FAILED", "ERROR", "IN_PROGRESS"):
         raise InvalidInput(f"notification Status {str(status)[:40]!r} is not a job status")
     ts = doc.get("Timestamp")
-    notified_at_ms = ts if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0 else None
-    tag = doc.get("JobTag")
+    notified_at_ms = ts if type(ts) is int and 0 < ts <= _MAX_TIMESTAMP_MS else None
     video_raw = doc.get("Video")
     video: dict[str, Any] = video_raw if isinstance(video_raw, dict) else {}
-    bucket, name = video.get("S3Bucket"), video.get("S3ObjectName")
     return JobRef.create(
         doc["JobId"],
         doc["API"],
         notified_status=status,
         notified_at_ms=notified_at_ms,
-        job_tag=tag if isinstance(tag, str) else None,
-        video_bucket=bucket if isinstance(bucket, str) else None,
-        video_name=name if isinstance(name, str) else None,
+        job_tag=_info(doc.get("JobTag")),
+        video_bucket=_info(video.get("S3Bucket")),
+        video_name=_info(video.get("S3ObjectName")),
     )
+
+
+def _info(value: object) -> str | None:
+    """An informational string member, or None when it is absent or unstorable (see _MAX_INFO_CHARS)."""
+    if type(value) is str and 0 < len(value) <= _MAX_INFO_CHARS and "\x00" not in value:
+        return value
+    return None
