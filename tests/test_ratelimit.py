@@ -120,16 +120,21 @@ def test_aimd_recovers_fast_to_below_the_cut_rate_then_probes_slowly() -> None:
     c = AimdController(ceiling_per_s=20.0, params=params, rate_per_s=6.0)
     assert c.on_throttle(now_s=0.0, sent_s=0.0)
     assert c.rate_per_s == 3.0 and c.cut_rate_per_s == 6.0
+    c.on_wait(0.5)
     assert not c.on_success(0.9)  # quiet period
+    c.on_wait(1.5)
     assert not c.on_success(1.5)  # less than one step since the quiet period ended
     assert c.on_success(2.0)  # one second past the quiet period: +2/s (10% of the ceiling)
     assert c.rate_per_s == pytest.approx(5.0)
+    c.on_wait(2.5)
     assert c.on_success(3.0)
     assert c.rate_per_s == pytest.approx(5.4)  # stops at 90% of the rate that was throttled
+    c.on_wait(3.5)
     assert c.on_success(4.0)
     assert c.rate_per_s == pytest.approx(5.52)  # then +2% of 6/s per second
     assert not c.on_success(4.5)
     for t in range(5, 31):
+        c.on_wait(t - 0.5)
         c.on_success(float(t))
     assert c.rate_per_s == pytest.approx(5.4 + 0.12 * 27)
 
@@ -138,10 +143,12 @@ def test_aimd_forgets_an_old_cut_and_reaches_the_ceiling() -> None:
     c = AimdController(ceiling_per_s=100.0, params=AimdParams(forget_after_s=30.0), rate_per_s=10.0)
     c.on_throttle(now_s=0.0, sent_s=0.0)
     for t in range(1, 30):
+        c.on_wait(t - 0.5)
         c.on_success(float(t))
     slow = c.rate_per_s
     assert 9.0 < slow < 15.0  # probing near the 10/s that was throttled
     for t in range(30, 45):
+        c.on_wait(t - 0.5)
         c.on_success(float(t))
     assert c.rate_per_s == 100.0
 
@@ -149,12 +156,24 @@ def test_aimd_forgets_an_old_cut_and_reaches_the_ceiling() -> None:
 def test_aimd_a_new_throttle_restarts_the_quiet_period() -> None:
     c = AimdController(ceiling_per_s=10.0)
     c.on_throttle(now_s=0.0, sent_s=0.0)
+    c.on_wait(2.9)
     c.on_success(3.0)
     raised = c.rate_per_s
     assert raised > 5.0
     assert c.on_throttle(now_s=3.5, sent_s=3.2)
     assert c.rate_per_s == raised / 2 and c.cut_rate_per_s == raised
     assert not c.on_success(4.0)
+
+
+def test_aimd_does_not_climb_while_no_call_waits_for_a_slot() -> None:
+    c = AimdController(ceiling_per_s=20.0, rate_per_s=10.0)
+    c.on_throttle(now_s=0.0, sent_s=0.0)
+    for t in range(2, 61):  # the callers, not the rate, limit calls: no evidence the quota allows more
+        assert not c.on_success(float(t))
+    assert c.rate_per_s == 5.0
+    c.on_wait(60.5)
+    assert c.on_success(61.0)
+    assert c.rate_per_s == pytest.approx(7.0)  # one step's worth, not the idle minute's
 
 
 def test_increased_rate_never_passes_the_ceiling() -> None:
@@ -224,6 +243,11 @@ async def test_rate_limiter_reports_changes_and_paces_at_the_new_rate() -> None:
     third = await limiter.__aenter__()
     assert third.sent_s - second.sent_s == pytest.approx(0.25)
     clock.now_s = 3.0
+    limiter.record_success(third)
+    assert changes[-1][1] == "throttled"  # nobody waited for a slot since the cut: no evidence for more
+    await limiter.__aenter__()
+    await limiter.__aenter__()  # waits for its slot
+    clock.now_s = 4.5
     limiter.record_success(third)
     assert changes[-1][1] == "recovering" and limiter.rate_per_s > 4.0
 

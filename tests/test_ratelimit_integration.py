@@ -180,24 +180,52 @@ async def test_fleet_sql_follows_the_same_aimd_rules_as_the_process_limiter(db: 
     p = AimdParams()
     await new_bucket(db, "aimd", 20.0)
     python = AimdController(ceiling_per_s=20.0, params=p)
-    # (time, event, reservation time of the throttled call)
-    events = [(0.1, "take", None), (0.5, "throttle", 0.1), (0.6, "throttle", 0.1), (0.9, "take", None),
-              (1.3, "throttle", 0.9), (1.5, "take", None), (2.4, "take", None), (2.8, "take", None),
-              (3.9, "take", None), (5.0, "take", None), (6.2, "take", None), (7.0, "throttle", 3.9),
-              (7.1, "throttle", 7.05), (8.0, "take", None), (9.5, "take", None), (11.0, "take", None),
-              (12.0, "take", None)] + [(13.0 + i, "take", None) for i in range(70)]
+    # (time, event, reservation time of the throttled call); "burst" is two takes at once, so one waits.
+    events = [(0.1, "take", None), (0.5, "throttle", 0.1), (0.6, "throttle", 0.1), (0.9, "burst", None),
+              (1.3, "throttle", 0.9), (1.5, "take", None), (2.4, "burst", None), (2.8, "take", None),
+              (3.9, "burst", None), (5.0, "take", None), (6.2, "burst", None), (7.0, "throttle", 3.9),
+              (7.1, "throttle", 7.05), (8.0, "burst", None), (9.5, "burst", None), (11.0, "take", None),
+              (12.0, "burst", None)]
+    events += [(13.0 + i, "take", None) for i in range(10)]  # nobody waits: no climb
+    events += [(23.0 + i, "burst", None) for i in range(60)]
     for now_s, event, reserved_s in events:
-        if event == "take":
-            rate = (await take(db, "aimd", now_s, p))["rate_per_s"]
-            python.on_success(now_s)
-        else:
+        if event == "throttle":
             assert reserved_s is not None
             row = await db.fetchrow(CUT_SQL, "aimd", at(now_s), p.decrease_factor, p.floor_per_s, at(reserved_s))
-            cut = python.on_throttle(now_s, reserved_s)
-            assert (row is not None) == cut, now_s
+            assert (row is not None) == python.on_throttle(now_s, reserved_s), now_s
             rate = await db.fetchval("SELECT rate_per_s FROM rate_limit_buckets WHERE name = 'aimd'")
+        else:
+            for _ in range(2 if event == "burst" else 1):
+                row = await take(db, "aimd", now_s, p)
+                python.on_success(now_s)
+                if row["tokens"] < 0:
+                    python.on_wait(now_s)
+            rate = row["rate_per_s"]
         assert rate == pytest.approx(python.rate_per_s, rel=1e-6), (now_s, event)
     assert python.rate_per_s == 20.0  # forgot the cut rate after a minute and went back to the ceiling
+
+
+async def test_fleet_take_reads_the_clock_after_waiting_for_the_row(db_url: str, db: asyncpg.Connection) -> None:
+    p = AimdParams()
+    await db.execute("INSERT INTO rate_limit_buckets (name, ceiling_per_s, rate_per_s) VALUES ('lock', 0.5, 0.5)")
+    other = await asyncpg.connect(db_url)
+    try:
+        async with other.transaction():
+            first = await other.fetchrow(TAKE_SQL, "lock", None, p.quiet_s, p.step_interval_s,
+                                         p.increase_fraction_per_s, p.probe_fraction_per_s, p.probe_band,
+                                         p.forget_after_s)
+            blocked = asyncio.create_task(db.fetchrow(TAKE_SQL, "lock", None, p.quiet_s, p.step_interval_s,
+                                                      p.increase_fraction_per_s, p.probe_fraction_per_s,
+                                                      p.probe_band, p.forget_after_s))
+            await asyncio.sleep(0.8)
+        second = await blocked
+    finally:
+        await other.close()
+    # The second take read the clock after the lock was released, and refilled the first one's row:
+    # 0 tokens + 0.8 s x 0.5/s - 1 (an old row version would have given 0).
+    waited_s = (second["refilled_at"] - first["refilled_at"]).total_seconds()
+    assert waited_s >= 0.75
+    assert first["tokens"] == 0.0 and second["tokens"] == pytest.approx(waited_s * 0.5 - 1.0, abs=1e-3)
 
 
 async def test_a_throttle_seen_by_one_process_slows_every_process(db_url: str) -> None:

@@ -43,19 +43,19 @@ RETURNING b.rate_per_s
 """
 
 # One slot: refill by elapsed time at the old rate, maybe raise the rate (AIMD, as
-# ratelimit.increased_rate), take a token. The row subquery is re-evaluated if the row was updated
+# ratelimit.AimdController.on_success: a step is due, and some call waited for a slot during it), take a
+# token, and note whether this call has to wait. The row subquery is re-evaluated if the row was updated
 # while this statement waited for its lock, so "now" is always read after the lock.
 # $1 name, $2 now (NULL: clock_timestamp(); tests pass times), $3 quiet_s, $4 step_interval_s,
 # $5 increase_fraction_per_s, $6 probe_fraction_per_s, $7 probe_band, $8 forget_after_s.
 TAKE_SQL = """
 UPDATE rate_limit_buckets AS b
-SET (rate_per_s, increased_at, tokens, refilled_at, grants, updated_at) = (
-    SELECT s.rate_per_s, s.increased_at,
-           least(1.0, b.tokens + s.elapsed_s * b.rate_per_s) - 1.0,
-           greatest(b.refilled_at, s.now), b.grants + 1, s.now
+SET (rate_per_s, increased_at, tokens, refilled_at, waited_at, grants, updated_at) = (
+    SELECT s.rate_per_s, s.increased_at, s.tokens, greatest(b.refilled_at, s.now),
+           CASE WHEN s.tokens < 0 THEN s.now ELSE b.waited_at END, b.grants + 1, s.now
     FROM (
-        SELECT d.now, d.elapsed_s,
-               CASE WHEN NOT d.due THEN b.rate_per_s
+        SELECT d.now, least(1.0, b.tokens + d.elapsed_s * b.rate_per_s) - 1.0 AS tokens,
+               CASE WHEN NOT (d.step_due AND b.waited_at >= d.step_from) THEN b.rate_per_s
                     WHEN b.cut_rate_per_s IS NULL OR d.quiet_for_s >= $8::float8
                         THEN least(b.ceiling_per_s, b.rate_per_s + $5::float8 * b.ceiling_per_s * d.since_s)
                     WHEN b.rate_per_s < (1.0 - $7::float8) * b.cut_rate_per_s
@@ -63,17 +63,18 @@ SET (rate_per_s, increased_at, tokens, refilled_at, grants, updated_at) = (
                                    b.rate_per_s + $5::float8 * b.ceiling_per_s * d.since_s)
                     ELSE least(b.ceiling_per_s, b.rate_per_s + $6::float8 * b.cut_rate_per_s * d.since_s)
                END AS rate_per_s,
-               CASE WHEN d.due THEN d.now ELSE b.increased_at END AS increased_at
+               CASE WHEN d.step_due THEN d.now ELSE b.increased_at END AS increased_at
         FROM (
-            SELECT c.now,
-                   greatest(0.0, extract(epoch FROM c.now - b.refilled_at)::float8) AS elapsed_s,
-                   extract(epoch FROM c.now - greatest(b.increased_at, c.quiet_from))::float8 AS since_s,
-                   extract(epoch FROM c.now - b.cut_at)::float8 AS quiet_for_s,
-                   b.rate_per_s < b.ceiling_per_s AND c.now >= c.quiet_from
-                       AND extract(epoch FROM c.now - greatest(b.increased_at, c.quiet_from))::float8
-                           >= $4::float8 AS due
-            FROM (SELECT coalesce($2::timestamptz, clock_timestamp()) AS now,
-                         b.cut_at + $3::float8 * interval '1 second' AS quiet_from) AS c
+            SELECT e.*, b.rate_per_s < b.ceiling_per_s AND e.now >= e.quiet_from
+                        AND e.since_s >= $4::float8 AS step_due
+            FROM (
+                SELECT c.now, c.quiet_from, greatest(b.increased_at, c.quiet_from) AS step_from,
+                       greatest(0.0, extract(epoch FROM c.now - b.refilled_at)::float8) AS elapsed_s,
+                       extract(epoch FROM c.now - greatest(b.increased_at, c.quiet_from))::float8 AS since_s,
+                       extract(epoch FROM c.now - b.cut_at)::float8 AS quiet_for_s
+                FROM (SELECT coalesce($2::timestamptz, clock_timestamp()) AS now,
+                             b.cut_at + $3::float8 * interval '1 second' AS quiet_from) AS c
+            ) AS e
         ) AS d
     ) AS s
 )

@@ -91,7 +91,9 @@ class AimdController:
 
     A throttle cuts the rate unless the throttled call was sent before the last cut (it was paced
     at the old rate, so it says nothing about the new one). The rate at the cut is remembered: after
-    ``quiet_s`` the rate climbs back fast to just below it and probes slowly beyond.
+    ``quiet_s`` the rate climbs back fast to just below it and probes slowly beyond. It climbs only
+    while the rate is what holds calls back (a call waited for its slot, see :meth:`on_wait`): a
+    rate that nobody used is no evidence that the quota allows it.
     """
 
     ceiling_per_s: float
@@ -100,6 +102,7 @@ class AimdController:
     cut_rate_per_s: float | None = None
     _last_cut_s: float = -math.inf
     _last_increase_s: float = -math.inf
+    _last_wait_s: float = -math.inf
 
     def __post_init__(self) -> None:
         if not self.ceiling_per_s > 0:
@@ -125,18 +128,25 @@ class AimdController:
         self._last_cut_s = now_s
         return True
 
+    def on_wait(self, now_s: float) -> None:
+        """A call had to wait for its slot at ``now_s``: the rate, not the callers, limits calls now."""
+        self._last_wait_s = max(self._last_wait_s, now_s)
+
     def on_success(self, now_s: float) -> bool:
         """Returns True when the rate was raised."""
         quiet_from_s = self._last_cut_s + self.params.quiet_s
         if self.rate_per_s >= self.ceiling_per_s or now_s < quiet_from_s:
             return False
-        since_s = now_s - max(self._last_increase_s, quiet_from_s)
+        step_from_s = max(self._last_increase_s, quiet_from_s)
+        since_s = now_s - step_from_s
         if since_s < self.params.step_interval_s:
             return False
+        self._last_increase_s = now_s
+        if self._last_wait_s < step_from_s:
+            return False  # nobody waited for a slot during this step: the step passes unused
         new_rate = increased_rate(self.rate_per_s, ceiling_per_s=self.ceiling_per_s,
                                   cut_rate_per_s=self.cut_rate_per_s, since_s=since_s,
                                   quiet_for_s=now_s - self._last_cut_s, params=self.params)
-        self._last_increase_s = now_s
         if new_rate <= self.rate_per_s:
             return False
         self.rate_per_s = new_rate
@@ -153,6 +163,8 @@ class PacedThrottler(Throttler):
         super().__init__(rate_limit=1, period=1.0 / rate_per_s)
         self._clock = clock
         self._sleep = sleep
+        # When a caller last had to wait for a slot (-inf: never).
+        self.last_wait_s = -math.inf
 
     def set_rate(self, rate_per_s: float) -> None:
         self.period = 1.0 / rate_per_s
@@ -169,6 +181,7 @@ class PacedThrottler(Throttler):
             self.flush()
             if len(self._task_logs) < self.rate_limit:
                 break
+            self.last_wait_s = self._clock()
             # Waiters wake in the order they slept, so the earliest takes the slot: FIFO without a queue.
             await self._sleep(max(self._task_logs[0] + self.period - self._clock(), 0.0))
         now = self._clock()
@@ -214,7 +227,9 @@ class RateLimiter:
         return self.controller.rate_per_s
 
     async def __aenter__(self) -> Permit:
-        return Permit(sent_s=await self._throttler.acquire())
+        sent_s = await self._throttler.acquire()
+        self.controller.on_wait(self._throttler.last_wait_s)
+        return Permit(sent_s=sent_s)
 
     async def __aexit__(self, *exc: object) -> None:
         return None

@@ -32,6 +32,8 @@ def upgrade() -> None:
             cut_rate_per_s  double precision,
             cut_at          timestamptz NOT NULL DEFAULT 'epoch',
             increased_at    timestamptz NOT NULL DEFAULT 'epoch',
+            -- The last time a call had to wait for its slot: the rate only climbs while it is what limits calls.
+            waited_at       timestamptz NOT NULL DEFAULT 'epoch',
             grants          bigint NOT NULL DEFAULT 0,
             cuts            bigint NOT NULL DEFAULT 0,
             updated_at      timestamptz NOT NULL DEFAULT clock_timestamp()
