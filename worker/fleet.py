@@ -61,7 +61,7 @@ SET (rate_per_s, increased_at, tokens, refilled_at, waited_at, grants, updated_a
                     WHEN b.rate_per_s < (1.0 - $7::float8) * b.cut_rate_per_s
                         THEN least(b.ceiling_per_s, (1.0 - $7::float8) * b.cut_rate_per_s,
                                    b.rate_per_s + $5::float8 * b.ceiling_per_s * d.since_s)
-                    ELSE least(b.ceiling_per_s, b.rate_per_s + $6::float8 * b.cut_rate_per_s * d.since_s)
+                    ELSE least(b.ceiling_per_s, b.rate_per_s + $6::float8 * b.ceiling_per_s * d.since_s)
                END AS rate_per_s,
                CASE WHEN d.step_due THEN d.now ELSE b.increased_at END AS increased_at
         FROM (

@@ -48,7 +48,8 @@ class AimdParams:
     step_interval_s: float = 1.0
     # Fast recovery, in fractions of the ceiling per second, up to (1 - probe_band) x the last cut rate.
     increase_fraction_per_s: float = 0.1
-    # Past that point, probe slowly, in fractions of the last cut rate per second.
+    # Past that point, probe slowly, in fractions of the ceiling per second. A step that does not depend
+    # on the rate is what makes replicas that share a quota converge to equal shares (as AIMD does).
     probe_fraction_per_s: float = 0.02
     probe_band: float = 0.2
     # A cut rate this old is no longer evidence (the quota may have been raised): recover fast again.
@@ -72,9 +73,9 @@ def increased_rate(rate_per_s: float, *, ceiling_per_s: float, cut_rate_per_s: f
                    quiet_for_s: float, params: AimdParams) -> float:
     """The rate after ``since_s`` more throttle-free seconds (``quiet_for_s`` since the last cut).
 
-    Below ``(1 - probe_band) x cut_rate`` it climbs fast (a fraction of the ceiling per second) but
-    stops there; within reach of the rate that was throttled it probes slowly. With no cut rate, or
-    one older than ``forget_after_s``, it climbs fast all the way to the ceiling.
+    Below ``(1 - probe_band) x cut_rate`` it climbs fast but stops there; within reach of the rate
+    that was throttled it probes slowly. Both steps are fractions of the ceiling per second. With no
+    cut rate, or one older than ``forget_after_s``, it climbs fast all the way to the ceiling.
     """
     fast_per_s = params.increase_fraction_per_s * ceiling_per_s
     if cut_rate_per_s is None or quiet_for_s >= params.forget_after_s:
@@ -82,7 +83,7 @@ def increased_rate(rate_per_s: float, *, ceiling_per_s: float, cut_rate_per_s: f
     knee_per_s = (1.0 - params.probe_band) * cut_rate_per_s
     if rate_per_s < knee_per_s:
         return min(ceiling_per_s, knee_per_s, rate_per_s + fast_per_s * since_s)
-    return min(ceiling_per_s, rate_per_s + params.probe_fraction_per_s * cut_rate_per_s * since_s)
+    return min(ceiling_per_s, rate_per_s + params.probe_fraction_per_s * ceiling_per_s * since_s)
 
 
 @dataclass(slots=True)
