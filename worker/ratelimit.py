@@ -3,7 +3,9 @@
 Pacing is asyncio-throttle's Throttler with one call per period (even spacing, no bursts). Two
 things are changed in a subclass: it sleeps exactly until the next slot instead of polling every
 10 ms (many waiting jobs would otherwise wake thousands of times a second), and it takes an
-injected clock so the logic is testable without sleeping. The rate itself is steered by an AIMD
+injected clock so the logic is testable without sleeping. (aiolimiter, its maintained successor,
+fixes its rate at construction and reads time only from the event loop: a worse fit for a rate that
+changes all the time; see docs/rate-limiting.md.) The rate itself is steered by an AIMD
 controller: cut multiplicatively on a throttling answer, recover additively after a quiet period,
 fast up to just below the rate that was last throttled and slowly past it.
 
