@@ -59,7 +59,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         super().__init__()
         self.now_s = 0.0
         inner: selectors.BaseSelector = self._selector  # type: ignore[has-type]
-        self._selector = _SkippingSelector(self, inner)  # type: ignore[assignment]
+        self._selector = _SkippingSelector(self, inner)
 
     def time(self) -> float:
         return self.now_s
@@ -87,7 +87,7 @@ def test_full_jitter_backoff_is_uniform_below_a_capped_exponential() -> None:
 
 def test_aimd_cuts_once_per_round_of_calls() -> None:
     c = AimdController(ceiling_per_s=20.0)
-    assert c.rate_per_s == 20.0 and c.cut_rate_per_s is None
+    assert (c.rate_per_s, c.cut_rate_per_s) == (20.0, None)
     assert c.on_throttle(now_s=10.0, sent_s=9.6)
     assert c.rate_per_s == 10.0 and c.cut_rate_per_s == 20.0
     # Calls sent before the cut were paced at the old rate: their throttles are the same event.
