@@ -6,6 +6,7 @@ server and the Rekognition emulator through the standard variables, as a deploym
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import psutil
 from rich.console import Console
 
 from tests.helpers import dump_job
@@ -95,9 +97,21 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(f"still running after {timeout_s} s; output: {self.output()[-3000:]}") from None
-        for t in self._readers:
-            t.join(5)
+        self._join()
         return rc
+
+    def _join(self) -> None:
+        # Everything the process wrote is in the pipe by now; a child it left behind may keep the
+        # pipe open (no EOF), so do not wait for one.
+        for t in self._readers:
+            t.join(2)
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            children: list[psutil.Process] = psutil.Process(self.pid).children(recursive=True)
+            return children
+        except psutil.NoSuchProcess:
+            return []
 
     def output(self) -> str:
         return "".join(self.text)
@@ -106,8 +120,25 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        for t in self._readers:
-            t.join(5)
+        self._join()
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def kill_all(processes: list[psutil.Process]) -> None:
+    """SIGKILL each of these processes (by pid, each one this test started or its worker started)."""
+    for p in alive(processes):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def with_database(url: str, name: str) -> str:

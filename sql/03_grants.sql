@@ -1,0 +1,18 @@
+-- Step 3 of 3: after each `python -m worker migrate`. Run as rekognition_migrator (it owns the objects;
+-- no superuser needed), e.g. as the last step of the migration Job. Idempotent. Also brings a database
+-- migrated before steps 1-2 existed up to the same grants.
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO rekognition_worker;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO rekognition_worker;
+-- The schema version is the migration role's business: the worker only reads it (readiness probe).
+REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE public.alembic_version FROM rekognition_worker;
+
+DO $reporting$
+BEGIN
+    IF EXISTS (SELECT FROM pg_namespace WHERE nspname = 'reporting') THEN
+        GRANT USAGE ON SCHEMA reporting TO rekognition_worker;
+        GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO rekognition_worker;
+        GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA reporting TO rekognition_worker;
+    END IF;
+END
+$reporting$;
