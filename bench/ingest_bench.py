@@ -69,6 +69,7 @@ class Result:
     rows: int
     seconds: float
     peak_rss_mb: float
+    cpu_s: float = 0.0  # user + system CPU of the pipeline's processes (not PostgreSQL's)
 
     @property
     def faces_per_s(self) -> float:
@@ -104,8 +105,16 @@ def _serve(workloads: list[dict[str, Any]], ready: Any, stop: Any) -> None:
 # --- the two pipelines, each in a fresh process ------------------------------------------------------
 
 
+def _cpu_s() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS plus the largest of its children's (the page-decoding process)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024
 
 
 def _run_worker(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any) -> None:
@@ -113,7 +122,7 @@ def _run_worker(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any)
     from rich.console import Console
 
     from worker.backfill import run_backfill
-    from worker.cli import tune_gc
+    from worker.pagecodec import tune_gc
     from worker.config import Settings
     from worker.logs import configure_logging
     from worker.messages import JobRef
@@ -121,8 +130,10 @@ def _run_worker(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any)
     configure_logging("warning", "json")
     tune_gc()  # as `python -m worker` does
     w = Workload(**workload)
-    settings = Settings(database_url=db_url, rekognition_tps=1000.0, max_concurrent_jobs=4, page_size=w.page_size)
+    settings = Settings.from_env().with_(database_url=db_url, rekognition_tps=1000.0, max_concurrent_jobs=4,
+                                         page_size=w.page_size)
     refs = [JobRef.create(j, w.api) for j in w.job_ids]
+    cpu_before = _cpu_s()
     started = time.perf_counter()
     outcomes = asyncio.run(run_backfill(settings, refs, console=Console(file=open(os.devnull, "w"))))  # noqa: SIM115
     seconds = time.perf_counter() - started
@@ -130,7 +141,7 @@ def _run_worker(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any)
     if bad:
         raise SystemExit(f"worker failed: {bad[0].job_id}: {bad[0].outcome}: {bad[0].reason}")
     conn.send(Result(w.name, "worker", sum(o.faces for o in outcomes), sum(o.rows for o in outcomes), seconds,
-                     _peak_rss_mb()))
+                     _peak_rss_mb(), _cpu_s() - cpu_before))
 
 
 REFERENCE_DDL = """
@@ -220,9 +231,11 @@ async def _reference(w: Workload, db_url: str, endpoint: str) -> tuple[int, int]
 
 def _run_reference(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any) -> None:
     w = Workload(**workload)
+    cpu_before = _cpu_s()
     started = time.perf_counter()
     faces, rows = asyncio.run(_reference(w, db_url, endpoint))
-    conn.send(Result(w.name, "reference", faces, rows, time.perf_counter() - started, _peak_rss_mb()))
+    conn.send(Result(w.name, "reference", faces, rows, time.perf_counter() - started, _peak_rss_mb(),
+                     _cpu_s() - cpu_before))
 
 
 def _in_child(target: Any, *args: Any) -> Result:
@@ -306,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(_in_child(_run_worker, asdict(w), worker_db, endpoint))
             results.append(_in_child(_run_reference, asdict(w), ref_db, endpoint))
             wr, rr = results[-2], results[-1]
-            print(f"{w.name}: worker {wr.faces_per_s:,.0f} faces/s, reference {rr.faces_per_s:,.0f} faces/s",
-                  flush=True)
+            print(f"{w.name}: worker {wr.faces_per_s:,.0f} faces/s ({wr.cpu_s * 1e6 / wr.faces:,.0f} CPU ms per "
+                  f"1000 faces), reference {rr.faces_per_s:,.0f} faces/s ({rr.cpu_s * 1e6 / rr.faces:,.0f} CPU ms "
+                  "per 1000 faces)", flush=True)
     finally:
         stop_parent.send("stop")
         emu.join(timeout=10)
@@ -332,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         table.append({"workload": w.name, "jobs": w.jobs, "pages": w.pages, "faces": wr.faces,
                       "worker_faces_per_s": wr.faces_per_s, "worker_rows_per_s": wr.rows_per_s,
                       "reference_faces_per_s": rr.faces_per_s, "reference_rows_per_s": rr.rows_per_s,
-                      "ratio": ratio, "worker_peak_rss_mb": wr.peak_rss_mb, "reference_peak_rss_mb": rr.peak_rss_mb})
+                      "ratio": ratio, "worker_peak_rss_mb": wr.peak_rss_mb, "reference_peak_rss_mb": rr.peak_rss_mb,
+                      "worker_cpu_ms_per_1000_faces": wr.cpu_s * 1e6 / wr.faces if wr.faces else 0.0,
+                      "reference_cpu_ms_per_1000_faces": rr.cpu_s * 1e6 / rr.faces if rr.faces else 0.0})
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": _machine(), "results": table}, indent=2))
     return 0

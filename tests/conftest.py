@@ -93,8 +93,10 @@ async def db_url(pg_server_url: str, template_db: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 def settings(db_url: str) -> Settings:
+    # Pages decode inline here (DECODE_PROCESSES=0) to spare a process start per test; the pool
+    # path runs in the CLI tests, the benchmark smoke run and tests/test_pagecodec.py.
     return Settings(database_url=db_url, rekognition_tps=1000.0, max_concurrent_jobs=4, retry_base_s=0.01,
-                    retry_cap_s=0.05, max_call_attempts=4, log_format="json")
+                    retry_cap_s=0.05, max_call_attempts=4, log_format="json", decode_processes=0)
 
 
 @pytest.fixture

@@ -95,6 +95,8 @@ class Settings:
     page_size: int = 1000
     # Pages fetched ahead of the writer per job: bounds memory (a full page is ~3.6 MB of JSON).
     prefetch_pages: int = 2
+    # Processes that decode, normalize and compress pages; -1: one when a second core exists.
+    decode_processes: int = -1
     db_pool_size: int = 10
     archive_raw_pages: bool = True
     # Retries of one Get* call for faults and throttling before the job is handed back as transient.
@@ -150,6 +152,7 @@ class Settings:
             rate_limit_scope=scope,  # type: ignore[arg-type]
             page_size=page_size,
             prefetch_pages=_int(env, "PREFETCH_PAGES", 2, minimum=1),
+            decode_processes=_int(env, "DECODE_PROCESSES", -1, minimum=-1),
             db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1),
             archive_raw_pages=_bool(env, "ARCHIVE_RAW_PAGES", True),
             max_call_attempts=_int(env, "MAX_CALL_ATTEMPTS", 8, minimum=1),

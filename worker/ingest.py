@@ -16,12 +16,13 @@ from typing import Any
 import structlog
 
 from worker import metrics
-from worker.db.store import ArchivedPage, JobBusy, Store
+from worker.db.store import JobBusy, Store
 from worker.errors import InvalidInput, JobNotReady, PermanentJobError, RestartJob, TransientError
 from worker.logs import get_logger
 from worker.messages import JobRef
-from worker.normalize import JobMeta, PageRows, normalize_page, parse_meta
-from worker.rekognition import Fetcher, Page
+from worker.normalize import JobMeta
+from worker.pagecodec import DecodedPage, PageDecoder
+from worker.rekognition import Fetcher
 
 log = get_logger(__name__)
 
@@ -52,20 +53,20 @@ class JobOutcome:
 OUTCOMES = ("ingested", "duplicate", "failed", "not_ready", "busy", "transient", "invalid")
 
 
-class _Normalized:
-    """What the writer needs of a page. The decoded page itself (~1 million objects for a full
-    page) is dropped as soon as it is normalized: it is most of a job's memory."""
-
-    __slots__ = ("archived", "rows")
-
-    def __init__(self, rows: PageRows, archived: ArchivedPage | None) -> None:
-        self.rows = rows
-        self.archived = archived
+async def _chain(first: DecodedPage, rest: AsyncIterator[DecodedPage]) -> AsyncGenerator[DecodedPage]:
+    yield first
+    del first  # the writer holds the page now; keep memory bounded by the prefetch depth
+    async for page in rest:
+        yield page
 
 
-async def _prefetch(pages: AsyncIterator[_Normalized], depth: int) -> AsyncGenerator[_Normalized]:
-    """Run ``pages`` in a task, ``depth`` items ahead of the consumer; errors surface in order."""
-    queue: asyncio.Queue[_Normalized | BaseException | None] = asyncio.Queue(maxsize=depth)
+async def _prefetch(pages: AsyncIterator[DecodedPage], depth: int) -> AsyncGenerator[DecodedPage]:
+    """Run ``pages`` in a task, ``depth`` items ahead of the consumer; errors surface in order.
+
+    Memory stays bounded: at most ``depth`` decoded pages wait, plus one being written and one being
+    decoded, whatever the size of the job.
+    """
+    queue: asyncio.Queue[DecodedPage | BaseException | None] = asyncio.Queue(maxsize=depth)
 
     async def produce() -> None:
         try:
@@ -96,35 +97,31 @@ class Ingestor:
     """Ingests jobs with a shared Fetcher (one client, one limiter) and a Store."""
 
     def __init__(self, fetcher: Fetcher, store: Store, *, prefetch_pages: int = 2,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 decoder: PageDecoder | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.fetcher = fetcher
         self.store = store
         self.prefetch_pages = prefetch_pages
+        # Inline by default; the runtime hands in a process pool (and closes it) when a core is spare.
+        self.decoder = decoder or PageDecoder(0)
         self._clock = clock
 
-    async def _normalized(self, ref: JobRef, first: list[Page],
-                          rest: AsyncIterator[Page]) -> AsyncGenerator[_Normalized]:
-        """``first`` is a one-item list so that the generator can drop its reference to the page."""
-        seq = 0
-        page: Page | None = first.pop()
-        while page is not None:
-            rows = normalize_page(page.body, ref.api, ref.job_id, seq)
-            seq += rows.elements
-            raw = page.raw
-            page = None  # release the decoded page before fetching the next one
-            archived = None
-            if self.store.archive_raw_pages and raw is not None:
-                # zlib releases the GIL: compressing in a thread overlaps the writer's COPY of the last page.
-                archived = await asyncio.to_thread(ArchivedPage.compress, raw)
-            del raw
-            yield _Normalized(rows, archived)
-            page = await anext(rest, None)
-
     async def _attempt(self, ref: JobRef) -> JobOutcome:
-        pages = self.fetcher.pages(ref.api, ref.job_id)
+        seq = 0
+        archive = self.store.archive_raw_pages
+
+        async def decode(raw: bytes, _number: int) -> tuple[DecodedPage, str | None, str | None]:
+            nonlocal seq
+            # Decoding, normalizing and compressing run on another core; pages are sequential
+            # (each NextToken comes from the page before), so ``seq`` is known here.
+            page = await self.decoder.decode(raw, ref.api, ref.job_id, seq, archive)
+            if page.rows is not None:
+                seq += page.rows.elements
+            return page, page.meta.job_status, page.meta.next_token
+
+        pages = self.fetcher.decoded_pages(ref.api, ref.job_id, decode)
         try:
             first = await anext(pages)
-            meta = parse_meta(first.body)
+            meta = first.meta
             if meta.job_status == "FAILED":
                 reason = meta.status_message or "Rekognition reported the job FAILED"
                 await self.store.record_failure(ref, code="JobFailed", reason=reason, meta=meta,
@@ -137,12 +134,14 @@ class Ingestor:
             last_meta: JobMeta = meta
             async with self.store.job_writer(ref) as writer:
                 # aclosing: a failed write must stop the prefetching task at once, not at GC time.
-                normalized = self._normalized(ref, [first], pages)
-                del first
-                async with aclosing(_prefetch(normalized, self.prefetch_pages)) as stream:
-                    async for item in stream:
-                        await writer.write_page(item.rows, item.archived)
-                        last_meta = item.rows.meta
+                async with aclosing(_prefetch(_chain(first, pages), self.prefetch_pages)) as stream:
+                    del first
+                    async for page in stream:
+                        if page.rows is None:
+                            raise PermanentJobError(f"a later page says JobStatus {page.meta.job_status}",
+                                                    code="MalformedPage")
+                        await writer.write_page(page.rows, page.archived)
+                        last_meta = page.meta
                 await writer.finish(merge_meta(meta, last_meta))
             c = writer.counts
         finally:

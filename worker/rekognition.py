@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -43,22 +43,23 @@ FAULT_CODES = frozenset({"InternalServerError", "ServiceUnavailable", "InternalF
 PERMANENT_CODES = frozenset({"ResourceNotFoundException", "AccessDeniedException", "InvalidParameterException"})
 RESTART_CODES = frozenset({"InvalidPaginationTokenException"})
 _OPERATIONS = ("GetFaceDetection", "GetFaceSearch")
+RAW_BODY = "_raw_body"
 
 
-def _orjson_before_parse(operation_model: Any, response_dict: dict[str, Any],
-                         customized_response_dict: dict[str, Any], **_: Any) -> None:
-    """Decode successful Get* bodies with orjson and hand botocore an empty document to walk.
+def _raw_body_before_parse(operation_model: Any, response_dict: dict[str, Any],
+                           customized_response_dict: dict[str, Any], **_: Any) -> None:
+    """Keep successful Get* bodies as bytes and hand botocore an empty document to walk.
 
-    botocore's shape-walking parser costs ~9x orjson on a 1000-face page; errors still go through
-    botocore so that ``__type`` parsing and modeled exceptions are unchanged.
+    botocore's shape-walking parser costs ~9x orjson on a 1000-face page; the caller decodes the
+    bytes with orjson (on another core, see worker/pagecodec.py). Errors still go through botocore,
+    so ``__type`` parsing and modeled exceptions are unchanged.
     """
     if response_dict.get("status_code", 500) >= 300:
         return
     body = response_dict.get("body")
     if not body:
         return
-    customized_response_dict.update(orjson.loads(body))
-    customized_response_dict["_raw_body"] = body
+    customized_response_dict[RAW_BODY] = body
     response_dict["body"] = b"{}"
 
 
@@ -83,7 +84,7 @@ async def create_client(*, region: str | None = None, max_pool_connections: int 
     )
     async with session.create_client("rekognition", region_name=region, config=config) as client:
         for op in _OPERATIONS:
-            client.meta.events.register(f"before-parse.rekognition.{op}", _orjson_before_parse)
+            client.meta.events.register(f"before-parse.rekognition.{op}", _raw_body_before_parse)
         yield client
 
 
@@ -106,6 +107,24 @@ class Page:
     number: int
     body: dict[str, Any]
     raw: bytes | None
+
+
+T = TypeVar("T")
+# Turns a page's raw bytes (and its number) into the caller's item, its JobStatus and its NextToken.
+Decode = Callable[[bytes, int], Awaitable[tuple[T, str | None, str | None]]]
+
+
+def raw_body(response: dict[str, Any]) -> bytes:
+    """The undecoded body of a Get* response (re-encoded only if the hook did not see one)."""
+    raw = response.get(RAW_BODY)
+    if isinstance(raw, bytes):
+        return raw
+    return orjson.dumps({k: v for k, v in response.items() if k != "ResponseMetadata"})
+
+
+async def _decode_in_process(raw: bytes, number: int) -> tuple[Page, str | None, str | None]:
+    body = orjson.loads(raw)
+    return Page(number=number, body=body, raw=raw), body.get("JobStatus"), body.get("NextToken")
 
 
 class Fetcher:
@@ -133,7 +152,13 @@ class Fetcher:
         return await method(**params)
 
     async def fetch(self, api: Api, job_id: str, token: str | None) -> dict[str, Any]:
-        """One page, retried with full-jitter backoff; raises the error type that decides the job's fate."""
+        """One page, decoded; see :meth:`fetch_response` for retries and errors."""
+        response = await self.fetch_response(api, job_id, token)
+        return orjson.loads(raw_body(response))
+
+    async def fetch_response(self, api: Api, job_id: str, token: str | None) -> dict[str, Any]:
+        """One page's response with its body undecoded under ``RAW_BODY``, retried with full-jitter
+        backoff; raises the error type that decides the job's fate."""
         tries = _Tries()
         while True:
             # Every attempt, first or retry, takes a slot from the limiter: retries never bypass it.
@@ -190,20 +215,27 @@ class Fetcher:
     def _backoff(self, attempt: int) -> float:
         return full_jitter_backoff_s(attempt, base_s=self.retry_base_s, cap_s=self.retry_cap_s, rng=self._rng)
 
-    async def pages(self, api: Api, job_id: str) -> AsyncGenerator[Page]:
-        """All pages of a job, chained by NextToken. The first page decides readiness."""
+    def pages(self, api: Api, job_id: str) -> AsyncGenerator[Page]:
+        """All pages of a job, chained by NextToken, decoded here. The first page decides readiness."""
+        return self.decoded_pages(api, job_id, _decode_in_process)
+
+    async def decoded_pages(self, api: Api, job_id: str, decode: Decode[T]) -> AsyncGenerator[T]:
+        """All pages of a job as ``decode`` makes them, chained by NextToken.
+
+        Decoding is the caller's so that it can happen off the event loop; the next page is
+        requested only after ``decode`` has found its NextToken.
+        """
         token: str | None = None
         number = 0
         while True:
-            body = await self.fetch(api, job_id, token)
-            raw = body.pop("_raw_body", None)
-            body.pop("ResponseMetadata", None)
-            if number == 0 and body.get("JobStatus") == "IN_PROGRESS":
+            response = await self.fetch_response(api, job_id, token)
+            item, status, next_token = await decode(raw_body(response), number)
+            del response
+            if number == 0 and status == "IN_PROGRESS":
                 raise JobNotReady(f"job {job_id} is still IN_PROGRESS")
             metrics.PAGES.labels(api.operation).inc()
-            yield Page(number=number, body=body, raw=raw)
-            next_token = body.get("NextToken")
-            if not next_token or body.get("JobStatus") != "SUCCEEDED":
+            yield item
+            if not next_token or status != "SUCCEEDED":
                 return
             if next_token == token:
                 raise PermanentJobError(f"{api.operation} returned the same NextToken twice", code="PaginationLoop")

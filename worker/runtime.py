@@ -15,6 +15,7 @@ from worker.db.engine import create_engine
 from worker.db.store import Store
 from worker.fleet import FleetRateLimiter
 from worker.ingest import Ingestor
+from worker.pagecodec import PageDecoder, default_processes
 from worker.logs import get_logger
 from worker.ratelimit import Limiter, RateLimiter
 from worker.rekognition import Fetcher, create_client
@@ -64,7 +65,10 @@ async def open_runtime(settings: Settings, *, limiter: Limiter | None = None) ->
             fetcher = Fetcher(client, limiter, page_size=settings.page_size, max_attempts=settings.max_call_attempts,
                               retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s)
             store = Store(engine, archive_raw_pages=settings.archive_raw_pages)
-            ingestor = Ingestor(fetcher, store, prefetch_pages=settings.prefetch_pages)
+            decoder = PageDecoder(settings.decode_processes if settings.decode_processes >= 0
+                                  else default_processes())
+            stack.callback(decoder.close)
+            ingestor = Ingestor(fetcher, store, prefetch_pages=settings.prefetch_pages, decoder=decoder)
             yield Runtime(settings, engine, store, client, fetcher, ingestor)
     finally:
         await engine.dispose()

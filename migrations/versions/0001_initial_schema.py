@@ -182,8 +182,9 @@ CREATE TABLE persons (
     PRIMARY KEY (job_id, person_index)
 );
 
--- The raw result pages, compressed, written with the rows they produced: Rekognition keeps
--- results for 7 days only, the archive keeps them as long as the rows.
+-- The raw result pages, compressed (encoding names the codec, e.g. zstd+json), written with the
+-- rows they produced: Rekognition keeps results for 7 days only, the archive keeps them as long
+-- as the rows.
 CREATE TABLE raw_pages (
     job_id       text NOT NULL,
     page_no      integer NOT NULL,
