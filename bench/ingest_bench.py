@@ -122,10 +122,10 @@ def _run_worker(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any)
     from rich.console import Console
 
     from worker.backfill import run_backfill
-    from worker.pagecodec import tune_gc
     from worker.config import Settings
     from worker.logs import configure_logging
     from worker.messages import JobRef
+    from worker.pagecodec import tune_gc
 
     configure_logging("warning", "json")
     tune_gc()  # as `python -m worker` does

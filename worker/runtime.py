@@ -15,8 +15,8 @@ from worker.db.engine import create_engine
 from worker.db.store import Store
 from worker.fleet import FleetRateLimiter
 from worker.ingest import Ingestor
-from worker.pagecodec import PageDecoder, default_processes
 from worker.logs import get_logger
+from worker.pagecodec import PageDecoder, default_processes
 from worker.ratelimit import Limiter, RateLimiter
 from worker.rekognition import Fetcher, create_client
 
