@@ -672,10 +672,6 @@ async def test_failed_jobs_appear_in_job_summary_only(emulator: Any, settings: S
     assert got.summaries[failed.job_id]["video_uri"] is not None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "worker/normalize.py keeps the LAST metadata of a FaceId within a page (rows.collection_faces[face_id] = ...)"
-    " while the store keeps the FIRST across pages; normalize should use setdefault so the first occurrence in"
-    " the stream wins everywhere. Remove this marker with that change."))
 @pytest.mark.usefixtures("rekognition_endpoint")
 async def test_conflicting_metadata_within_one_page_keeps_the_first(emulator: Any, settings: Settings,
                                                                     db: asyncpg.Connection) -> None:

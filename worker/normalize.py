@@ -318,7 +318,9 @@ def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: st
             raise _bad(mpath + ".Face.FaceId", f"non-empty string of at most {_MAX_KEY_CHARS} characters without NUL",
                        face_id)
         rows.matches.append((job_id, seq, i, face_id, _num(match.get("Similarity"), mpath + ".Similarity")))
-        rows.collection_faces[face_id] = (
+        # Every occurrence is validated; the first in the stream wins, as the store keeps the first
+        # row of a FaceId across pages.
+        rows.collection_faces.setdefault(face_id, (
             job_id, face_id,
             _str(face.get("ImageId"), mpath + ".Face.ImageId"),
             _key(face.get("ExternalImageId"), mpath + ".Face.ExternalImageId"),
@@ -326,7 +328,7 @@ def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: st
             _str(face.get("IndexFacesModelVersion"), mpath + ".Face.IndexFacesModelVersion"),
             *_box(face.get("BoundingBox"), mpath + ".Face.BoundingBox"),
             _num(face.get("Confidence"), mpath + ".Face.Confidence"),
-        )
+        ))
 
 
 def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: int) -> PageRows:

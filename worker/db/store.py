@@ -95,7 +95,7 @@ INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure
                   attempts, notified_at, ingest_started_at, ingested_at, updated_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ingested', NULL, NULL,
         $16, $17, (SELECT count(*) FROM persons WHERE job_id = $1), $18, $19, $20, $21,
-        1, $22, $23, now(), now())
+        1, $22, $23, clock_timestamp(), clock_timestamp())
 ON CONFLICT (job_id) DO UPDATE SET
     api = EXCLUDED.api, {_META_UPDATE},
     ingest_state = 'ingested', failure_code = NULL, failure_reason = NULL,
@@ -103,7 +103,7 @@ ON CONFLICT (job_id) DO UPDATE SET
     face_matches = EXCLUDED.face_matches, collection_faces = EXCLUDED.collection_faces,
     landmarks = EXCLUDED.landmarks, emotions = EXCLUDED.emotions,
     attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
-    ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = now(), updated_at = now()
+    ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = clock_timestamp(), updated_at = clock_timestamp()
 """
 
 # A failure never erases a complete ingest unless Rekognition itself says the job FAILED:
