@@ -104,7 +104,7 @@ class WorkerProcess:
         # Everything the process wrote is in the pipe by now; a child it left behind may keep the
         # pipe open (no EOF), so do not wait for one.
         for t in self._readers:
-            t.join(2)
+            t.join(0.5)
 
     def children(self) -> list[psutil.Process]:
         try:
