@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -15,10 +16,12 @@ class HealthServer:
     """``/livez`` answers from a heartbeat the poll loop beats; ``/readyz`` runs the checks."""
 
     def __init__(self, *, port: int, live_within_s: float, ready_checks: dict[str, Check],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 check_timeout_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.port = port
         self.live_within_s = live_within_s
         self.ready_checks = ready_checks
+        # Below the kubelet's probe timeout: an unreachable database must answer 503, not hang.
+        self.check_timeout_s = check_timeout_s
         self._clock = clock
         self._last_beat = clock()
         self._runner: web.AppRunner | None = None
@@ -33,16 +36,19 @@ class HealthServer:
             return web.json_response({"live": False, "last_poll_age_s": round(age_s, 1)}, status=503)
         return web.json_response({"live": True, "last_poll_age_s": round(age_s, 1)})
 
+    async def _run_check(self, check: Check) -> tuple[bool, str]:
+        try:
+            return await asyncio.wait_for(check(), timeout=self.check_timeout_s)
+        except TimeoutError:
+            return False, f"no answer within {self.check_timeout_s:g} s"
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"[:300]
+
     async def _readyz(self, _: web.Request) -> web.Response:
-        results: dict[str, str] = {}
-        ready = True
-        for name, check in self.ready_checks.items():
-            try:
-                ok, detail = await check()
-            except Exception as exc:
-                ok, detail = False, f"{type(exc).__name__}: {exc}"[:300]
-            results[name] = "ok" if ok else detail
-            ready = ready and ok
+        names = list(self.ready_checks)
+        answers = await asyncio.gather(*(self._run_check(self.ready_checks[n]) for n in names))
+        results = {name: "ok" if ok else detail for name, (ok, detail) in zip(names, answers, strict=True)}
+        ready = all(ok for ok, _ in answers)
         return web.json_response({"ready": ready, "checks": results}, status=200 if ready else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:
@@ -59,9 +65,8 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, self.port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        addresses = self._runner.addresses  # the real port when HEALTH_PORT is 0
+        self.bound_port = int(addresses[0][1]) if addresses else self.port
         return self.bound_port
 
     async def stop(self) -> None:
