@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny workloads, for CI")
     parser.add_argument("--only", help="comma-separated workload names")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--plot", help="write a PNG of faces/s by workload (worker vs reference)")
     args = parser.parse_args(argv)
     workloads = list(SMOKE if args.smoke else FULL)
     if args.only:
@@ -351,7 +352,33 @@ def main(argv: list[str] | None = None) -> int:
                       "reference_cpu_ms_per_1000_faces": rr.cpu_s * 1e6 / rr.faces if rr.faces else 0.0})
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": _machine(), "results": table}, indent=2))
+    if args.plot:
+        _plot(table, args.plot)
     return 0
+
+
+def _plot(table: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['workload']}\n{r['jobs']} job(s) x {r['pages']} page(s)" for r in table]
+    xs = range(len(table))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    ax.bar([x - 0.2 for x in xs], [r["worker_faces_per_s"] for r in table], width=0.4, label="worker (backfill)")
+    ax.bar([x + 0.2 for x in xs], [r["reference_faces_per_s"] for r in table], width=0.4,
+           label="bare reference pipeline")
+    for x, r in zip(xs, table, strict=True):
+        ax.annotate(f"{r['ratio']:.2f}x", (x - 0.2, r["worker_faces_per_s"]), ha="center", va="bottom")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("faces / s")
+    ax.set_title(f"Ingest throughput by job size ({_machine().split(',')[0]})")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
