@@ -300,3 +300,24 @@ async def test_several_jobs_concurrently(emulator: Any, settings: Settings, db: 
         outcomes = await rt.ingestor.ingest_many([_ref(f) for f in fixtures], concurrency=3)
     assert [o.faces for o in outcomes] == [1100 + i for i in range(5)]
     assert all(o.outcome == "ingested" for o in outcomes)
+
+
+async def test_duplicate_that_raced_the_first_commit_is_caught_under_the_lock(
+        emulator: Any, settings: Settings, db: asyncpg.Connection) -> None:
+    import time
+
+    from worker.db.store import AlreadyIngested
+
+    fx = synth.detection_job(unique_job_id("race"), faces=20)
+    emulator.add_job(fx)
+    notified_ms = int(time.time() * 1000) - 60_000
+    async with runtime(settings) as rt:
+        assert (await rt.ingestor.ingest(_ref(fx))).outcome == "ingested"
+        before = await dump_job(db, fx.job_id)
+        # The pre-check passed just before the first copy committed; the writer re-checks under the lock.
+        with pytest.raises(AlreadyIngested):
+            async with rt.store.job_writer(_ref(fx), skip_if_ingested_since_ms=notified_ms):
+                pass
+        again = await rt.ingestor.ingest(_ref(fx), skip_if_ingested_since_ms=notified_ms)
+    assert again.outcome == "duplicate"
+    assert await dump_job(db, fx.job_id) == before

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from worker import metrics
-from worker.db.store import JobBusy, Store
+from worker.db.store import AlreadyIngested, JobBusy, Store, WriteCounts
 from worker.errors import InvalidInput, JobNotReady, PermanentJobError, RestartJob, TransientError
 from worker.logs import get_logger
 from worker.messages import JobRef
@@ -105,7 +105,7 @@ class Ingestor:
         self.decoder = decoder or PageDecoder(0)
         self._clock = clock
 
-    async def _attempt(self, ref: JobRef) -> JobOutcome:
+    async def _attempt(self, ref: JobRef, skip_since_ms: int | None = None) -> JobOutcome:
         seq = 0
         archive = self.store.archive_raw_pages
 
@@ -131,19 +131,13 @@ class Ingestor:
                 raise PermanentJobError(
                     f"response JobId {meta.response_job_id!r} differs from the requested job", code="MalformedPage"
                 )
-            last_meta: JobMeta = meta
-            async with self.store.job_writer(ref) as writer:
-                # aclosing: a failed write must stop the prefetching task at once, not at GC time.
-                async with aclosing(_prefetch(_chain(first, pages), self.prefetch_pages)) as stream:
-                    del first
-                    async for page in stream:
-                        if page.rows is None:
-                            raise PermanentJobError(f"a later page says JobStatus {page.meta.job_status}",
-                                                    code="MalformedPage")
-                        await writer.write_page(page.rows, page.archived)
-                        last_meta = page.meta
-                await writer.finish(merge_meta(meta, last_meta))
-            c = writer.counts
+            held = [first]
+            del first  # the writer drops the page once written: memory stays bounded by the prefetch depth
+            try:
+                c = await self._write(ref, meta, held, pages, skip_since_ms)
+            except AlreadyIngested:
+                return JobOutcome(ref.job_id, ref.api.value, "duplicate",
+                                  reason="ingested by another process meanwhile")
         finally:
             await pages.aclose()
         persons = 0
@@ -156,6 +150,22 @@ class Ingestor:
         return JobOutcome(ref.job_id, ref.api.value, "ingested", pages=c.pages, faces=c.faces,
                           persons=persons, matches=c.face_matches, rows=c.rows)
 
+    async def _write(self, ref: JobRef, meta: JobMeta, held: list[DecodedPage],
+                     pages: AsyncIterator[DecodedPage], skip_since_ms: int | None) -> WriteCounts:
+        """All pages of one job in one transaction; returns what was written."""
+        last_meta = meta
+        async with self.store.job_writer(ref, skip_if_ingested_since_ms=skip_since_ms) as writer:
+            # aclosing: a failed write must stop the prefetching task at once, not at GC time.
+            async with aclosing(_prefetch(_chain(held.pop(), pages), self.prefetch_pages)) as stream:
+                async for page in stream:
+                    if page.rows is None:
+                        raise PermanentJobError(f"a later page says JobStatus {page.meta.job_status}",
+                                                code="MalformedPage")
+                    await writer.write_page(page.rows, page.archived)
+                    last_meta = page.meta
+            await writer.finish(merge_meta(meta, last_meta))
+        return writer.counts
+
     async def ingest(self, ref: JobRef, *, skip_if_ingested_since_ms: int | None = None) -> JobOutcome:
         """Ingest ``ref``. Never raises for a job's own problems: the outcome says what happened.
 
@@ -163,19 +173,19 @@ class Ingestor:
         outcome ``transient``/``busy`` and leave nothing behind; the caller decides when to retry.
         """
         started = self._clock()
-        structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
-        metrics.IN_FLIGHT.inc()
-        try:
-            outcome = await self._ingest(ref, skip_if_ingested_since_ms)
-        finally:
-            metrics.IN_FLIGHT.dec()
-        outcome.seconds = round(self._clock() - started, 3)
-        metrics.JOBS.labels(ref.api.value, outcome.outcome).inc()
-        metrics.JOB_SECONDS.observe(outcome.seconds)
-        log.info("job finished", outcome=outcome.outcome, pages=outcome.pages, faces=outcome.faces,
-                 persons=outcome.persons, matches=outcome.matches, rows=outcome.rows,
-                 seconds=outcome.seconds, reason=outcome.reason)
-        structlog.contextvars.unbind_contextvars("job_id", "api")
+        # bound_contextvars restores the caller's bindings afterwards (unbind would erase them).
+        with structlog.contextvars.bound_contextvars(job_id=ref.job_id, api=ref.api.value):
+            metrics.IN_FLIGHT.inc()
+            try:
+                outcome = await self._ingest(ref, skip_if_ingested_since_ms)
+            finally:
+                metrics.IN_FLIGHT.dec()
+            outcome.seconds = round(self._clock() - started, 3)
+            metrics.JOBS.labels(ref.api.value, outcome.outcome).inc()
+            metrics.JOB_SECONDS.observe(outcome.seconds)
+            log.info("job finished", outcome=outcome.outcome, pages=outcome.pages, faces=outcome.faces,
+                     persons=outcome.persons, matches=outcome.matches, rows=outcome.rows,
+                     seconds=outcome.seconds, reason=outcome.reason)
         return outcome
 
     async def _ingest(self, ref: JobRef, skip_since_ms: int | None) -> JobOutcome:
@@ -185,7 +195,7 @@ class Ingestor:
                 return JobOutcome(ref.job_id, name, "duplicate", reason="already ingested after this notification")
             for restart in range(MAX_RESTARTS + 1):
                 try:
-                    return await self._attempt(ref)
+                    return await self._attempt(ref, skip_since_ms)
                 except RestartJob as exc:
                     log.warning("pagination token rejected; restarting job from its first page",
                                 restart=restart + 1, error=str(exc))

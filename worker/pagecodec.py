@@ -12,6 +12,8 @@ import asyncio
 import gc
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -31,6 +33,18 @@ class DecodedPage:
     meta: JobMeta
     rows: PageRows | None
     archived: ArchivedPage | None
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # A pool worker blocks on its task queue forever if the worker process is SIGKILLed; leave too.
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _init_decoding_process(parent_pid: int) -> None:
+    tune_gc()
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True).start()
 
 
 def tune_gc() -> None:
@@ -73,7 +87,7 @@ class PageDecoder:
         if self._pool is None:
             # spawn, not fork: forking a process that runs an event loop and holds sockets is unsafe.
             self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=tune_gc)
+                                             initializer=_init_decoding_process, initargs=(os.getpid(),))
         return self._pool
 
     async def decode(self, raw: bytes, api: Api, job_id: str, seq_start: int, archive: bool) -> DecodedPage:

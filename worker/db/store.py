@@ -19,7 +19,7 @@ import asyncpg
 import zstandard
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from worker.errors import TransientError
+from worker.errors import TransientError, WorkerError
 from worker.messages import JobRef
 from worker.normalize import (
     COLLECTION_FACE_COLUMNS,
@@ -33,10 +33,16 @@ from worker.normalize import (
 
 RESULT_TABLES = ("faces", "landmarks", "emotions", "face_matches", "collection_faces", "persons", "raw_pages")
 _LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
+_INGESTED_SINCE_SQL = ("SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = $1 AND ingest_state = 'ingested' "
+                       "AND ingested_at >= $2)")
 
 
 class JobBusy(TransientError):
     """Another process is writing this job right now."""
+
+
+class AlreadyIngested(WorkerError):
+    """Under the job's lock, the job turned out to be ingested after the notification: a duplicate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,10 +224,13 @@ class Store:
         self.archive_raw_pages = archive_raw_pages
 
     @asynccontextmanager
-    async def job_writer(self, ref: JobRef, *, from_archive: bool = False) -> AsyncIterator[JobWriter]:
+    async def job_writer(self, ref: JobRef, *, from_archive: bool = False,
+                         skip_if_ingested_since_ms: int | None = None) -> AsyncIterator[JobWriter]:
         """A transaction that replaces all rows of ``ref``; committed when the block exits cleanly.
 
         ``from_archive`` rebuilds the rows from the job's own raw pages, which are kept as they are.
+        ``skip_if_ingested_since_ms`` raises AlreadyIngested when, once the lock is held, the job
+        proves to be ingested after that time (a duplicate that raced the first copy's commit).
         """
         started_at = datetime.now(tz=UTC)
         async with self.engine.connect() as sa_conn:
@@ -229,6 +238,9 @@ class Store:
             async with conn.transaction():
                 if not await conn.fetchval(_LOCK_SQL, ref.job_id):
                     raise JobBusy(f"job {ref.job_id} is being written by another process")
+                if skip_if_ingested_since_ms is not None and await conn.fetchval(
+                        _INGESTED_SINCE_SQL, ref.job_id, _ms_to_dt(skip_if_ingested_since_ms)):
+                    raise AlreadyIngested(ref.job_id)
                 for table in RESULT_TABLES:
                     if not (from_archive and table == "raw_pages"):
                         await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
@@ -277,10 +289,7 @@ class Store:
         """True when the job was completely ingested at or after ``at_ms`` (a duplicate notification)."""
         async with self.engine.connect() as sa_conn:
             conn = await _driver(sa_conn)
-            return bool(await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = $1 AND ingest_state = 'ingested' "
-                "AND ingested_at >= $2)", job_id, _ms_to_dt(at_ms),
-            ))
+            return bool(await conn.fetchval(_INGESTED_SINCE_SQL, job_id, _ms_to_dt(at_ms)))
 
     async def job(self, job_id: str) -> Mapping[str, Any] | None:
         async with self.engine.connect() as sa_conn:
