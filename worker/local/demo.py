@@ -25,6 +25,7 @@ from worker.local import synth
 from worker.local.emulator import EmulatorConfig, EmulatorThread
 from worker.local.pg import start_embedded_postgres, stop_embedded_postgres
 from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope, start_moto_server
+from worker.logs import configure_logging
 from worker.messages import JobRef
 from worker.runtime import open_runtime
 from worker.service import SqsWorker, describe_queue
@@ -83,6 +84,9 @@ async def _summary(settings: Settings) -> list[dict[str, Any]]:
 
 def run_demo(settings: Settings, console: Console) -> int:
     started = time.perf_counter()
+    if "LOG_LEVEL" not in os.environ:
+        # The summary below tells the story; per-message log lines would bury it (LOG_LEVEL=info shows them).
+        configure_logging("warning", settings.log_format)
     if settings.database_url is None:
         _, url = start_embedded_postgres(PGDATA, keep_running=True)
         settings = settings.with_(database_url=url)
