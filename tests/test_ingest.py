@@ -321,3 +321,17 @@ async def test_duplicate_that_raced_the_first_commit_is_caught_under_the_lock(
         again = await rt.ingestor.ingest(_ref(fx), skip_if_ingested_since_ms=notified_ms)
     assert again.outcome == "duplicate"
     assert await dump_job(db, fx.job_id) == before
+
+
+async def test_data_errors_are_permanent_and_outages_are_not(db: asyncpg.Connection) -> None:
+    from worker.ingest import _is_database_error, _is_permanent_data_error
+
+    with pytest.raises(asyncpg.PostgresError) as division:
+        await db.execute("SELECT 1 / 0")  # SQLSTATE 22012: fails the same way every time
+    assert _is_permanent_data_error(division.value)
+    with pytest.raises(asyncpg.PostgresError) as unique:
+        await db.execute("CREATE TEMP TABLE t (k int PRIMARY KEY); INSERT INTO t VALUES (1), (1)")
+    assert _is_permanent_data_error(unique.value)  # 23505
+    outage = asyncpg.exceptions.AdminShutdownError("terminating connection")  # 57P01: retry later
+    assert not _is_permanent_data_error(outage) and _is_database_error(outage)
+    assert not _is_permanent_data_error(ConnectionRefusedError())

@@ -14,7 +14,7 @@ from rich.table import Table
 from worker.config import Settings
 from worker.errors import InvalidInput
 from worker.ingest import JobOutcome
-from worker.logs import get_logger
+from worker.logs import get_logger, redact
 from worker.messages import Api, JobRef, parse_api, parse_backfill_line, validate_job_id
 from worker.runtime import open_runtime
 
@@ -106,5 +106,5 @@ def summary_table(outcomes: Sequence[JobOutcome]) -> Table:
     for o in outcomes:
         style = "green" if o.ok else "red"
         table.add_row(o.job_id, o.api, f"[{style}]{o.outcome}[/]", str(o.pages), str(o.faces), str(o.persons),
-                      str(o.matches), f"{o.seconds:.2f}", (o.reason or "")[:120])
+                      str(o.matches), f"{o.seconds:.2f}", redact(o.reason or "")[:120])
     return table

@@ -66,12 +66,12 @@ def _cmd_backfill(settings: Settings, args: argparse.Namespace, console: Console
     refs = refs_from_args(args.api, args.job_ids, args.from_file, invalid)
     err = Console(stderr=True)
     for o in invalid:
-        err.print(f"error: job {o.job_id!r}: {o.reason}", markup=False, highlight=False)
+        err.print(redact(f"error: job {o.job_id!r}: {o.reason}"), markup=False, highlight=False)
     settings.asyncpg_dsn  # noqa: B018 - fail early with a clear message when DATABASE_URL is unset
     outcomes = asyncio.run(run_backfill(settings, refs, console=err)) if refs else []
     for o in outcomes:
         if not o.ok:
-            err.print(f"error: job {o.job_id}: {o.outcome}: {o.reason}", markup=False, highlight=False)
+            err.print(redact(f"error: job {o.job_id}: {o.outcome}: {o.reason}"), markup=False, highlight=False)
     console.print(summary_table([*outcomes, *invalid]))
     return 0 if outcomes and not invalid and all(o.outcome == "ingested" for o in outcomes) else 1
 
@@ -100,7 +100,7 @@ def _cmd_reprocess(settings: Settings, args: argparse.Namespace, console: Consol
     err = Console(stderr=True)
     for o in outcomes:
         if o.outcome != "ingested":
-            err.print(f"error: job {o.job_id}: {o.reason}", markup=False, highlight=False)
+            err.print(redact(f"error: job {o.job_id}: {o.reason}"), markup=False, highlight=False)
     console.print(summary_table(outcomes))
     return 0 if outcomes and all(o.outcome == "ingested" for o in outcomes) else 1
 

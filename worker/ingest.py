@@ -13,6 +13,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import structlog
 
 from worker import metrics
@@ -161,7 +162,13 @@ class Ingestor:
                     if page.rows is None:
                         raise PermanentJobError(f"a later page says JobStatus {page.meta.job_status}",
                                                 code="MalformedPage")
-                    await writer.write_page(page.rows, page.archived)
+                    try:
+                        await writer.write_page(page.rows, page.archived)
+                    except (OverflowError, ValueError, UnicodeEncodeError) as exc:
+                        # asyncpg could not encode a value the normalizer let through: the page, not
+                        # the database, is at fault, and it would fail the same way every time.
+                        raise PermanentJobError(f"rows of this page cannot be stored: {type(exc).__name__}: "
+                                                f"{str(exc)[:300]}", code="UnstorableValue") from exc
                     last_meta = page.meta
             await writer.finish(merge_meta(meta, last_meta))
         return writer.counts
@@ -205,11 +212,7 @@ class Ingestor:
         except JobBusy as exc:
             return JobOutcome(ref.job_id, name, "busy", reason=str(exc))
         except PermanentJobError as exc:
-            try:
-                await self.store.record_failure(ref, code=exc.code, reason=exc.reason)
-            except Exception as db_exc:  # the database itself is unreachable: retry the job later
-                return JobOutcome(ref.job_id, name, "transient", reason=f"{exc.reason}; recording it failed: {db_exc}")
-            return JobOutcome(ref.job_id, name, "failed", reason=exc.reason)
+            return await self._record_permanent(ref, exc)
         except InvalidInput as exc:
             return JobOutcome(ref.job_id, name, "invalid", reason=str(exc))
         except TransientError as exc:
@@ -217,10 +220,22 @@ class Ingestor:
         except (TimeoutError, OSError) as exc:
             return JobOutcome(ref.job_id, name, "transient", reason=f"{type(exc).__name__}: {exc}")
         except Exception as exc:
-            # asyncpg/SQLAlchemy errors: database unreachable, restarted, or a constraint we did not expect.
+            # asyncpg/SQLAlchemy errors: database unreachable or restarted (retry later), or data the
+            # database refuses every time (record the job as failed rather than retry it forever).
+            if _is_permanent_data_error(exc):
+                return await self._record_permanent(
+                    ref, PermanentJobError(f"database refused the job's rows: {exc}"[:500], code="UnstorableValue"))
             if _is_database_error(exc):
                 return JobOutcome(ref.job_id, name, "transient", reason=f"database: {type(exc).__name__}: {exc}")
             raise
+
+    async def _record_permanent(self, ref: JobRef, exc: PermanentJobError) -> JobOutcome:
+        name = ref.api.value
+        try:
+            await self.store.record_failure(ref, code=exc.code, reason=exc.reason)
+        except Exception as db_exc:  # the database itself is unreachable: retry the job later
+            return JobOutcome(ref.job_id, name, "transient", reason=f"{exc.reason}; recording it failed: {db_exc}")
+        return JobOutcome(ref.job_id, name, "failed", reason=exc.reason)
 
     async def ingest_many(self, refs: Iterable[JobRef], *, concurrency: int,
                           on_done: Callable[[JobOutcome], None] | None = None) -> list[JobOutcome]:
@@ -245,6 +260,17 @@ def merge_meta(first: JobMeta, last: JobMeta) -> JobMeta:
               for k in JobMeta.__dataclass_fields__}
     values["next_token"] = None
     return JobMeta(**values)
+
+
+# SQLSTATE classes that fail the same way on every try: data exception, integrity constraint
+# violation, program limit exceeded (e.g. an index row too large).
+_PERMANENT_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def _is_permanent_data_error(exc: BaseException) -> bool:
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(exc, asyncpg.PostgresError) and isinstance(sqlstate, str) and \
+        sqlstate[:2] in _PERMANENT_SQLSTATE_CLASSES
 
 
 def _is_database_error(exc: BaseException) -> bool:

@@ -371,7 +371,7 @@ class SqsWorker:
         """Best effort: the failed job's StatusMessage and video, which the notification does not carry."""
         try:
             meta = parse_meta(await self.rt.fetcher.fetch(ref.api, ref.job_id, None))
-        except WorkerError as exc:
+        except (WorkerError, ValueError) as exc:  # ValueError: a 200 answer whose body is not JSON
             log.warning("could not read the failed job's status from Rekognition; recording the notification's",
                         error=str(exc)[:300])
             return None

@@ -18,7 +18,7 @@ from aiobotocore.session import get_session
 from rich.console import Console
 from rich.table import Table
 
-from worker.config import Settings
+from worker.config import Settings, redact_url
 from worker.db.migrate import upgrade_to_head
 from worker.ingest import JobOutcome
 from worker.local import synth
@@ -124,7 +124,7 @@ def run_demo(settings: Settings, console: Console) -> int:
         f"matches {sum(j['collection_matches'] for j in jobs)}; Rekognition calls {stats.get('requests')}, "
         f"throttled {stats.get('throttled')}; total {time.perf_counter() - started:.1f} s"
     )
-    console.print(f"explore: psql '{settings.asyncpg_dsn}'  (e.g. SELECT * FROM reporting.job_summary;)")
+    console.print(f"explore: psql '{redact_url(settings.asyncpg_dsn)}'  (e.g. SELECT * FROM reporting.job_summary;)")
     if settings.database_url and PGDATA.exists():
         console.print("stop the embedded PostgreSQL with: .venv/bin/python -m worker demo --stop")
     ingested = {j["job_id"] for j in jobs if j["ingest_state"] == "ingested"}
