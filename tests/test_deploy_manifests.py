@@ -44,6 +44,7 @@ APP_NAME = "rekognition-ingest-worker"
 WORKER_IMAGE = "rekognition-ingest-worker"  # the name overlays rewrite with `images:`
 UID = 10001
 SECRET_NAME = "rekognition-worker-db"
+MIGRATOR_SECRET_NAME = "rekognition-migrator-db"
 # The Rekognition Get* TPS quota the example overlays are sized for (deploy/README.md, "Scaling").
 ASSUMED_GET_TPS_QUOTA = 5.0
 CRD_GROUPS = frozenset({"keda.sh", "monitoring.coreos.com"})
@@ -573,12 +574,13 @@ def test_migration_job_runs_migrate_with_only_the_database_secret() -> None:
         job = only(rendered(f"overlays/{overlay}/migrate"), "Job")
         pod = job["spec"]["template"]["spec"]
         (container,) = pod["containers"]
-        assert container["args"] == ["migrate"]
+        assert container["args"] == ["migrate", "--grant-to", "rekognition_worker"]
         assert pod["restartPolicy"] == "Never"
         assert "serviceAccountName" not in pod, "migrate must not depend on the worker's ServiceAccount"
         assert "envFrom" not in container, "migrate must run before the worker's ConfigMap exists"
+        # DDL runs as the migration role; the worker's own secret holds the DML-only role.
         secret = env_var(container, "DATABASE_URL")["valueFrom"]["secretKeyRef"]
-        assert secret == {"name": SECRET_NAME, "key": "DATABASE_URL"}
+        assert secret == {"name": MIGRATOR_SECRET_NAME, "key": "DATABASE_URL"}
         assert job["metadata"]["annotations"]["argocd.argoproj.io/hook"] == "PreSync"
 
 
