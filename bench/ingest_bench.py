@@ -50,7 +50,7 @@ class Workload:
 
 
 FULL = (
-    Workload("det-all-1p", "GetFaceDetection", jobs=6, pages=1),
+    Workload("det-all-1p", "GetFaceDetection", jobs=20, pages=1),
     Workload("det-all-10p", "GetFaceDetection", jobs=3, pages=10),
     Workload("det-all-50p", "GetFaceDetection", jobs=1, pages=50),
     Workload("search-10p", "GetFaceSearch", jobs=3, pages=10, attributes="DEFAULT"),

@@ -141,15 +141,11 @@ class Ingestor:
                                   reason="ingested by another process meanwhile")
         finally:
             await pages.aclose()
-        persons = 0
-        row = await self.store.job(ref.job_id)
-        if row is not None:
-            persons = int(row["persons"])
         for table, n in (("faces", c.faces), ("landmarks", c.landmarks), ("emotions", c.emotions),
                          ("face_matches", c.face_matches), ("collection_faces", c.collection_faces)):
             metrics.ROWS.labels(table).inc(n)
         return JobOutcome(ref.job_id, ref.api.value, "ingested", pages=c.pages, faces=c.faces,
-                          persons=persons, matches=c.face_matches, rows=c.rows)
+                          persons=c.persons, matches=c.face_matches, rows=c.rows)
 
     async def _write(self, ref: JobRef, meta: JobMeta, held: list[DecodedPage],
                      pages: AsyncIterator[DecodedPage], skip_since_ms: int | None) -> WriteCounts:

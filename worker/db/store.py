@@ -74,6 +74,7 @@ class WriteCounts:
     emotions: int = 0
     face_matches: int = 0
     collection_faces: int = 0
+    persons: int = 0
     rows: int = 0
 
 
@@ -110,6 +111,7 @@ ON CONFLICT (job_id) DO UPDATE SET
     landmarks = EXCLUDED.landmarks, emotions = EXCLUDED.emotions,
     attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
     ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = clock_timestamp(), updated_at = clock_timestamp()
+RETURNING persons
 """
 
 # A failure never erases a complete ingest unless Rekognition itself says the job FAILED:
@@ -209,7 +211,7 @@ class JobWriter:
         """Derive persons and write the job row; the caller's context commits."""
         conn, c, ref = self._conn, self.counts, self._ref
         await conn.execute(_DERIVE_PERSONS, ref.job_id)
-        await conn.execute(
+        c.persons = await conn.fetchval(
             _UPSERT_INGESTED, ref.job_id, ref.api.value, *_meta_values(meta),
             c.pages, c.faces, c.face_matches, c.collection_faces, c.landmarks, c.emotions,
             _ms_to_dt(ref.notified_at_ms), self._started_at,
