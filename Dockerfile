@@ -79,8 +79,6 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 WORKDIR /app
 COPY alembic.ini ./
 COPY migrations/ ./migrations/
-# `migrate --grant-to ROLE` applies sql/03_grants.sql after the upgrade.
-COPY sql/ ./sql/
 
 # Run-time environment: nothing may be written outside /tmp (mount an emptyDir/tmpfs there).
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -124,3 +124,25 @@ def rekognition_endpoint(emulator: object, monkeypatch: pytest.MonkeyPatch) -> o
 
 def unique_job_id(prefix: str = "job") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    """moto's SQS in server mode (real HTTP), one per test module so queue names never collide."""
+    from worker.local.sqs import start_moto_server
+
+    server, url = start_moto_server()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def sqs(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[object]:
+    """An SQS client resolved as the worker resolves it: AWS_ENDPOINT_URL_SQS from the environment."""
+    from aiobotocore.session import get_session
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_url)
+    async with get_session().create_client("sqs", region_name="us-east-1") as client:
+        yield client

@@ -23,7 +23,6 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import psutil
 import pytest
-from aiobotocore.session import get_session
 
 from tests.helpers import dump_job
 from tests.reliability import (
@@ -39,7 +38,7 @@ from tests.reliability import (
 )
 from worker.config import Settings
 from worker.local import synth
-from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope, start_moto_server
+from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope
 from worker.messages import JobRef
 
 pytestmark = pytest.mark.slow
@@ -255,22 +254,6 @@ async def test_sigkill_leaves_no_orphan_processes(emu: Any, db_url: str) -> None
         victim.proc.send_signal(signal.SIGKILL)
         await finished(victim)
         await wait_until(lambda: not alive(left), "the killed worker's child processes to exit", timeout_s=10)
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server, url = start_moto_server()
-    try:
-        yield url
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def sqs(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_url)
-    async with get_session().create_client("sqs", region_name="us-east-1") as client:
-        yield client
 
 
 def run_worker(db_url: str, queue_url: str, moto_url: str, emulator: Any, *args: str, **env: str) -> WorkerProcess:

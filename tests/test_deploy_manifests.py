@@ -574,7 +574,7 @@ def test_migration_job_runs_migrate_with_only_the_database_secret() -> None:
         job = only(rendered(f"overlays/{overlay}/migrate"), "Job")
         pod = job["spec"]["template"]["spec"]
         (container,) = pod["containers"]
-        assert container["args"] == ["migrate", "--grant-to", "rekognition_worker"]
+        assert container["args"] == ["migrate"]
         assert pod["restartPolicy"] == "Never"
         assert "serviceAccountName" not in pod, "migrate must not depend on the worker's ServiceAccount"
         assert "envFrom" not in container, "migrate must run before the worker's ConfigMap exists"

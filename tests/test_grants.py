@@ -1,30 +1,49 @@
-"""`migrate --grant-to ROLE` applies the worker's least privileges as part of the migration step."""
+"""`migrate` grants the documented worker role exactly its least privileges (revision 0004)."""
 
 from __future__ import annotations
 
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
 import asyncpg
+import pytest
 
+from tests.conftest import with_database
 from tests.test_cli import run_cli
-from tests.test_security import as_role, role_database  # noqa: F401 - the fixture
+
+ROLE = "rekognition_worker"
 
 
-async def test_migrate_grants_the_worker_role(role_database: tuple[str, str, str]) -> None:  # noqa: F811
-    url, migrator, worker = role_database
-    result = run_cli("migrate", "--grant-to", worker, env={"DATABASE_URL": as_role(url, migrator)})
-    assert result.returncode == 0, result.stderr
-    conn = await asyncpg.connect(as_role(url, worker))
+def _as(url: str, role: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, f"{role}@{parts.netloc.rsplit('@', 1)[-1]}", parts.path, parts.query, ""))
+
+
+async def test_migrate_grants_dml_but_no_ddl_to_the_worker_role(pg_server_url: str) -> None:
+    admin = await asyncpg.connect(pg_server_url)
+    created = not await admin.fetchval("SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)", ROLE)
+    if created:
+        await admin.execute(f"CREATE ROLE {ROLE} LOGIN")
+    name = f"grants_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(pg_server_url, name)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM reporting.job_summary") == 0
-        await conn.execute("INSERT INTO jobs (job_id, api, ingest_state) VALUES ('g-1', 'FACE_SEARCH', 'failed')")
+        result = run_cli("migrate", env={"DATABASE_URL": url})
+        assert result.returncode == 0, result.stderr
+        conn = await asyncpg.connect(_as(url, ROLE))
         try:
-            await conn.execute("CREATE TABLE sneaky (x int)")
-            raise AssertionError("the worker role could create a table")
-        except asyncpg.InsufficientPrivilegeError:
-            pass
+            assert await conn.fetchval("SELECT count(*) FROM reporting.job_summary") == 0
+            await conn.execute("INSERT INTO jobs (job_id, api, ingest_state) VALUES ('g-1', 'FACE_SEARCH', 'failed')")
+            await conn.execute("DELETE FROM jobs WHERE job_id = 'g-1'")
+            assert await conn.fetchval("SELECT version_num FROM alembic_version")
+            for ddl in ("CREATE TABLE sneaky (x int)", "DROP TABLE faces", "TRUNCATE faces",
+                        "UPDATE alembic_version SET version_num = '0001'", "ALTER TABLE jobs ADD COLUMN x int"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute(ddl)
+        finally:
+            await conn.close()
     finally:
-        await conn.close()
-
-
-def test_grant_to_rejects_a_role_that_is_not_a_plain_name(db_url: str) -> None:
-    result = run_cli("migrate", "--grant-to", 'x"; DROP TABLE jobs; --', env={"DATABASE_URL": db_url})
-    assert result.returncode == 2 and "not a plain lower-case role name" in result.stderr
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if created:
+            await admin.execute(f"DROP ROLE IF EXISTS {ROLE}")
+        await admin.close()

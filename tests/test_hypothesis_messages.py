@@ -7,20 +7,18 @@ from __future__ import annotations
 import json
 import random
 import string
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
-from aiobotocore.session import get_session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.reliability import WorkerProcess, queue_counts, take_all, worker_env
 from worker.errors import InvalidInput
-from worker.local.sqs import create_queue_with_dlq, start_moto_server
+from worker.local.sqs import create_queue_with_dlq
 from worker.messages import JOB_ID_RE, MAX_BODY_BYTES, Api, JobRef, parse_backfill_line, parse_message_body
 
 API_SPELLINGS = ["GetFaceDetection", "GetFaceSearch", "StartFaceDetection", "StartFaceSearch", "FACE_DETECTION",
@@ -207,22 +205,6 @@ def hostile_corpus(seed: int) -> tuple[list[str], list[str]]:
         with pytest.raises(InvalidInput):
             parse_message_body(body)
     return unusable, parseable
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server, url = start_moto_server()
-    try:
-        yield url
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def sqs(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_url)
-    async with get_session().create_client("sqs", region_name="us-east-1") as client:
-        yield client
 
 
 async def test_hostile_bodies_through_sqs_end_in_the_dlq_and_the_worker_exits_0(

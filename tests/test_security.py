@@ -33,7 +33,7 @@ from worker.backfill import run_backfill
 from worker.config import Settings
 from worker.db.migrate import upgrade_to_head
 from worker.local import synth
-from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope, start_moto_server
+from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope
 from worker.messages import JobRef
 from worker.report import run_report
 from worker.reprocess import run_reprocess
@@ -171,15 +171,6 @@ async def test_no_secret_in_logs_or_outcomes_of_ingest_paths(
     assert secret.leaks(text) == [], text
     reasons = await db.fetch("SELECT failure_reason FROM jobs WHERE failure_reason IS NOT NULL")
     assert reasons and secret.leaks(repr(reasons)) == []
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server, url = start_moto_server()
-    try:
-        yield url
-    finally:
-        server.stop()
 
 
 async def test_no_secret_in_cli_output(secret: Secrets, db_url: str, moto_url: str, rekognition_endpoint: Any,

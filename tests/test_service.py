@@ -36,7 +36,6 @@ from test_service_support import (
     search,
     send,
     snapshot,
-    sqs_client,
     stored_rows,
     take_all,
     unique_id,
@@ -46,7 +45,6 @@ from worker.config import Settings
 from worker.errors import ConfigError
 from worker.health import HealthServer
 from worker.local import synth
-from worker.local.sqs import start_moto_server
 from worker.runtime import open_runtime
 from worker.service import (
     MAX_SEND_DELAY_S,
@@ -66,22 +64,6 @@ FAST = RetryPolicy(busy_base_s=1, busy_cap_s=2, transient_base_s=1, transient_ca
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server, url = start_moto_server()
-    try:
-        yield url
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def sqs(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_url)
-    async with sqs_client() as client:
-        yield client
 
 
 @pytest.fixture

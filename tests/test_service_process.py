@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from test_service_support import (
     search,
     send,
     snapshot,
-    sqs_client,
     stored_rows,
     take_all,
     unique_id,
@@ -43,25 +42,8 @@ from test_service_support import (
 
 from worker.config import Settings
 from worker.local import synth
-from worker.local.sqs import start_moto_server
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server, url = start_moto_server()
-    try:
-        yield url
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def sqs(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_url)
-    async with sqs_client() as client:
-        yield client
 
 
 @pytest.fixture

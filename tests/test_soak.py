@@ -20,18 +20,16 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import psutil
 import pytest
-from aiobotocore.session import get_session
 
 from tests.reliability import WorkerProcess, kill_all, queue_counts, take_all, worker_env
 from worker.local import synth
-from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope, start_moto_server
+from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope
 
 pytestmark = pytest.mark.soak
 
@@ -113,22 +111,6 @@ def make_plan(rng: random.Random) -> Plan:
     plan.bodies.extend(POISON)
     rng.shuffle(plan.bodies)
     return plan
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server, url = start_moto_server()
-    try:
-        yield url
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def sqs(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_url)
-    async with get_session().create_client("sqs", region_name="us-east-1") as client:
-        yield client
 
 
 class Sampler:

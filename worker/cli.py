@@ -23,9 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("migrate", help="alembic upgrade to head on DATABASE_URL")
-    m.add_argument("--grant-to", metavar="ROLE",
-                   help="then grant the worker's least privileges (sql/03_grants.sql) to ROLE")
+    sub.add_parser("migrate", help="alembic upgrade to head on DATABASE_URL (grants rekognition_worker its DML)")
 
     b = sub.add_parser("backfill", help="ingest named jobs directly (no queue)")
     b.add_argument("--api", help="GetFaceDetection, GetFaceSearch, StartFace*, FACE_DETECTION, FACE_SEARCH")
@@ -50,16 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_migrate(settings: Settings, args: argparse.Namespace, console: Console) -> int:
-    from worker.db.migrate import apply_worker_grants, grants_sql, upgrade_to_head
+def _cmd_migrate(settings: Settings, console: Console) -> int:
+    from worker.db.migrate import upgrade_to_head
 
-    if args.grant_to:
-        grants_sql(args.grant_to)  # validate the role before changing anything
     upgrade_to_head(settings)
     console.print(f"database at head: {redact_url(settings.asyncpg_dsn)}")
-    if args.grant_to:
-        asyncio.run(apply_worker_grants(settings, args.grant_to))
-        console.print(f"granted the worker's privileges to {args.grant_to}")
     return 0
 
 
@@ -127,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         configure_logging(settings.log_level, settings.log_format)
         if args.command == "migrate":
-            return _cmd_migrate(settings, args, console)
+            return _cmd_migrate(settings, console)
         if args.command == "backfill":
             return _cmd_backfill(settings, args, console)
         if args.command == "run":
