@@ -74,7 +74,8 @@ async def test_backfill_reports_each_bad_job_and_runs_the_rest(cli_env: dict[str
     assert result.returncode == 1
     err = result.stderr
     assert "invalid JobId 'bad/job!'" in err
-    assert "StartLabelDetection" in err and "no-api-here" in err
+    assert "StartLabelDetection" in err
+    assert "no-api-here" in err and "neither GetFaceDetection nor GetFaceSearch" in err
     assert missing in err and "ResourceNotFoundException" in err
     assert await db.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", good.job_id) == "ingested"
     assert await db.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", missing) == "failed"
@@ -82,7 +83,7 @@ async def test_backfill_reports_each_bad_job_and_runs_the_rest(cli_env: dict[str
 
 @pytest.mark.parametrize(("args", "message"), [
     (("backfill", "--api", "GetLabelDetection", "job-1"), "unknown or unsupported API"),
-    (("backfill", "job-1"), "no API given"),
+    (("backfill", "job-never-seen-1"), "neither GetFaceDetection nor GetFaceSearch knows this JobId"),
     (("backfill", "--api", "GetFaceSearch", "x" * 65), "invalid JobId"),
     (("backfill",), "backfill needs JOB_ID"),
     (("backfill", "--from-file", "/nonexistent/jobs.txt"), "cannot read /nonexistent/jobs.txt"),
@@ -120,3 +121,16 @@ def test_unreachable_database_fails_the_job_run_not_silently(emulator: Any) -> N
                      timeout_s=120)
     assert result.returncode != 0
     assert "pw@" not in result.stderr and "pw@" not in result.stdout
+
+
+async def test_backfill_finds_the_api_of_plain_job_ids(cli_env: dict[str, str], emulator: Any, tmp_path: Path,
+                                                       db: asyncpg.Connection) -> None:
+    det = synth.detection_job(unique_job_id("plain-det"), faces=30)
+    srch = synth.search_job(unique_job_id("plain-search"), persons_elements=30)
+    emulator.add_jobs([det, srch])
+    jobs = tmp_path / "plain.txt"
+    jobs.write_text(f"{det.job_id}\n{srch.job_id}\n")
+    result = run_cli("backfill", "--from-file", str(jobs), env=cli_env)
+    assert result.returncode == 0, result.stderr
+    apis = dict(await db.fetch("SELECT job_id, api::text FROM jobs WHERE job_id = ANY($1)", [det.job_id, srch.job_id]))
+    assert apis == {det.job_id: "FACE_DETECTION", srch.job_id: "FACE_SEARCH"}

@@ -58,17 +58,17 @@ def _cmd_migrate(settings: Settings, console: Console) -> int:
 
 def _cmd_backfill(settings: Settings, args: argparse.Namespace, console: Console) -> int:
     from worker.backfill import refs_from_args, run_backfill, summary_table
-    from worker.ingest import JobOutcome
 
     if not args.job_ids and not args.from_file:
         raise InvalidInput("backfill needs JOB_ID arguments (with --api) or --from-file PATH")
-    invalid: list[JobOutcome] = []
-    refs = refs_from_args(args.api, args.job_ids, args.from_file, invalid)
+    found = refs_from_args(args.api, args.job_ids, args.from_file)
+    refs, unresolved, invalid = found.refs, found.unresolved, found.errors
     err = Console(stderr=True)
     for o in invalid:
         err.print(redact(f"error: job {o.job_id!r}: {o.reason}"), markup=False, highlight=False)
     settings.asyncpg_dsn  # noqa: B018 - fail early with a clear message when DATABASE_URL is unset
-    outcomes = asyncio.run(run_backfill(settings, refs, console=err)) if refs else []
+    outcomes = (asyncio.run(run_backfill(settings, refs, console=err, unresolved=unresolved))
+                if refs or unresolved else [])
     for o in outcomes:
         if not o.ok:
             err.print(redact(f"error: job {o.job_id}: {o.outcome}: {o.reason}"), markup=False, highlight=False)

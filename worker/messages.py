@@ -88,6 +88,14 @@ class JobRef:
         return cls(job_id=validate_job_id(job_id), api=parse_api(api), **kw)
 
 
+class ApiMissing(InvalidInput):
+    """A backfill line names a valid JobId but no API (and no --api was given)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} names no API: write JOB_ID,API or pass --api")
+        self.job_id = job_id
+
+
 def parse_backfill_line(line: str, default_api: Api | None = None) -> JobRef | None:
     """``JOB_ID`` or ``JOB_ID,API``; blank lines and ``#`` comments give None."""
     text = line.strip()
@@ -96,7 +104,7 @@ def parse_backfill_line(line: str, default_api: Api | None = None) -> JobRef | N
     job_id, sep, api = (p.strip() for p in text.partition(","))
     if not sep:
         if default_api is None:
-            raise InvalidInput(f"line {text[:80]!r} names no API: write JOB_ID,API or pass --api")
+            raise ApiMissing(validate_job_id(job_id))
         return JobRef(job_id=validate_job_id(job_id), api=default_api)
     return JobRef.create(job_id, api)
 

@@ -142,8 +142,9 @@ class Fetcher:
         self._sleep = sleep
         self._rng = rng or random.Random()
 
-    async def _request(self, api: Api, job_id: str, token: str | None) -> dict[str, Any]:
-        params: dict[str, Any] = {"JobId": job_id, "MaxResults": self.page_size}
+    async def _request(self, api: Api, job_id: str, token: str | None,
+                       max_results: int | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"JobId": job_id, "MaxResults": max_results or self.page_size}
         if token:
             params["NextToken"] = token
         if api is Api.FACE_SEARCH:
@@ -156,7 +157,8 @@ class Fetcher:
         response = await self.fetch_response(api, job_id, token)
         return orjson.loads(raw_body(response))
 
-    async def fetch_response(self, api: Api, job_id: str, token: str | None) -> dict[str, Any]:
+    async def fetch_response(self, api: Api, job_id: str, token: str | None, *,
+                             max_results: int | None = None) -> dict[str, Any]:
         """One page's response with its body undecoded under ``RAW_BODY``, retried with full-jitter
         backoff; raises the error type that decides the job's fate."""
         tries = _Tries()
@@ -164,7 +166,7 @@ class Fetcher:
             # Every attempt, first or retry, takes a slot from the limiter: retries never bypass it.
             async with self.limiter as permit:
                 try:
-                    response = await self._request(api, job_id, token)
+                    response = await self._request(api, job_id, token, max_results)
                 except _CALL_ERRORS as exc:
                     failure: BaseException | None = exc
                 else:
@@ -214,6 +216,18 @@ class Fetcher:
 
     def _backoff(self, attempt: int) -> float:
         return full_jitter_backoff_s(attempt, base_s=self.retry_base_s, cap_s=self.retry_cap_s, rng=self._rng)
+
+    async def which_api(self, job_id: str) -> Api | None:
+        """The face API that knows ``job_id`` (a one-result probe of each), or None if neither does."""
+        for api in (Api.FACE_DETECTION, Api.FACE_SEARCH):
+            try:
+                await self.fetch_response(api, job_id, None, max_results=1)
+            except PermanentJobError as exc:
+                if exc.code in ("ResourceNotFoundException", "InvalidParameterException"):
+                    continue
+                raise
+            return api
+        return None
 
     def pages(self, api: Api, job_id: str) -> AsyncGenerator[Page]:
         """All pages of a job, chained by NextToken, decoded here. The first page decides readiness."""
