@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo test lint bench bench-smoke clean install
+.PHONY: demo test fuzz lint bench bench-smoke clean install
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The property-based suites with fresh random examples (make test uses a fixed seed); repeat to explore.
+fuzz: $(TEST_STAMP)
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q tests/test_hypothesis_pages.py tests/test_hypothesis_messages.py $(PYTEST_ARGS)
 
 # pip-audit needs PyPI's JSON API; where the index serves none (as in this project's sandbox) the
 # audit reports that it could not run instead of failing the build. AUDIT_ALLOW_UNAVAILABLE=0 enforces it.

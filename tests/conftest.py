@@ -13,8 +13,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from worker.config import Settings, normalize_database_url
+
+# `make test` must give the same verdict on every run, so its property tests draw from a fixed seed
+# (Hypothesis's advice for CI). `make fuzz` (HYPOTHESIS_PROFILE=explore) draws fresh examples each run;
+# a failure it finds prints the seed and a blob to replay it with.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Captured before the AWS/env scrub below; DATABASE_URL points the suite at another server.
 _EXTERNAL_DB = os.environ.get("DATABASE_URL")

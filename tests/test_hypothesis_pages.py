@@ -130,8 +130,9 @@ class PageStrategies:
         if (owner, member) in KEY_MEMBERS:
             anything = st.text(CHARS.filter(lambda c: c != "\x00"), min_size=1, max_size=MAX_KEY_CHARS)
             if self.wild:
-                anything = st.one_of(anything, LONG_TEXT, WITH_NUL)
-            return st.one_of(real, anything)
+                return st.one_of(real, anything, LONG_TEXT, WITH_NUL)
+            # The service never sends NUL in an identifier (ExternalImageId is [a-zA-Z0-9_.\-:]+).
+            return st.one_of(real.filter(lambda s: "\x00" not in s), anything)
         strings = st.one_of(real, SHORT_TEXT, LONG_TEXT)
         if self.wild:
             return _rarely(strings, WITH_NUL)
