@@ -50,6 +50,8 @@ def test_url_schemes(url: str) -> None:
 def test_redact_url_hides_the_password() -> None:
     assert redact_url("postgresql://user:s3cret@h/db") == "postgresql://user:***@h/db"
     assert "s3cret" not in redact_url("postgresql+asyncpg://user:s3cret@h:5/db?sslmode=require")
+    # An empty password hides nothing: the printed URL must stay usable (the demo prints one for psql).
+    assert redact_url("postgresql://postgres:@/postgres?host=/d") == "postgresql://postgres:@/postgres?host=/d"
 
 
 async def test_socket_directory_query_parameter_connects(pg_server_url: str) -> None:

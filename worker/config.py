@@ -39,7 +39,9 @@ def normalize_database_url(url: str) -> str:
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for logs and error messages."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if not parts.password:
+        # No password, or an empty one (the embedded demo database): nothing to hide, and the URL stays
+        # usable as printed.
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
