@@ -8,7 +8,9 @@ server's serialization is not measured), each in a fresh child process (so peak 
 - reference: raw aiohttp POSTs + orjson + a minimal flatten + asyncpg COPY into plain tables with no
              keys, the next page fetched while the last is written.
 
-Prints faces/s and rows/s for both, their ratio, and peak RSS, per workload. Usage:
+Each workload is measured `--repeat` times (default 3) into fresh databases, the two pipelines taking
+turns to go first, each starting from a CHECKPOINT; the table shows medians, the median of the
+per-run ratios and their range. Prints faces/s and rows/s for both, their ratio, and peak RSS. Usage:
 
     .venv/bin/python bench/ingest_bench.py                 # the full table (a few minutes)
     .venv/bin/python bench/ingest_bench.py --smoke         # tiny, for CI: proves it runs, asserts nothing
@@ -29,6 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +73,7 @@ class Result:
     seconds: float
     peak_rss_mb: float
     cpu_s: float = 0.0  # user + system CPU of the pipeline's processes (not PostgreSQL's)
+    postgres_cpu_s: float | None = None  # the local PostgreSQL server's CPU during the run
 
     @property
     def faces_per_s(self) -> float:
@@ -110,6 +114,30 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _postgres_cpu_s() -> float | None:
+    """CPU of the local PostgreSQL server so far: its live processes plus the backends it has reaped.
+
+    None when no PostgreSQL runs on this machine (a remote DATABASE_URL) or /proc is unavailable.
+    """
+    hz, total, found = os.sysconf("SC_CLK_TCK"), 0, False
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1:stat.rindex(")")] not in ("postgres", "postmaster"):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        found = True
+        # utime + stime, and cutime + cstime: exited backends are counted in the postmaster's children.
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return total / hz if found else None
+
+
 def _peak_rss_mb() -> float:
     """This process's peak RSS plus the largest of its children's (the page-decoding process)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -144,14 +172,16 @@ def _run_worker(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any)
                      _peak_rss_mb(), _cpu_s() - cpu_before))
 
 
+# Plain tables, as the reference is defined: no keys, no indexes, but logged like any real table.
+# `--unlogged-reference` drops the WAL as well, for a stricter (faster) reference.
 REFERENCE_DDL = """
 DROP TABLE IF EXISTS ref_faces, ref_landmarks, ref_emotions, ref_matches;
-CREATE UNLOGGED TABLE ref_faces (job_id text, seq int, ts bigint, person bigint, w float8, h float8, l float8,
+CREATE {kind} TABLE ref_faces (job_id text, seq int, ts bigint, person bigint, w float8, h float8, l float8,
     t float8, conf float8, age_low int, age_high int, smile bool, smile_c float8, gender text, gender_c float8,
     roll float8, yaw float8, pitch float8, brightness float8, sharpness float8);
-CREATE UNLOGGED TABLE ref_landmarks (job_id text, seq int, type text, x float8, y float8);
-CREATE UNLOGGED TABLE ref_emotions (job_id text, seq int, type text, conf float8);
-CREATE UNLOGGED TABLE ref_matches (job_id text, seq int, face_id text, similarity float8);
+CREATE {kind} TABLE ref_landmarks (job_id text, seq int, type text, x float8, y float8);
+CREATE {kind} TABLE ref_emotions (job_id text, seq int, type text, conf float8);
+CREATE {kind} TABLE ref_matches (job_id text, seq int, face_id text, similarity float8);
 """
 
 
@@ -179,7 +209,7 @@ def _flatten(job_id: str, page: dict[str, Any], seq: int, search: bool) -> tuple
     return faces, lms, ems, matches
 
 
-async def _reference(w: Workload, db_url: str, endpoint: str) -> tuple[int, int]:
+async def _reference(w: Workload, db_url: str, endpoint: str, unlogged: bool) -> tuple[int, int]:
     import aiohttp
     import asyncpg
     import orjson
@@ -191,7 +221,7 @@ async def _reference(w: Workload, db_url: str, endpoint: str) -> tuple[int, int]
     faces = rows = 0
     sem = asyncio.Semaphore(4)
     try:
-        await conn.execute(REFERENCE_DDL)
+        await conn.execute(REFERENCE_DDL.format(kind="UNLOGGED" if unlogged else ""))
         pool = await asyncpg.create_pool(db_url, min_size=4, max_size=4)
         async with aiohttp.ClientSession() as http:
 
@@ -229,11 +259,11 @@ async def _reference(w: Workload, db_url: str, endpoint: str) -> tuple[int, int]
     return faces, rows
 
 
-def _run_reference(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any) -> None:
+def _run_reference(workload: dict[str, Any], db_url: str, endpoint: str, unlogged: bool, conn: Any) -> None:
     w = Workload(**workload)
     cpu_before = _cpu_s()
     started = time.perf_counter()
-    faces, rows = asyncio.run(_reference(w, db_url, endpoint))
+    faces, rows = asyncio.run(_reference(w, db_url, endpoint, unlogged))
     conn.send(Result(w.name, "reference", faces, rows, time.perf_counter() - started, _peak_rss_mb(),
                      _cpu_s() - cpu_before))
 
@@ -285,13 +315,62 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, {platform.machine()}"
 
 
+def _admin(base_url: str, *statements: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(base_url)
+        try:
+            for sql in statements:
+                await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def _cpu_note(r: Result) -> str:
+    """CPU ms per 1000 faces: the pipeline's own processes, and PostgreSQL's when it runs here."""
+    note = f"CPU ms per 1000 faces: {r.cpu_s * 1e6 / r.faces:,.0f} own"
+    if r.postgres_cpu_s is not None:
+        note += f" + {r.postgres_cpu_s * 1e6 / r.faces:,.0f} PostgreSQL"
+    return note
+
+
+def _summarize(w: Workload, runs: list[tuple[Result, Result]]) -> dict[str, Any]:
+    """Medians over the repetitions; the ratio is the median of each repetition's own ratio."""
+    ratios = [wr.faces_per_s / rr.faces_per_s if rr.faces_per_s else 0.0 for wr, rr in runs]
+    workers, refs = [wr for wr, _ in runs], [rr for _, rr in runs]
+    return {
+        "workload": w.name, "jobs": w.jobs, "pages": w.pages, "faces": workers[0].faces, "repeats": len(runs),
+        "worker_faces_per_s": median(r.faces_per_s for r in workers),
+        "worker_rows_per_s": median(r.rows_per_s for r in workers),
+        "reference_faces_per_s": median(r.faces_per_s for r in refs),
+        "reference_rows_per_s": median(r.rows_per_s for r in refs),
+        "ratio": median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "worker_peak_rss_mb": max(r.peak_rss_mb for r in workers),
+        "reference_peak_rss_mb": max(r.peak_rss_mb for r in refs),
+        "worker_cpu_ms_per_1000_faces": median(r.cpu_s * 1e6 / r.faces for r in workers if r.faces),
+        "reference_cpu_ms_per_1000_faces": median(r.cpu_s * 1e6 / r.faces for r in refs if r.faces),
+        "runs": [{"worker": asdict(wr), "reference": asdict(rr)} for wr, rr in runs],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny workloads, for CI")
     parser.add_argument("--only", help="comma-separated workload names")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="measure each pipeline this many times per workload and report medians "
+                             "(default 3, 1 with --smoke)")
+    parser.add_argument("--unlogged-reference", action="store_true",
+                        help="give the reference UNLOGGED tables (no WAL): a stricter reference")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--plot", help="write a PNG of faces/s by workload (worker vs reference)")
     args = parser.parse_args(argv)
+    repeat = args.repeat if args.repeat is not None else (1 if args.smoke else 3)
+    if repeat < 1:
+        parser.error("--repeat must be at least 1")
     workloads = list(SMOKE if args.smoke else FULL)
     if args.only:
         workloads = [w for w in workloads if w.name in set(args.only.split(","))]
@@ -310,19 +389,40 @@ def main(argv: list[str] | None = None) -> int:
     stop_parent, stop_child = ctx.Pipe()
     emu = ctx.Process(target=_serve, args=([asdict(w) for w in workloads], ready_child, stop_child), daemon=True)
     emu.start()
-    results: list[Result] = []
+    table: list[dict[str, Any]] = []
     try:
         print(f"rendering {sum(w.jobs * w.pages for w in workloads)} pages in the emulator ...", flush=True)
         endpoint = ready_parent.recv()
         for w in workloads:
-            worker_db = _database(base_url, f"bench_worker_{w.name.replace('-', '_')}")
-            ref_db = _database(base_url, f"bench_ref_{w.name.replace('-', '_')}")
-            results.append(_in_child(_run_worker, asdict(w), worker_db, endpoint))
-            results.append(_in_child(_run_reference, asdict(w), ref_db, endpoint))
-            wr, rr = results[-2], results[-1]
-            print(f"{w.name}: worker {wr.faces_per_s:,.0f} faces/s ({wr.cpu_s * 1e6 / wr.faces:,.0f} CPU ms per "
-                  f"1000 faces), reference {rr.faces_per_s:,.0f} faces/s ({rr.cpu_s * 1e6 / rr.faces:,.0f} CPU ms "
-                  "per 1000 faces)", flush=True)
+            runs: list[tuple[Result, Result]] = []
+            for rep in range(repeat):
+                tag = f"{w.name.replace('-', '_')}_{rep}"
+                dbs = {"worker": _database(base_url, f"bench_worker_{tag}"),
+                       "reference": _database(base_url, f"bench_ref_{tag}")}
+                measured: dict[str, Result] = {}
+                # Alternate which pipeline goes first, and start each from a checkpoint, so neither
+                # pays for the other's dirty pages or for drift on a shared machine.
+                for pipeline in ("worker", "reference")[::(-1 if rep % 2 else 1)]:
+                    _admin(base_url, "CHECKPOINT")
+                    pg_before = _postgres_cpu_s()
+                    if pipeline == "worker":
+                        result = _in_child(_run_worker, asdict(w), dbs[pipeline], endpoint)
+                    else:
+                        result = _in_child(_run_reference, asdict(w), dbs[pipeline], endpoint,
+                                           args.unlogged_reference)
+                    time.sleep(0.2)  # let the postmaster reap the pipeline's backends
+                    pg_after = _postgres_cpu_s()
+                    if pg_before is not None and pg_after is not None:
+                        result.postgres_cpu_s = pg_after - pg_before
+                    measured[pipeline] = result
+                _admin(base_url, *(f'DROP DATABASE IF EXISTS "{url.split("?")[0].rsplit("/", 1)[1]}" WITH (FORCE)'
+                                   for url in dbs.values()))
+                wr, rr = measured["worker"], measured["reference"]
+                runs.append((wr, rr))
+                print(f"{w.name} #{rep + 1}: worker {wr.faces_per_s:,.0f} faces/s ({_cpu_note(wr)}), reference "
+                      f"{rr.faces_per_s:,.0f} faces/s ({_cpu_note(rr)}), ratio {wr.faces_per_s / rr.faces_per_s:.2f}",
+                      flush=True)
+            table.append(_summarize(w, runs))
     finally:
         stop_parent.send("stop")
         emu.join(timeout=10)
@@ -330,28 +430,23 @@ def main(argv: list[str] | None = None) -> int:
             server.cleanup_mode = "delete"
             server.cleanup()
 
-    print(f"\nmachine: {_machine()}")
+    reference = "UNLOGGED" if args.unlogged_reference else "plain (logged)"
+    print(f"\nmachine: {_machine()}; medians of {repeat} run(s); reference tables: {reference}")
     header = (f"{'workload':<14} {'jobs x pages':>12} {'faces':>7} {'worker faces/s':>15} {'worker rows/s':>14} "
-              f"{'ref faces/s':>12} {'ref rows/s':>11} {'ratio':>6} {'worker RSS MB':>14} {'ref RSS MB':>11}")
+              f"{'ref faces/s':>12} {'ref rows/s':>11} {'ratio':>6} {'ratio range':>12} {'worker RSS MB':>14} "
+              f"{'ref RSS MB':>11}")
     print(header)
     print("-" * len(header))
-    table = []
-    for w in workloads:
-        wr = next(r for r in results if r.workload == w.name and r.pipeline == "worker")
-        rr = next(r for r in results if r.workload == w.name and r.pipeline == "reference")
-        ratio = wr.faces_per_s / rr.faces_per_s if rr.faces_per_s else 0.0
-        size = f"{w.jobs} x {w.pages}"
-        print(f"{w.name:<14} {size:>12} {wr.faces:>7} {wr.faces_per_s:>15,.0f} {wr.rows_per_s:>14,.0f} "
-              f"{rr.faces_per_s:>12,.0f} {rr.rows_per_s:>11,.0f} {ratio:>6.2f} {wr.peak_rss_mb:>14.0f} "
-              f"{rr.peak_rss_mb:>11.0f}")
-        table.append({"workload": w.name, "jobs": w.jobs, "pages": w.pages, "faces": wr.faces,
-                      "worker_faces_per_s": wr.faces_per_s, "worker_rows_per_s": wr.rows_per_s,
-                      "reference_faces_per_s": rr.faces_per_s, "reference_rows_per_s": rr.rows_per_s,
-                      "ratio": ratio, "worker_peak_rss_mb": wr.peak_rss_mb, "reference_peak_rss_mb": rr.peak_rss_mb,
-                      "worker_cpu_ms_per_1000_faces": wr.cpu_s * 1e6 / wr.faces if wr.faces else 0.0,
-                      "reference_cpu_ms_per_1000_faces": rr.cpu_s * 1e6 / rr.faces if rr.faces else 0.0})
+    for r in table:
+        size = f"{r['jobs']} x {r['pages']}"
+        spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+        print(f"{r['workload']:<14} {size:>12} {r['faces']:>7} {r['worker_faces_per_s']:>15,.0f} "
+              f"{r['worker_rows_per_s']:>14,.0f} {r['reference_faces_per_s']:>12,.0f} "
+              f"{r['reference_rows_per_s']:>11,.0f} {r['ratio']:>6.2f} {spread:>12} "
+              f"{r['worker_peak_rss_mb']:>14.0f} {r['reference_peak_rss_mb']:>11.0f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": _machine(), "results": table}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": _machine(), "repeats": repeat,
+                                               "reference_tables": reference, "results": table}, indent=2))
     if args.plot:
         _plot(table, args.plot)
     return 0
