@@ -495,6 +495,10 @@ def test_every_pod_is_locked_down() -> None:
                 assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, label
                 mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
                 assert "emptyDir" in volumes[mounts["/tmp"]], f"{label}: /tmp must be an emptyDir"
+                if container.get("args", ["run"])[0] in ("run", "backfill"):
+                    # Pages cross to the decoding process in /dev/shm: memory-backed and bounded.
+                    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+                    assert shm["medium"] == "Memory" and "sizeLimit" in shm, label
                 assert {"requests", "limits"} <= set(container["resources"]), label
                 for part in ("requests", "limits"):
                     assert {"cpu", "memory"} <= set(container["resources"][part]), label

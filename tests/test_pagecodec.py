@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import signal
+from pathlib import Path
 
 import orjson
 import pytest
@@ -11,7 +14,7 @@ import pytest
 from worker.errors import MalformedPage, TransientError
 from worker.local import synth
 from worker.messages import Api
-from worker.pagecodec import PageDecoder, decode_page
+from worker.pagecodec import SHARED_MIN_BYTES, PageDecoder, Shared, decode_page, discard, share, take
 
 
 @pytest.fixture
@@ -60,3 +63,57 @@ async def test_a_dead_decoding_process_is_transient_and_recovers(pool: PageDecod
             await pool.decode(raw, Api.FACE_DETECTION, "codec-kill", 0, False)
     decoded = await pool.decode(raw, Api.FACE_DETECTION, "codec-kill", 0, False)
     assert decoded.rows is not None and len(decoded.rows.faces) == 3
+
+
+def _blocks() -> set[str]:
+    """Shared memory blocks this Python creates (POSIX names with the psm_ prefix)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir() if p.name.startswith("psm_")} if shm.is_dir() else set()
+
+
+def test_share_and_take_round_trip_and_unlink() -> None:
+    small = b"x" * 100
+    assert share(small) is small  # below the threshold the pipe carries it
+    big = bytes(range(256)) * (SHARED_MIN_BYTES // 256 + 1)
+    before = _blocks()
+    item = share(big)
+    assert isinstance(item, Shared) and item.size == len(big)
+    assert take(item) == big
+    assert _blocks() == before  # taken means unlinked
+    discard(item)  # discarding what is gone already is fine
+
+
+async def test_full_pages_cross_in_shared_memory_and_leave_no_block(pool: PageDecoder) -> None:
+    fx = synth.detection_job("codec-shm", faces=1000, attributes="ALL")
+    raw = orjson.dumps(synth.page_body(fx, 0, 1000, None))
+    assert len(raw) > SHARED_MIN_BYTES
+    before = _blocks()
+    pooled = await pool.decode(raw, Api.FACE_DETECTION, fx.job_id, 0, True)
+    inline = decode_page(raw, Api.FACE_DETECTION, fx.job_id, 0, True)
+    assert pooled.rows is not None and inline.rows is not None
+    assert pooled.rows.faces == inline.rows.faces and pooled.rows.landmarks == inline.rows.landmarks
+    assert pooled.rows.emotions == inline.rows.emotions
+    assert _blocks() == before
+
+    # An abandoned decode (the job was cancelled) frees its page and, when it arrives, its result.
+    task = asyncio.create_task(pool.decode(raw, Api.FACE_DETECTION, fx.job_id, 0, True))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The one decoding process works in order: once a later page is back, the abandoned one is done too.
+    await pool.decode(orjson.dumps({"JobStatus": "IN_PROGRESS"}), Api.FACE_DETECTION, fx.job_id, 0, True)
+    assert _blocks() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate") or not Path("/dev/shm").is_dir(), reason="Linux tmpfs only")
+def test_a_full_dev_shm_falls_back_to_the_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The one way to fill /dev/shm without root: the allocation the kernel would refuse, refused.
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    big = b"y" * (SHARED_MIN_BYTES * 2)
+    before = _blocks()
+    assert share(big) is big
+    assert _blocks() == before
