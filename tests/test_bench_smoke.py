@@ -25,3 +25,6 @@ def test_benchmark_smoke_run(tmp_path: Path, pg_server_url: str) -> None:
         # Both pipelines stored the same number of faces from the same pages.
         assert r["faces"] == 400 if r["workload"] == "smoke-det" else r["faces"] == 200
         assert r["worker_faces_per_s"] > 0 and r["reference_faces_per_s"] > 0 and r["worker_peak_rss_mb"] > 0
+        # One run per workload in smoke mode, kept per pipeline beside the medians.
+        assert r["repeats"] == 1 and len(r["runs"]) == 1 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+        assert r["runs"][0]["worker"]["faces"] == r["runs"][0]["reference"]["faces"] == r["faces"]
