@@ -142,7 +142,9 @@ def discard(item: object) -> None:
     """Unlink a block nobody will take (its task failed or was abandoned); gone already is fine."""
     if isinstance(item, Shared):
         with contextlib.suppress(FileNotFoundError):
-            take(item)
+            block = shared_memory.SharedMemory(name=item.name)
+            block.close()
+            block.unlink()
 
 
 def _discard_result(future: Future[Shared | bytes]) -> None:
@@ -181,17 +183,15 @@ class PageDecoder:
             return decode_page(raw, api, job_id, seq_start, archive)
         executor = self._executor()
         sent = share(raw)
+        future: Future[Shared | bytes] | None = None
         try:
             future = executor.submit(decode_shared, sent, api, job_id, seq_start, archive)
-        except BaseException:
-            discard(sent)
-            raise
-        try:
             result = await asyncio.wrap_future(future)
         except BaseException as exc:
             # The decoder may never have taken the page, and a result may still arrive: free both.
             discard(sent)
-            future.add_done_callback(_discard_result)
+            if future is not None:
+                future.add_done_callback(_discard_result)
             if isinstance(exc, BrokenProcessPool):
                 # A decoding process died (OOM killer, signal): start a fresh pool and retry the job later.
                 self.close()
