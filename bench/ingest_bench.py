@@ -283,20 +283,10 @@ def _in_child(target: Any, *args: Any) -> Result:
 
 
 def _database(base_url: str, name: str) -> str:
-    import asyncpg
-
     from worker.config import Settings
     from worker.db.migrate import upgrade_to_head
 
-    async def create() -> None:
-        conn = await asyncpg.connect(base_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
+    _admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
     head, _, query = base_url.partition("?")
     url = head.rsplit("/", 1)[0] + "/" + name + (("?" + query) if query else "")
     upgrade_to_head(Settings(database_url=url))
@@ -397,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             runs: list[tuple[Result, Result]] = []
             for rep in range(repeat):
                 tag = f"{w.name.replace('-', '_')}_{rep}"
-                dbs = {"worker": _database(base_url, f"bench_worker_{tag}"),
-                       "reference": _database(base_url, f"bench_ref_{tag}")}
+                names = {"worker": f"bench_worker_{tag}", "reference": f"bench_ref_{tag}"}
+                dbs = {pipeline: _database(base_url, name) for pipeline, name in names.items()}
                 measured: dict[str, Result] = {}
                 # Alternate which pipeline goes first, and start each from a checkpoint, so neither
                 # pays for the other's dirty pages or for drift on a shared machine.
@@ -415,8 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     if pg_before is not None and pg_after is not None:
                         result.postgres_cpu_s = pg_after - pg_before
                     measured[pipeline] = result
-                _admin(base_url, *(f'DROP DATABASE IF EXISTS "{url.split("?")[0].rsplit("/", 1)[1]}" WITH (FORCE)'
-                                   for url in dbs.values()))
+                _admin(base_url, *(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names.values()))
                 wr, rr = measured["worker"], measured["reference"]
                 runs.append((wr, rr))
                 print(f"{w.name} #{rep + 1}: worker {wr.faces_per_s:,.0f} faces/s ({_cpu_note(wr)}), reference "
