@@ -266,7 +266,7 @@ async def test_invalid_pagination_token_restarts_the_job(emulator: Any, settings
     assert (await count_rows(db, fx.job_id))["faces"] == 2500
 
 
-@pytest.mark.parametrize("code", ["AccessDeniedException", "InvalidParameterException"])
+@pytest.mark.parametrize("code", ["ResourceNotFoundException", "InvalidParameterException"])
 async def test_permanent_errors_record_the_job_as_failed(code: str, emulator: Any, settings: Settings,
                                                          db: asyncpg.Connection) -> None:
     fx = synth.detection_job(unique_job_id("perm"), faces=5)
@@ -277,6 +277,18 @@ async def test_permanent_errors_record_the_job_as_failed(code: str, emulator: An
     assert outcome.outcome == "failed"
     row = await db.fetchrow("SELECT ingest_state, failure_code, failure_reason FROM jobs WHERE job_id = $1", fx.job_id)
     assert row["ingest_state"] == "failed" and row["failure_code"] == code and code in row["failure_reason"]
+
+
+async def test_access_denied_keeps_the_job_and_stores_nothing(emulator: Any, settings: Settings,
+                                                              db: asyncpg.Connection) -> None:
+    """An IAM mistake is the deployment's, not the job's: the job is handed back, never recorded failed."""
+    fx = synth.detection_job(unique_job_id("denied"), faces=5)
+    fx.error = "AccessDeniedException"
+    emulator.add_job(fx)
+    async with runtime(settings) as rt:
+        outcome = await rt.ingestor.ingest(_ref(fx))
+    assert outcome.outcome == "transient" and "AccessDeniedException" in (outcome.reason or "")
+    assert await db.fetchval("SELECT count(*) FROM jobs WHERE job_id = $1", fx.job_id) == 0
 
 
 async def test_faults_after_retries_are_transient_and_store_nothing(emulator: Any, settings: Settings,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from botocore.exceptions import ClientError
 
-from worker.errors import PermanentJobError, RestartJob, TransientError
+from worker.errors import CredentialsError, PermanentJobError, RestartJob, TransientError
 from worker.messages import Api
 from worker.ratelimit import (
     AimdController,
@@ -447,9 +447,18 @@ def test_invalid_pagination_token_asks_for_a_restart() -> None:
     assert client.calls == 1
 
 
-@pytest.mark.parametrize("code", ["ResourceNotFoundException", "AccessDeniedException", "InvalidParameterException"])
+@pytest.mark.parametrize("code", ["ResourceNotFoundException", "InvalidParameterException"])
 def test_permanent_errors_are_not_retried(code: str) -> None:
     client = ScriptedClient([code])
     with pytest.raises(PermanentJobError) as info:
         _fetch(client)
     assert info.value.code == code and client.calls == 1
+
+
+@pytest.mark.parametrize("code", ["AccessDeniedException", "ExpiredTokenException", "UnrecognizedClientException",
+                                  "InvalidSignatureException"])
+def test_credential_and_iam_errors_are_the_deployments_not_the_jobs(code: str) -> None:
+    client = ScriptedClient([code])
+    with pytest.raises(CredentialsError, match=code) as info:
+        _fetch(client)
+    assert not isinstance(info.value, PermanentJobError) and client.calls == 1

@@ -103,6 +103,16 @@ class Settings:
     archive_raw_pages: bool = True
     # Retries of one Get* call for faults and throttling before the job is handed back as transient.
     max_call_attempts: int = 8
+    # A job with no page fetched or written for this long is cancelled and handed back; /livez fails meanwhile.
+    job_stall_timeout_s: float = 600.0
+    # More pages than this in one job ends it as PaginationLoop (a 1000-hour video is ~20,000 pages).
+    max_pages_per_job: int = 100_000
+    # The same non-infrastructure error on this many attempts in a row records the job failed.
+    max_identical_failures: int = 5
+    # Credential or IAM errors in a row before the service stops taking messages, and how often it then
+    # probes Rekognition to resume.
+    credentials_pause_after: int = 3
+    credentials_probe_interval_s: float = 30.0
     retry_base_s: float = 0.25
     retry_cap_s: float = 20.0
     # SQS worker
@@ -158,6 +168,11 @@ class Settings:
             db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1),
             archive_raw_pages=_bool(env, "ARCHIVE_RAW_PAGES", True),
             max_call_attempts=_int(env, "MAX_CALL_ATTEMPTS", 8, minimum=1),
+            job_stall_timeout_s=_float(env, "JOB_STALL_TIMEOUT_S", 600.0, minimum=1.0),
+            max_pages_per_job=_int(env, "MAX_PAGES_PER_JOB", 100_000, minimum=1),
+            max_identical_failures=_int(env, "MAX_IDENTICAL_FAILURES", 5, minimum=1),
+            credentials_pause_after=_int(env, "CREDENTIALS_PAUSE_AFTER", 3, minimum=1),
+            credentials_probe_interval_s=_float(env, "CREDENTIALS_PROBE_INTERVAL_S", 30.0, minimum=0.1),
             retry_base_s=_float(env, "RETRY_BASE_S", 0.25),
             retry_cap_s=_float(env, "RETRY_CAP_S", 20.0),
             poll_wait_s=_int(env, "POLL_WAIT_S", 20, minimum=0),

@@ -20,7 +20,26 @@ class JobNotReady(WorkerError):
 
 
 class TransientError(WorkerError):
-    """Worth retrying later (throttling, service faults, database unreachable). Nothing was stored."""
+    """Worth retrying later. Nothing was stored.
+
+    A plain TransientError is a problem of this job that may go away (a pagination token rejected on
+    every restart, a page that crashes the decoding process, a stall): the same one on
+    MAX_IDENTICAL_FAILURES attempts in a row records the job failed.
+    """
+
+
+class InfrastructureError(TransientError):
+    """An outage of something every job depends on: the database, the network, Rekognition's throttling
+    or faults. Never the job's fault, so it is retried until the results would expire."""
+
+
+class CredentialsError(InfrastructureError):
+    """AWS refused the deployment's identity (AccessDenied, expired or unrecognized credentials, no
+    credentials at all). A property of the deploy, not of the job: the service pauses taking work."""
+
+
+class JobStalled(TransientError):
+    """No page fetched or written for JOB_STALL_TIMEOUT_S: the job was cancelled and handed back."""
 
 
 class PermanentJobError(WorkerError):
@@ -40,6 +59,13 @@ class MalformedPage(PermanentJobError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason, code="MalformedPage")
+
+
+class PaginationLoop(PermanentJobError):
+    """NextToken repeated within one job, or more than MAX_PAGES_PER_JOB pages."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, code="PaginationLoop")
 
 
 class RestartJob(WorkerError):

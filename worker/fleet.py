@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.errors import TransientError
+from worker.errors import InfrastructureError
 from worker.logs import get_logger
 from worker.ratelimit import AimdParams, Clock, OnRateChange, Permit, Sleep
 
@@ -148,7 +148,7 @@ class FleetRateLimiter:
                 await self.open()
                 row = await self._take()
                 if row is None:
-                    raise TransientError(f"fleet rate limit bucket {self.name!r} vanished")
+                    raise InfrastructureError(f"fleet rate limit bucket {self.name!r} vanished")
             rate_per_s = float(row["rate_per_s"])
             self._observe(rate_per_s, "fleet")
             # A negative balance is this call's place in the fleet's queue.
@@ -198,5 +198,5 @@ class FleetRateLimiter:
                 conn, self._conn = self._conn, None
                 if conn is not None:
                     conn.terminate()
-                raise TransientError(f"fleet rate limiter: database unavailable: {type(exc).__name__}: {exc}") \
+                raise InfrastructureError(f"fleet rate limiter: database unavailable: {type(exc).__name__}: {exc}") \
                     from exc

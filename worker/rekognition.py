@@ -20,15 +20,27 @@ from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    CredentialRetrievalError,
     HTTPClientError,
     NoCredentialsError,
+    PartialCredentialsError,
+    SSOError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
 )
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
 from worker import metrics
-from worker.errors import JobNotReady, PermanentJobError, RestartJob, TransientError
+from worker.errors import (
+    CredentialsError,
+    InfrastructureError,
+    JobNotReady,
+    PermanentJobError,
+    RestartJob,
+    TransientError,
+)
 from worker.logs import get_logger
 from worker.messages import Api
 from worker.ratelimit import Limiter, Permit, Sleep, full_jitter_backoff_s
@@ -40,7 +52,18 @@ THROTTLE_CODES = frozenset({
     "RequestLimitExceeded", "SlowDown",
 })
 FAULT_CODES = frozenset({"InternalServerError", "ServiceUnavailable", "InternalFailure", "ServiceUnavailableException"})
-PERMANENT_CODES = frozenset({"ResourceNotFoundException", "AccessDeniedException", "InvalidParameterException"})
+PERMANENT_CODES = frozenset({"ResourceNotFoundException", "InvalidParameterException"})
+# The deployment's identity or permissions, not the job: AccessDeniedException is modeled for both
+# operations; the rest are the answers of AWS's common authentication layer.
+CREDENTIAL_CODES = frozenset({
+    "AccessDeniedException", "AccessDenied", "ExpiredTokenException", "ExpiredToken",
+    "UnrecognizedClientException", "InvalidClientTokenId", "InvalidSignatureException", "SignatureDoesNotMatch",
+    "IncompleteSignature", "MissingAuthenticationToken", "MissingAuthenticationTokenException",
+    "NotAuthorized", "AuthFailure",
+})
+# Raised by botocore while it resolves or refreshes credentials, before any request is sent.
+_CREDENTIAL_EXCEPTIONS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError,
+                          TokenRetrievalError, SSOError, UnauthorizedSSOTokenError)
 RESTART_CODES = frozenset({"InvalidPaginationTokenException"})
 _OPERATIONS = ("GetFaceDetection", "GetFaceSearch")
 RAW_BODY = "_raw_body"
@@ -179,14 +202,15 @@ class Fetcher:
 
     async def _retry_delay_s(self, op: str, failure: BaseException, permit: Permit, tries: _Tries) -> float:
         """How long to wait before retrying ``failure``, or raise the error that ends the page's tries."""
-        if isinstance(failure, NoCredentialsError):
-            metrics.CALLS.labels(op, "fault").inc()
-            raise TransientError(f"{op}: no AWS credentials found") from failure
+        if isinstance(failure, _CREDENTIAL_EXCEPTIONS):
+            metrics.CALLS.labels(op, "credentials_error").inc()
+            raise CredentialsError(f"{op}: AWS credentials unavailable: {type(failure).__name__}: "
+                                   f"{str(failure)[:300]}") from failure
         if not isinstance(failure, ClientError):
             metrics.CALLS.labels(op, "connection_error").inc()
             tries.faults += 1
             if tries.faults >= self.max_attempts:
-                raise TransientError(f"{op} unreachable after {tries.faults} tries: {failure}") from failure
+                raise InfrastructureError(f"{op} unreachable after {tries.faults} tries: {failure}") from failure
             return self._backoff(tries.faults - 1)
         code = error_code(failure)
         status = int(failure.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -197,21 +221,25 @@ class Fetcher:
             tries.throttles += 1
             # Throttling is the limiter's signal, not the job's failure: retry longer.
             if tries.throttles >= self.max_attempts * 4:
-                raise TransientError(f"{op} still throttled after {tries.throttles} tries") from failure
+                raise InfrastructureError(f"{op} still throttled after {tries.throttles} tries") from failure
             return self._backoff(tries.throttles - 1)
         if code in RESTART_CODES:
             metrics.CALLS.labels(op, "invalid_token").inc()
             raise RestartJob(f"{op}: {code}: {message}") from failure
+        if code in CREDENTIAL_CODES:
+            metrics.CALLS.labels(op, "credentials_error").inc()
+            raise CredentialsError(f"{op} answered {code} (HTTP {status}): {message}") from failure
         if code in PERMANENT_CODES:
             metrics.CALLS.labels(op, "permanent_error").inc()
             raise PermanentJobError(f"{op} answered {code}: {message}", code=code) from failure
         metrics.CALLS.labels(op, "fault").inc()
         if code not in FAULT_CODES and status < 500:
-            # An unmodeled client error (credentials, signature): not the job's fault; retry later.
+            # An error this version does not know: retried later, and counted toward
+            # MAX_IDENTICAL_FAILURES, so one that answers the same every time ends the job.
             raise TransientError(f"{op} answered {code} (HTTP {status}): {message}") from failure
         tries.faults += 1
         if tries.faults >= self.max_attempts:
-            raise TransientError(f"{op} failed {tries.faults} times, last {code}: {message}") from failure
+            raise InfrastructureError(f"{op} failed {tries.faults} times, last {code}: {message}") from failure
         return self._backoff(tries.faults - 1)
 
     def _backoff(self, attempt: int) -> float:

@@ -259,8 +259,12 @@ class Store:
             return [(r["job_id"], r["api"]) for r in rows]
 
     async def record_failure(self, ref: JobRef, *, code: str, reason: str, meta: JobMeta | None = None,
-                             rekognition_failed: bool = False) -> bool:
-        """Record that ``ref`` failed. Returns False when a complete earlier ingest was kept instead."""
+                             rekognition_failed: bool = False, keep_archive: bool = False) -> bool:
+        """Record that ``ref`` failed. Returns False when a complete earlier ingest was kept instead.
+
+        ``keep_archive`` leaves the job's raw pages as they are (a failed reprocess must not destroy
+        the only copy of what Rekognition returned).
+        """
         async with self.engine.connect() as sa_conn:
             conn = await _driver(sa_conn)
             async with conn.transaction():
@@ -273,7 +277,8 @@ class Store:
                     )
                     return False
                 for table in RESULT_TABLES:
-                    await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
+                    if not (keep_archive and table == "raw_pages"):
+                        await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
                 if meta is None:
                     # Only the notification is known: keep what it says about the job and its video.
                     meta = JobMeta(job_status="FAILED" if rekognition_failed else None, status_message=None,
