@@ -560,8 +560,14 @@ def test_keda_scales_on_the_queue_within_the_rekognition_budget() -> None:
         meta = trigger["metadata"]
         assert int(meta["queueLength"]) == int(settings["MAX_CONCURRENT_JOBS"]), overlay
         assert meta["scaleOnInFlight"] == "true"
-        assert meta["queueURL"] == settings["QUEUE_URL"], overlay
+        # One place for the queue URL: KEDA reads the container's QUEUE_URL (from the ConfigMap).
+        assert meta["queueURLFromEnv"] == "QUEUE_URL" and "queueURL" not in meta, overlay
+        (container,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+        assert {"configMapRef": {"name": "rekognition-worker-config"}} in container["envFrom"]
+        assert settings["QUEUE_URL"].startswith("https://sqs."), overlay
         assert meta["awsRegion"] == settings["AWS_REGION"], overlay
+        fallback = scaled["fallback"]
+        assert fallback["failureThreshold"] >= 1 and 1 <= fallback["replicas"] <= scaled["maxReplicaCount"], overlay
         auth = only(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
         assert auth["spec"]["podIdentity"]["provider"] == "aws"
         low, high = scaled["minReplicaCount"], scaled["maxReplicaCount"]
@@ -612,9 +618,13 @@ def test_disruption_budget_network_policy_and_monitoring() -> None:
         policy = only(docs, "NetworkPolicy")["spec"]
         assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
         assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
-        egress = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
-        assert egress == {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 5432)}
-        assert all("to" not in rule or rule["to"] for rule in policy["egress"])
+        open_egress = {(p["protocol"], p["port"]) for rule in policy["egress"] if "to" not in rule
+                       for p in rule["ports"]}
+        assert open_egress == {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 5432)}
+        # Port 80 only to the EKS Pod Identity agent's link-local addresses, never to instance metadata.
+        (agent,) = [rule for rule in policy["egress"] if "to" in rule]
+        assert agent["ports"] == [{"protocol": "TCP", "port": 80}]
+        assert sorted(peer["ipBlock"]["cidr"] for peer in agent["to"]) == ["169.254.170.23/32", "fd00:ec2::23/128"]
         (ingress,) = policy["ingress"]
         assert ingress["ports"] == [{"protocol": "TCP", "port": 8080}]
         assert ingress["from"] == [
