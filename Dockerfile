@@ -84,7 +84,6 @@ COPY migrations/ ./migrations/
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
-    MPLCONFIGDIR=/tmp/matplotlib \
     HEALTH_PORT=8080
 
 USER 10001:10001

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo test fuzz lint bench bench-smoke clean install
+.PHONY: demo test fuzz lint bench bench-smoke clean install lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,14 @@ bench: $(TEST_STAMP)
 
 bench-smoke: $(TEST_STAMP)
 	$(PY) bench/ingest_bench.py --smoke
+
+# requirements.lock pins the base install (what the image carries: no embedded PostgreSQL, moto or
+# matplotlib) with hashes. Re-run after changing dependencies in pyproject.toml.
+lock:
+	$(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet pip-tools
+	.lock-venv/bin/pip-compile --quiet --generate-hashes --no-emit-find-links --no-emit-index-url \
+		--output-file=requirements.lock --strip-extras pyproject.toml
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .local

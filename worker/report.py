@@ -199,7 +199,10 @@ def _lane_label(person: Mapping[str, Any]) -> str:
 
 def render_chart(report: Mapping[str, Any], timeline: Timeline, path: str) -> None:
     """Write a PNG timeline: one lane per person (search) or faces on screen (detection)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # charts are an extra: the production image does not carry matplotlib
+        raise InvalidInput("--chart needs matplotlib: pip install 'rekognition-ingest-worker[charts]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
