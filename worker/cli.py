@@ -1,4 +1,4 @@
-"""Command line: migrate, backfill, run, demo, report (see INTERFACE.md)."""
+"""Command line of the Rekognition Video ingestion worker: every command is described in README.md, "Commands"."""
 
 from __future__ import annotations
 
