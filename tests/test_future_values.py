@@ -9,10 +9,12 @@ the service sent.
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections import Counter
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -160,3 +162,27 @@ def test_reporter_bounds_labels_and_logs_each_value_once() -> None:
     assert first == [("landmark_type", f"a{tag}", False), ("landmark_type", long_value[:MAX_LABEL_CHARS], True),
                      ("gender", f"b{tag}", False)]
     assert [e["member"] for e in events if e["event"] != FIRST_SEEN] == ["gender"]  # the OTHER notice, once
+
+
+async def test_emulator_command_serves_future_values_for_outside_checks() -> None:
+    """``python -m worker.local.emulator --demo-jobs --future-values``: any client can check itself."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker.local.emulator", "--no-auth", "--demo-jobs", "--future-values",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(30):
+            assert proc.stdout is not None
+            url = (await proc.stdout.readline()).decode().removeprefix("READY ").strip()
+            async with aiohttp.ClientSession() as http:
+                answer = await http.post(url, data=orjson.dumps({"JobId": "demo-det-lobby-0001"}), headers={
+                    "X-Amz-Target": "RekognitionService.GetFaceDetection",
+                    "Content-Type": "application/x-amz-json-1.1"})
+                page = orjson.loads(await answer.read())
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert page["VideoMetadata"]["ColorRange"] == synth.FUTURE_VALUES["color_range"][0]
+    face = page["Faces"][0]["Face"]
+    assert [lm["Type"] for lm in face["Landmarks"][-2:]] == list(synth.FUTURE_VALUES["landmark_type"])
+    assert face["Emotions"][-1]["Type"] == synth.FUTURE_VALUES["emotion_type"][0]
+    assert face["Gender"]["Value"] == synth.FUTURE_VALUES["gender"][0]
