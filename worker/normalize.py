@@ -2,12 +2,12 @@
 
 Every value of the response syntax lands in a column; anything that violates the response
 model (a missing Timestamp, a string where a number belongs) raises MalformedPage naming the path,
-so the job fails with a clear reason and stores nothing. An enumeration value this version does not
-know (Rekognition adds landmark types, emotions and other values over time) is not a violation: it
-is stored as sent and reported in ``PageRows.unknown`` for the parent process to count and log.
-So does anything PostgreSQL would refuse (a NUL character in text, an integer beyond its column,
-a FaceId too long for a btree index): a value the database rejects at COPY time would look like a
-database fault and be retried forever, so it is caught here, where it is a property of the page.
+so the job fails with a clear reason and stores nothing. So does anything PostgreSQL would refuse
+(a NUL character in text, an integer beyond its column, a FaceId too long for a btree index): a
+value the database rejects at COPY time would look like a database fault and be retried forever,
+so it is caught here, where it is a property of the page. An enumeration value this version does
+not know (Rekognition adds landmark types, emotions and other values over time) is no violation:
+it is stored as sent and reported in ``PageRows.unknown`` for the worker process to count and log.
 Rows are plain tuples in the column order of the tables below, ready for COPY.
 """
 
