@@ -4,10 +4,12 @@ Strategies are built by walking the output shapes of GetFaceDetection and GetFac
 service model, so a member the service adds shows up here without anyone writing it down. Three kinds
 of page:
 - ``wild``: anything the model's types allow, any subset of members, empty lists, unicode and very
-  long strings, extreme numbers, unknown extra fields, now and then an enum value outside the model,
-  a NUL character or an integer beyond 64 bits;
-- ``conforming``: what the service can really send (and what the worker promises to store);
-- ``violating``: a conforming page with one member of the wrong type, or a Timestamp removed.
+  long strings, extreme numbers, unknown extra fields, now and then an enum value outside the model
+  (of any length), a NUL character or an integer beyond 64 bits;
+- ``conforming``: what the service can really send (and what the worker promises to store), including
+  now and then an enum value no published model lists (the service adds values: they are stored as sent);
+- ``violating``: a conforming page with one member of the wrong type (an enum value too long or with a
+  NUL counts), or a Timestamp removed.
 
 Properties: the normalizer returns rows or raises MalformedPage, nothing else; every row it returns can
 be stored in its column (types, ranges, NUL, enum labels, read from the migrated schema itself);
@@ -61,6 +63,9 @@ NEEDED = {("FaceDetection", "Timestamp"), ("PersonMatch", "Timestamp"), ("FaceMa
 # Indexed text columns: the normalizer bounds them (see normalize._MAX_KEY_CHARS).
 KEY_MEMBERS = {("Face", "FaceId"), ("Face", "ExternalImageId")}
 MAX_KEY_CHARS = 512
+# Enum values this version does not know are stored as sent when PostgreSQL text can hold them and they
+# are no longer than this (see normalize.MAX_ENUM_CHARS).
+MAX_ENUM_CHARS = 256
 I64 = 2**63
 U64 = 2**64
 FLOAT_MAX = 1.7976931348623157e308
@@ -76,6 +81,10 @@ SHORT_TEXT = st.text(CHARS, max_size=24)
 # Long strings are built by repetition: cheap to generate, and just as long for the code under test.
 LONG_TEXT = st.builds(lambda piece, n: piece * n, st.text(CHARS, min_size=1, max_size=4), st.integers(300, 5_000))
 WITH_NUL = st.builds(lambda a, b: a + "\x00" + b, SHORT_TEXT, SHORT_TEXT)
+NO_NUL = CHARS.filter(lambda c: c != "\x00")
+# A value of an enumeration that a later service version could send: any text a column can hold.
+NEW_ENUM_VALUE = st.one_of(st.text(NO_NUL, max_size=24),
+                           st.builds(lambda c: c * MAX_ENUM_CHARS, NO_NUL))
 EXTREME_INTS = st.sampled_from([0, 1, -1, 2**31 - 1, 2**31, 2**53 + 1, I64 - 1, -I64 + 1, I64, -I64, U64 - 1])
 EXTREME_FLOATS = st.sampled_from([0.0, -0.0, 5e-324, -5e-324, 1e-300, 100.0, 1e300, FLOAT_MAX, -FLOAT_MAX])
 JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-I64, U64 - 1),
@@ -124,7 +133,9 @@ class PageStrategies:
     def _string(self, shape: Any, owner: str, member: str) -> st.SearchStrategy[Any]:
         if shape.enum:
             valid = st.sampled_from(list(shape.enum))
-            return _rarely(valid, SHORT_TEXT) if self.wild else valid
+            if self.wild:
+                return _rarely(valid, st.one_of(SHORT_TEXT, LONG_TEXT))
+            return _rarely(valid, NEW_ENUM_VALUE)
         uuids = owner == "Face" and member in ("FaceId", "ImageId")
         real = st.uuids().map(str) if uuids else SHORT_TEXT.filter(bool)
         if (owner, member) in KEY_MEMBERS:
@@ -238,7 +249,7 @@ def violating_pages(draw: st.DrawFn, *, wire: bool = False) -> tuple[Api, dict[s
     kind = sub.type_name
     options = list(WRONG_TYPES[kind])
     if kind == "string" and sub.enum:
-        options.append("NotAValue")
+        options.append("N" * (MAX_ENUM_CHARS + 1))  # other values are accepted, too long ones are not
     if kind == "string" and path[-1] != "JobStatus":
         options.append("with a \x00 inside")
     if kind == "list":
@@ -377,6 +388,12 @@ def test_conforming_pages_store_every_element(
     assert actual_counts(rows) == expected_counts(page, api)
     elements = page.get(api.results_key) or []
     assert [r[2] for r in rows.faces] == [e["Timestamp"] for e in elements]
+    # Enum values, known or not, are stored exactly as sent.
+    faces = [e.get("Person", {}).get("Face") if api is Api.FACE_SEARCH else e.get("Face") for e in elements]
+    faces = [f for f in faces if f is not None]
+    assert [r[3] for r in rows.landmarks] == [lm["Type"] for f in faces for lm in f.get("Landmarks") or []]
+    assert [r[3] for r in rows.emotions] == [em["Type"] for f in faces for em in f.get("Emotions") or []]
+    assert rows.meta.job_status == page.get("JobStatus")
     assert unstorable(rows, column_types) == []
 
 

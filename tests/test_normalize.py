@@ -15,7 +15,11 @@ from worker.normalize import (
     FACE_COLUMNS,
     LANDMARK_COLUMNS,
     MATCH_COLUMNS,
+    MAX_ENUM_CHARS,
+    MAX_UNKNOWN_PER_PAGE,
+    OTHER,
     normalize_page,
+    parse_meta,
 )
 
 
@@ -65,13 +69,18 @@ def test_empty_page_and_missing_face_are_fine() -> None:
         (lambda p: p["Faces"][1].__setitem__("Timestamp", "12"), "Faces[1].Timestamp"),
         (lambda p: p["Faces"][0]["Face"]["BoundingBox"].__setitem__("Width", "wide"), "BoundingBox.Width"),
         (lambda p: p["Faces"][0]["Face"]["Smile"].__setitem__("Value", "yes"), "Smile.Value"),
-        (lambda p: p["Faces"][0]["Face"]["Landmarks"][2].__setitem__("Type", "thirdEye"), "Landmarks[2].Type"),
-        (lambda p: p["Faces"][0]["Face"]["Emotions"][0].__setitem__("Type", "BORED"), "Emotions[0].Type"),
+        # Enumeration values this version does not know are stored (see below); wrong types are not.
+        (lambda p: p["Faces"][0]["Face"]["Landmarks"][2].__setitem__("Type", 7), "Landmarks[2].Type"),
+        (lambda p: p["Faces"][0]["Face"]["Landmarks"][2].pop("Type"), "Landmarks[2].Type"),
+        (lambda p: p["Faces"][0]["Face"]["Emotions"][0].__setitem__("Type", {"name": "BORED"}), "Emotions[0].Type"),
         (lambda p: p["Faces"][0]["Face"]["Gender"].__setitem__("Value", 1), "Gender.Value"),
+        (lambda p: p["VideoMetadata"].__setitem__("ColorRange", False), "ColorRange"),
         (lambda p: p.__setitem__("Faces", {"not": "a list"}), "Faces"),
         (lambda p: p["Faces"].__setitem__(0, "face"), "Faces[0]"),
         (lambda p: p["VideoMetadata"].__setitem__("DurationMillis", 1.5), "DurationMillis"),
-        (lambda p: p.__setitem__("JobStatus", "DONE"), "JobStatus"),
+        (lambda p: p.__setitem__("JobStatus", 1.0), "JobStatus"),
+        (lambda p: p["Faces"][0]["Face"]["Landmarks"][0].__setitem__("Type", "x" * 257), "Landmarks[0].Type"),
+        (lambda p: p["Faces"][0]["Face"]["Emotions"][1].__setitem__("Type", "SO\x00BER"), "Emotions[1].Type"),
         (lambda p: p["Faces"][0]["Face"]["AgeRange"].__setitem__("Low", True), "AgeRange.Low"),
     ],
 )
@@ -109,3 +118,45 @@ def test_unhashable_enum_values_are_malformed_not_crashes() -> None:
         page["Faces"][1]["Face"][member][0]["Type"] = ["eyeLeft"]
         with pytest.raises(MalformedPage, match=f"Faces\\[1\\].Face.{member}\\[0\\].Type"):
             normalize_page(page, Api.FACE_DETECTION, "det-unhashable", 0)
+
+
+def test_unknown_enumeration_values_are_stored_as_sent_and_reported() -> None:
+    fx = synth.detection_job("det-new-values", faces=4, attributes="ALL")
+    page = copy.deepcopy(_page(fx, 4))
+    page["JobStatus"] = "SUCCEEDED"
+    page["VideoMetadata"]["ColorRange"] = "HDR10"
+    faces = [e["Face"] for e in page["Faces"]]
+    faces[0]["Landmarks"][2]["Type"] = "earLeft"
+    faces[3]["Landmarks"][2]["Type"] = "earLeft"
+    faces[3]["Landmarks"][5]["Type"] = "x" * MAX_ENUM_CHARS  # the longest accepted
+    faces[1]["Emotions"][0]["Type"] = "CONTEMPT"
+    faces[2]["Gender"]["Value"] = "Nonbinary"
+    faces[2]["Emotions"][4]["Type"] = ""  # a string PostgreSQL can store, so stored
+    rows = normalize_page(page, Api.FACE_DETECTION, "det-new-values", 10)
+    landmark = {(r[1], r[2]): r[3] for r in rows.landmarks}
+    emotion = {(r[1], r[2]): r[3] for r in rows.emotions}
+    assert landmark[(10, 2)] == landmark[(13, 2)] == "earLeft" and landmark[(13, 5)] == "x" * MAX_ENUM_CHARS
+    assert emotion[(11, 0)] == "CONTEMPT" and emotion[(12, 4)] == ""
+    assert rows.faces[2][FACE_COLUMNS.index("gender_value")] == "Nonbinary"
+    assert rows.meta.color_range == "HDR10"
+    assert rows.unknown == {"color_range": {"HDR10": 1}, "landmark_type": {"earLeft": 2, "x" * MAX_ENUM_CHARS: 1},
+                            "emotion_type": {"CONTEMPT": 1, "": 1}, "gender": {"Nonbinary": 1}}
+    # Known values report nothing.
+    assert normalize_page(_page(fx, 4), Api.FACE_DETECTION, "det-new-values", 0).unknown == {}
+
+
+def test_unknown_job_status_is_reported_by_parse_meta() -> None:
+    unknown: dict[str, dict[str, int]] = {}
+    meta = parse_meta({"JobStatus": "PARTIALLY_SUCCEEDED"}, unknown)
+    assert meta.job_status == "PARTIALLY_SUCCEEDED" and unknown == {"job_status": {"PARTIALLY_SUCCEEDED": 1}}
+
+
+def test_distinct_unknown_values_per_page_are_bounded() -> None:
+    """All are stored; beyond MAX_UNKNOWN_PER_PAGE distinct values the report counts them together."""
+    n = MAX_UNKNOWN_PER_PAGE + 8
+    page = {"Faces": [{"Timestamp": 1, "Face": {"Landmarks": [{"Type": f"new{i}"} for i in range(n)] * 2}}]}
+    rows = normalize_page(page, Api.FACE_DETECTION, "j", 0)
+    assert [r[3] for r in rows.landmarks] == [f"new{i}" for i in range(n)] * 2
+    reported = rows.unknown["landmark_type"]
+    assert len(reported) == MAX_UNKNOWN_PER_PAGE + 1 and reported[OTHER] == 16
+    assert sum(reported.values()) == 2 * n

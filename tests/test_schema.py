@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
 import pytest
@@ -16,8 +17,10 @@ COLUMNS = {
     "faces": normalize.FACE_COLUMNS, "landmarks": normalize.LANDMARK_COLUMNS, "emotions": normalize.EMOTION_COLUMNS,
     "face_matches": normalize.MATCH_COLUMNS, "collection_faces": normalize.COLLECTION_FACE_COLUMNS,
 }
-ENUMS = {"landmark_type": normalize.LANDMARK_TYPES, "emotion_type": normalize.EMOTION_TYPES,
-         "gender": normalize.GENDERS, "color_range": normalize.COLOR_RANGES, "job_status": normalize.JOB_STATUSES}
+# Columns that hold Rekognition's enumeration values: text since 0005, so newer values are stored as sent.
+ENUM_COLUMNS = {("landmarks", "type"), ("emotions", "type"), ("faces", "gender_value"), ("jobs", "color_range"),
+                ("jobs", "job_status")}
+OLD_ENUM_TYPES = ("landmark_type", "emotion_type", "gender", "color_range", "job_status")
 
 
 async def test_copy_columns_match_the_tables(db: asyncpg.Connection) -> None:
@@ -27,11 +30,13 @@ async def test_copy_columns_match_the_tables(db: asyncpg.Connection) -> None:
         assert tuple(r["column_name"] for r in rows) == columns, table
 
 
-async def test_enum_labels_match_the_normalizer(db: asyncpg.Connection) -> None:
-    for type_name, values in ENUMS.items():
-        labels = await db.fetch("SELECT enumlabel FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid "
-                                "WHERE t.typname = $1", type_name)
-        assert {r["enumlabel"] for r in labels} == set(values), type_name
+async def test_enumeration_columns_are_text_and_the_old_types_are_gone(db: asyncpg.Connection) -> None:
+    for table, column in ENUM_COLUMNS:
+        data_type = await db.fetchval("SELECT data_type FROM information_schema.columns "
+                                      "WHERE table_schema = 'public' AND table_name = $1 AND column_name = $2",
+                                      table, column)
+        assert data_type == "text", (table, column)
+    assert await db.fetch("SELECT typname FROM pg_type WHERE typname = ANY($1)", list(OLD_ENUM_TYPES)) == []
 
 
 async def test_result_tables_lead_with_job_id(db: asyncpg.Connection) -> None:
@@ -59,3 +64,62 @@ async def test_downgrade_and_upgrade_round_trip(db_url: str, db: asyncpg.Connect
 async def test_job_id_pattern_is_enforced_by_the_database(db: asyncpg.Connection) -> None:
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute("INSERT INTO jobs (job_id, api, ingest_state) VALUES ('bad id', 'FACE_SEARCH', 'failed')")
+
+
+async def _reporting_surface(db: asyncpg.Connection, role: str) -> dict[str, tuple[object, ...]]:
+    """Per reporting view: its definition, columns, whether ``role`` may read it, its comments."""
+    rows = await db.fetch(
+        """SELECT c.relname, pg_get_viewdef(c.oid) AS definition, has_table_privilege($1, c.oid, 'SELECT') AS readable,
+                  obj_description(c.oid, 'pg_class') AS comment,
+                  (SELECT array_agg(a.attname || '=' || coalesce(col_description(c.oid, a.attnum), '')
+                                    ORDER BY a.attnum)
+                   FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0) AS columns
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = 'reporting' AND c.relkind = 'v'""", role)
+    return {r["relname"]: (r["definition"], r["readable"], r["comment"], tuple(r["columns"])) for r in rows}
+
+
+async def test_0005_carries_rows_views_grants_and_comments_over_and_back(
+        db_url: str, db: asyncpg.Connection) -> None:
+    cfg = alembic_config(Settings(database_url=db_url))
+    await asyncio.to_thread(command.downgrade, cfg, "0004")
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    await db.execute(f"CREATE ROLE {role}")
+    try:
+        await db.execute(f"GRANT USAGE ON SCHEMA reporting TO {role}")
+        await db.execute(f"GRANT SELECT ON reporting.job_summary, reporting.face_observations TO {role}")
+        await db.execute("COMMENT ON VIEW reporting.job_summary IS 'one row per job, it''s documented'")
+        await db.execute("COMMENT ON COLUMN reporting.face_observations.gender_value IS 'Male, Female, or newer'")
+        await db.execute("INSERT INTO jobs (job_id, api, job_status, color_range, ingest_state) "
+                         "VALUES ('m-1', 'FACE_DETECTION', 'SUCCEEDED', 'LIMITED', 'ingested')")
+        await db.execute("INSERT INTO faces (job_id, face_seq, timestamp_ms, has_face, gender_value) "
+                         "VALUES ('m-1', 0, 0, true, 'Female')")
+        await db.execute("INSERT INTO landmarks (job_id, face_seq, ordinal, type) VALUES ('m-1', 0, 0, 'chinBottom')")
+        await db.execute("INSERT INTO emotions (job_id, face_seq, ordinal, type) VALUES ('m-1', 0, 0, 'FEAR')")
+        before = await _reporting_surface(db, role)
+        assert before["job_summary"][1] and before["job_summary"][2]
+
+        await asyncio.to_thread(command.upgrade, cfg, "head")
+        assert await _reporting_surface(db, role) == before
+        stored = ("SELECT j.job_status::text, j.color_range::text, f.gender_value::text, l.type::text, e.type::text "
+                  "FROM jobs j JOIN faces f USING (job_id) JOIN landmarks l USING (job_id) "
+                  "JOIN emotions e USING (job_id)")
+        assert tuple(await db.fetchrow(stored)) == ("SUCCEEDED", "LIMITED", "Female", "chinBottom", "FEAR")
+        assert await db.fetchval("SELECT gender_value FROM reporting.face_observations") == "Female"
+
+        # A value the old enum cannot hold: the downgrade refuses, naming it, and changes nothing.
+        await db.execute("INSERT INTO landmarks (job_id, face_seq, ordinal, type) VALUES ('m-1', 0, 1, 'earLeft')")
+        with pytest.raises(RuntimeError, match=r"landmarks\.type: 'earLeft'"):
+            await asyncio.to_thread(command.downgrade, cfg, "0004")
+        assert await db.fetchval("SELECT version_num FROM alembic_version") == head_revision()
+        assert await db.fetchval("SELECT to_regtype('landmark_type')") is None
+
+        await db.execute("DELETE FROM landmarks WHERE type = 'earLeft'")
+        await asyncio.to_thread(command.downgrade, cfg, "0004")
+        assert await _reporting_surface(db, role) == before
+        assert tuple(await db.fetchrow(stored)) == ("SUCCEEDED", "LIMITED", "Female", "chinBottom", "FEAR")
+        assert await db.fetchval("SELECT pg_typeof(type)::text FROM landmarks") == "landmark_type"
+        await asyncio.to_thread(command.upgrade, cfg, "head")
+    finally:
+        await db.execute(f"DROP OWNED BY {role}")
+        await db.execute(f"DROP ROLE {role}")

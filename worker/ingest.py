@@ -16,12 +16,12 @@ from typing import Any
 import asyncpg
 import structlog
 
-from worker import metrics
+from worker import metrics, unknown_values
 from worker.db.store import AlreadyIngested, JobBusy, Store, WriteCounts
 from worker.errors import InvalidInput, JobNotReady, PermanentJobError, RestartJob, TransientError
 from worker.logs import get_logger
 from worker.messages import JobRef
-from worker.normalize import JobMeta
+from worker.normalize import JOB_STATUSES, JobMeta
 from worker.pagecodec import DecodedPage, PageDecoder
 from worker.rekognition import Fetcher
 
@@ -115,6 +115,8 @@ class Ingestor:
             # Decoding, normalizing and compressing run on another core; pages are sequential
             # (each NextToken comes from the page before), so ``seq`` is known here.
             page = await self.decoder.decode(raw, ref.api, ref.job_id, seq, archive)
+            if page.unknown:
+                unknown_values.report(page.unknown)
             if page.rows is not None:
                 seq += page.rows.elements
             return page, page.meta.job_status, page.meta.next_token
@@ -132,6 +134,12 @@ class Ingestor:
                 raise PermanentJobError(
                     f"response JobId {meta.response_job_id!r} differs from the requested job", code="MalformedPage"
                 )
+            if meta.job_status is not None and meta.job_status not in JOB_STATUSES:
+                # A status newer than this version: no telling whether the page holds results. The
+                # status is stored as sent, with a reason that says what happened.
+                reason = f"Rekognition reported JobStatus {meta.job_status[:64]!r}, unknown to this version"
+                await self.store.record_failure(ref, code="UnknownJobStatus", reason=reason, meta=meta)
+                return JobOutcome(ref.job_id, ref.api.value, "failed", pages=1, reason=reason)
             held = [first]
             del first  # the writer drops the page once written: memory stays bounded by the prefetch depth
             try:

@@ -17,3 +17,8 @@ JOB_SECONDS = Histogram(
 OLDEST_MESSAGE_AGE = Gauge("worker_oldest_message_age_seconds", "Age of the oldest message received")
 RATE_LIMIT = Gauge("worker_rekognition_rate_limit_per_second", "Current Get* call rate of this process")
 HEARTBEAT_FAILURES = Counter("worker_visibility_extension_failures_total", "Failed visibility extensions")
+UNKNOWN_VALUES = Counter(
+    "worker_unknown_enum_values_total",
+    "Enumeration values this version does not know, stored as sent; by member and value (truncated)",
+    ["member", "value"],
+)

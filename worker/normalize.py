@@ -1,11 +1,13 @@
 """Pure normalization: one Get* result page in, row batches out. No I/O.
 
 Every value of the response syntax lands in a column; anything that violates the response
-model (a missing Timestamp, a string where a number belongs, an unknown enumeration value)
-raises MalformedPage naming the path, so the job fails with a clear reason and stores nothing.
-So does anything PostgreSQL would refuse (a NUL character in text, an integer beyond its column,
-a FaceId too long for a btree index): a value the database rejects at COPY time would look like a
-database fault and be retried forever, so it is caught here, where it is a property of the page.
+model (a missing Timestamp, a string where a number belongs) raises MalformedPage naming the path,
+so the job fails with a clear reason and stores nothing. So does anything PostgreSQL would refuse
+(a NUL character in text, an integer beyond its column, a FaceId too long for a btree index): a
+value the database rejects at COPY time would look like a database fault and be retried forever,
+so it is caught here, where it is a property of the page. An enumeration value this version does
+not know (Rekognition adds landmark types, emotions and other values over time) is no violation:
+it is stored as sent and reported in ``PageRows.unknown`` for the worker process to count and log.
 Rows are plain tuples in the column order of the tables below, ready for COPY.
 """
 
@@ -31,6 +33,16 @@ EMOTION_TYPES = frozenset({"HAPPY", "SAD", "ANGRY", "CONFUSED", "DISGUSTED", "SU
 GENDERS = frozenset({"Male", "Female"})
 COLOR_RANGES = frozenset({"FULL", "LIMITED"})
 JOB_STATUSES = frozenset({"IN_PROGRESS", "SUCCEEDED", "FAILED"})
+
+# Values outside the sets above, by member ("landmark_type", "emotion_type", "gender", "color_range",
+# "job_status") -> value -> occurrences on the page.
+UnknownValues = dict[str, dict[str, int]]
+# An enumeration value is a short name; a longer one is not a value from the service.
+MAX_ENUM_CHARS = 256
+# Distinct unknown values carried back per member and page; further ones are counted under OTHER, so
+# a hostile page of 30,000 distinct "landmark types" cannot flood the parent's metrics and log.
+MAX_UNKNOWN_PER_PAGE = 32
+OTHER = "(other)"
 
 # Enumeration value -> one shared str object. A page carries 30,000 landmark type strings, each a
 # fresh object from the JSON decoder; storing the shared one instead lets pickle send each type once
@@ -120,6 +132,8 @@ class PageRows:
     matches: list[tuple[Any, ...]] = field(default_factory=list)
     # FaceId -> row: a collection face appears once per job however often it matched.
     collection_faces: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Enumeration values this version does not know, stored as sent (job-level ones included).
+    unknown: UnknownValues = field(default_factory=dict)
 
     @property
     def row_count(self) -> int:
@@ -185,11 +199,26 @@ def _bool(value: object, path: str) -> bool | None:
     raise _bad(path, "boolean", value)
 
 
-def _enum(value: object, allowed: frozenset[str], path: str) -> str | None:
+def _enum(value: object, allowed: frozenset[str], member: str, unknown: UnknownValues | None,
+          path: str) -> str | None:
     if value is None:
         return None
-    if type(value) is not str or value not in allowed:
-        raise _bad(path, "one of " + ", ".join(sorted(allowed)), value)
+    if type(value) is str and value in allowed:
+        return value
+    return _new_value(value, member, unknown, path)
+
+
+def _new_value(value: object, member: str, unknown: UnknownValues | None, path: str) -> str:
+    """A value of enumeration ``member`` that this version does not know: kept as sent, counted in ``unknown``.
+
+    Only its type and what PostgreSQL can store are checked (a string, no NUL, at most MAX_ENUM_CHARS).
+    """
+    if type(value) is not str or len(value) > MAX_ENUM_CHARS or "\x00" in value:
+        raise _bad(path, f"string of at most {MAX_ENUM_CHARS} characters without NUL", value)
+    if unknown is not None:
+        seen = unknown.setdefault(member, {})
+        key = value if value in seen or len(seen) < MAX_UNKNOWN_PER_PAGE else OTHER
+        seen[key] = seen.get(key, 0) + 1
     return value
 
 
@@ -218,15 +247,15 @@ def _too_many(path: str, items: list[Any]) -> MalformedPage:
     return _bad(path, f"at most {_MAX_CHILDREN} elements", f"{len(items)} elements")
 
 
-def parse_meta(page: Mapping[str, Any]) -> JobMeta:
-    """The job-level members of a page, validated."""
+def parse_meta(page: Mapping[str, Any], unknown: UnknownValues | None = None) -> JobMeta:
+    """The job-level members of a page, validated; values it does not know are added to ``unknown``."""
     if type(page) is not dict:
         raise _bad("page", "object", page)
     video = _obj(page.get("Video"), "Video") or {}
     s3 = _obj(video.get("S3Object"), "Video.S3Object") or {}
     vm = _obj(page.get("VideoMetadata"), "VideoMetadata") or {}
     return JobMeta(
-        job_status=_enum(page.get("JobStatus"), JOB_STATUSES, "JobStatus"),
+        job_status=_enum(page.get("JobStatus"), JOB_STATUSES, "job_status", unknown, "JobStatus"),
         status_message=_str(page.get("StatusMessage"), "StatusMessage"),
         job_tag=_str(page.get("JobTag"), "JobTag"),
         video_bucket=_str(s3.get("Bucket"), "Video.S3Object.Bucket"),
@@ -238,13 +267,13 @@ def parse_meta(page: Mapping[str, Any]) -> JobMeta:
         frame_rate=_num(vm.get("FrameRate"), "VideoMetadata.FrameRate"),
         frame_height=_int(vm.get("FrameHeight"), "VideoMetadata.FrameHeight"),
         frame_width=_int(vm.get("FrameWidth"), "VideoMetadata.FrameWidth"),
-        color_range=_enum(vm.get("ColorRange"), COLOR_RANGES, "VideoMetadata.ColorRange"),
+        color_range=_enum(vm.get("ColorRange"), COLOR_RANGES, "color_range", unknown, "VideoMetadata.ColorRange"),
         next_token=_str(page.get("NextToken"), "NextToken"),
         response_job_id=_str(page.get("JobId"), "JobId"),
     )
 
 
-def _face_columns(face: Mapping[str, Any], path: str) -> tuple[Any, ...]:
+def _face_columns(face: Mapping[str, Any], path: str, unknown: UnknownValues) -> tuple[Any, ...]:
     """Columns has_face .. eye_direction_confidence of FACE_COLUMNS for one FaceDetail."""
     cols: list[Any] = [True, *_box(face.get("BoundingBox"), path + ".BoundingBox"),
                        _num(face.get("Confidence"), path + ".Confidence")]
@@ -256,7 +285,7 @@ def _face_columns(face: Mapping[str, Any], path: str) -> tuple[Any, ...]:
         cols.append(_bool(attr.get("Value"), f"{path}.{member}.Value"))
         cols.append(_num(attr.get("Confidence"), f"{path}.{member}.Confidence"))
     gender = _obj(face.get("Gender"), path + ".Gender") or {}
-    cols.append(_enum(gender.get("Value"), GENDERS, path + ".Gender.Value"))
+    cols.append(_enum(gender.get("Value"), GENDERS, "gender", unknown, path + ".Gender.Value"))
     cols.append(_num(gender.get("Confidence"), path + ".Gender.Confidence"))
     for member, _ in _BOOL_ATTRS[3:]:
         attr = _obj(face.get(member), f"{path}.{member}") or {}
@@ -289,8 +318,8 @@ def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any
             raise _bad(f"{path}.Landmarks[{i}]", "object", lm)
         raw = lm.get("Type")
         kind = _LANDMARK_TYPE.get(raw) if type(raw) is str else None
-        if kind is None:
-            raise _bad(f"{path}.Landmarks[{i}].Type", "a landmark type", raw)
+        if kind is None:  # the rare path: a value this version does not know, or not a string
+            kind = _new_value(raw, "landmark_type", rows.unknown, f"{path}.Landmarks[{i}].Type")
         x, y = lm.get("X"), lm.get("Y")
         if not ((type(x) is float or x is None) and (type(y) is float or y is None)):
             # The rare path (ints, wrong types): full checks, one at a time.
@@ -307,7 +336,7 @@ def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any
         raw = em.get("Type")
         kind = _EMOTION_TYPE.get(raw) if type(raw) is str else None
         if kind is None:
-            raise _bad(f"{path}.Emotions[{i}].Type", "an emotion type", raw)
+            kind = _new_value(raw, "emotion_type", rows.unknown, f"{path}.Emotions[{i}].Type")
         emotions.append((job_id, seq, i, kind, _num(em.get("Confidence"), f"{path}.Emotions[{i}].Confidence")))
 
 
@@ -341,7 +370,8 @@ def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: st
 
 def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: int) -> PageRows:
     """Rows for one page. ``seq_start`` is the stream position of the page's first element."""
-    rows = PageRows(meta=parse_meta(page))
+    unknown: UnknownValues = {}
+    rows = PageRows(meta=parse_meta(page, unknown), unknown=unknown)
     key = api.results_key
     elements = _list(page.get(key), key)
     if seq_start + len(elements) > _MAX_SEQ + 1:
@@ -371,7 +401,7 @@ def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: in
         if face is None:
             faces.append((job_id, seq, ts, index, *pbox, False, *_NO_FACE))
             continue
-        faces.append((job_id, seq, ts, index, *pbox, *_face_columns(face, fpath)))
+        faces.append((job_id, seq, ts, index, *pbox, *_face_columns(face, fpath, unknown)))
         _face_children(rows, job_id, seq, face, fpath)
     rows.elements = len(elements)
     return rows

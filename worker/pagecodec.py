@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import cast
 
@@ -32,16 +32,20 @@ import orjson
 from worker.db.store import ArchivedPage
 from worker.errors import MalformedPage, TransientError
 from worker.messages import Api
-from worker.normalize import JobMeta, PageRows, normalize_page, parse_meta
+from worker.normalize import JobMeta, PageRows, UnknownValues, normalize_page, parse_meta
 
 
 @dataclass(slots=True)
 class DecodedPage:
-    """One page, ready for the writer. ``rows`` is None unless the job SUCCEEDED."""
+    """One page, ready for the writer. ``rows`` is None unless the job SUCCEEDED.
+
+    ``unknown``: enumeration values this version does not know, for the parent process to count.
+    """
 
     meta: JobMeta
     rows: PageRows | None
     archived: ArchivedPage | None
+    unknown: UnknownValues = field(default_factory=dict)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -72,11 +76,13 @@ def decode_page(raw: bytes, api: Api, job_id: str, seq_start: int, archive: bool
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise MalformedPage(f"malformed result page: not JSON: {exc}") from None
-    meta = parse_meta(body)
+    unknown: UnknownValues = {}
+    meta = parse_meta(body, unknown)
     rows = normalize_page(body, api, job_id, seq_start) if meta.job_status == "SUCCEEDED" else None
     del body
     archived = ArchivedPage.compress(raw) if archive and rows is not None else None
-    return DecodedPage(meta, rows, archived)
+    # normalize_page parses the job-level members again and reports their values with the rows'.
+    return DecodedPage(meta, rows, archived, rows.unknown if rows is not None else unknown)
 
 
 # Below this a pipe write is as cheap as creating and mapping a block.

@@ -45,6 +45,7 @@ from worker.local.synth import (
     Json,
     demo_jobs,
     page_body,
+    with_future_values,
 )
 
 Clock = Callable[[], float]
@@ -716,6 +717,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-auth", action="store_true", help="accept unsigned requests")
     parser.add_argument("--demo-jobs", action="store_true", help="load synth.demo_jobs()")
+    parser.add_argument("--future-values", action="store_true",
+                        help="with --demo-jobs: results carry enum values no published model lists "
+                             "(synth.with_future_values), to check a consumer's forward compatibility")
     parser.add_argument("--prerender", action="store_true", help="render all 1000-result pages before READY")
     return parser.parse_args(argv)
 
@@ -733,7 +737,10 @@ def _config_from_args(args: argparse.Namespace) -> EmulatorConfig:
 
 
 async def _serve(config: EmulatorConfig, args: argparse.Namespace) -> int:
-    emulator = RekognitionEmulator(config, jobs=demo_jobs(args.seed) if args.demo_jobs else ())
+    jobs = demo_jobs(args.seed) if args.demo_jobs else []
+    if args.future_values:
+        jobs = [with_future_values(job) if job.job_status == "SUCCEEDED" else job for job in jobs]
+    emulator = RekognitionEmulator(config, jobs=jobs)
     if args.prerender:
         emulator.prerender()
     # Signal handlers only set the event; shutdown happens below, in order.

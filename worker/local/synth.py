@@ -19,16 +19,19 @@ import struct
 import uuid
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
 Api = Literal["GetFaceDetection", "GetFaceSearch"]
 JobStatus = Literal["IN_PROGRESS", "SUCCEEDED", "FAILED"]
+# A status no published model lists: what a later service version might answer (see FUTURE_VALUES).
+FutureJobStatus = Literal["SUSPENDED"]
 Attributes = Literal["DEFAULT", "ALL"]
 Json = dict[str, Any]
 
 API_NAMES: tuple[str, ...] = get_args(Api)
 JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
+FUTURE_JOB_STATUSES: tuple[str, ...] = get_args(FutureJobStatus)
 RESULTS_KEY: dict[str, str] = {"GetFaceDetection": "Faces", "GetFaceSearch": "Persons"}
 JOB_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -80,6 +83,16 @@ EMOTION_TYPES: tuple[str, ...] = (
     "FEAR",
 )
 
+# Enumeration values that no published model lists, by member: what a later service version might send
+# (Rekognition has added landmark types and emotions before). See :func:`with_future_values`.
+FUTURE_VALUES: dict[str, tuple[str, ...]] = {
+    "landmark_type": ("earLeft", "earRight"),
+    "emotion_type": ("CONTEMPT",),
+    "gender": ("Nonbinary",),
+    "color_range": ("HDR_PQ",),
+    "job_status": FUTURE_JOB_STATUSES,
+}
+
 _F32 = struct.Struct("<f")
 _BUCKET = "acme-video-ingest"
 
@@ -112,7 +125,7 @@ class JobFixture:
 
     job_id: str
     api: Api
-    job_status: JobStatus = "SUCCEEDED"
+    job_status: JobStatus | FutureJobStatus = "SUCCEEDED"
     status_message: str | None = None
     results: list[Json] = field(default_factory=list)
     video_metadata: Json = field(default_factory=dict)
@@ -125,8 +138,9 @@ class JobFixture:
             raise ValueError(f"JobId must match ^[a-zA-Z0-9-_]{{1,64}}$ (got {self.job_id!r})")
         if self.api not in API_NAMES:
             raise ValueError(f"api must be one of {API_NAMES} (got {self.api!r})")
-        if self.job_status not in JOB_STATUSES:
-            raise ValueError(f"job_status must be one of {JOB_STATUSES} (got {self.job_status!r})")
+        if self.job_status not in JOB_STATUSES + FUTURE_JOB_STATUSES:
+            raise ValueError(f"job_status must be one of {JOB_STATUSES + FUTURE_JOB_STATUSES} "
+                             f"(got {self.job_status!r})")
 
     @property
     def results_key(self) -> str:
@@ -579,6 +593,46 @@ def search_job(
         video=_video_location(rng, job_id, all_optional),
         job_tag=f"search-{job_id[:16]}" if all_optional else None,
     )
+
+
+def with_future_values(fixture: JobFixture, *, every: int = 3,
+                       values: Mapping[str, Sequence[str]] = FUTURE_VALUES) -> JobFixture:
+    """A copy of ``fixture`` whose results carry enumeration values no published model lists.
+
+    Every ``every``-th face (from the first) gains the FUTURE_VALUES landmark types (at its ears) after
+    its Landmarks and a future emotion after its Emotions (when it has any), and its Gender (when it has
+    one) takes a future value; the video's ColorRange becomes a future one. Everything else is as in
+    ``fixture``, which is not changed. For tests and outside checks of a consumer's forward compatibility;
+    ``values`` replaces FUTURE_VALUES (e.g. values unique to one test).
+    """
+    if every < 1:
+        raise ValueError("every must be >= 1")
+    search = fixture.api == "GetFaceSearch"
+    results: list[Json] = []
+    for n, element in enumerate(fixture.results):
+        holder = element.get("Person") if search else element
+        if n % every or not isinstance(holder, dict) or not isinstance(holder.get("Face"), dict):
+            results.append(element)
+            continue
+        face = holder["Face"]
+        ears = _ears(face.get("BoundingBox"), values["landmark_type"])
+        face = {**face, "Landmarks": [*(face.get("Landmarks") or []), *ears]}
+        if face.get("Emotions"):
+            new = [{"Type": kind, "Confidence": _f32(0.25)} for kind in values["emotion_type"]]
+            face["Emotions"] = [*face["Emotions"], *new]
+        if isinstance(face.get("Gender"), dict):
+            face["Gender"] = {**face["Gender"], "Value": values["gender"][0]}
+        # New dicts along the path to the face: the fixture (and a collection shared by jobs) stay as they were.
+        results.append({**element, "Person": {**holder, "Face": face}} if search else {**element, "Face": face})
+    metadata = {**fixture.video_metadata, "ColorRange": values["color_range"][0]}
+    return replace(fixture, results=results, video_metadata=metadata)
+
+
+def _ears(box: Json | None, kinds: Sequence[str]) -> list[Json]:
+    """Landmarks of ``kinds``, on the left and right edge of the face box by turns, half way down."""
+    box = box or {"Width": 0.1, "Height": 0.1, "Left": 0.45, "Top": 0.45}
+    return [{"Type": kind, "X": _f32(box["Left"] + box["Width"] * (i % 2)), "Y": _f32(box["Top"] + box["Height"] / 2)}
+            for i, kind in enumerate(kinds)]
 
 
 def in_progress_job(job_id: str, api: Api) -> JobFixture:
