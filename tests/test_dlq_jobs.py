@@ -26,7 +26,7 @@ from test_service_support import (
 )
 
 from worker.config import Settings
-from worker.dlq import _age, move_task_unsupported
+from worker.dlq import Scan, _age, list_dead_letters, locate, move_task_unsupported, scanning
 from worker.jobs import parse_since
 from worker.local import synth
 from worker.messages import JobRef
@@ -235,3 +235,39 @@ def test_pure_helpers() -> None:
     assert parse_since("2026-11-30").isoformat() == "2026-11-30T00:00:00+00:00"
     assert parse_since("2026-11-30T12:00:00+02:00").utcoffset().total_seconds() == 7200  # type: ignore[union-attr]
     assert move_task_unsupported(ValueError("x")) is None
+
+
+async def test_scan_sees_each_message_once_across_batches_and_lapses_and_releases_on_error(
+        sqs: Any, queues: Queues) -> None:
+    bodies = [f'{{"JobId": "scan-{i:03d}", "API": "FACE_SEARCH"}}' for i in range(23)]
+    await send(sqs, queues.dlq_url, *bodies)
+    topo = await locate(sqs, queues.url)
+    assert (topo.dlq_url, topo.max_receive_count) == (queues.dlq_url, 2)
+    async with asyncio.timeout(30):
+        listing = await list_dead_letters(sqs, topo, None)
+    assert sorted(r["body_excerpt"] for r in listing.rows) == sorted(bodies) and not listing.truncated
+    assert {r["reason"] for r in listing.rows} == {"handler kept failing (database not consulted)"}
+    assert all(r["ingested"] is None for r in listing.rows)
+    assert await queue_counts(sqs, queues.dlq_url) == (23, 0, 0)
+
+    # A visibility shorter than the scan: held messages come back mid-scan and are not counted twice.
+    seen: list[str] = []
+    async with asyncio.timeout(30):
+        scan = Scan(sqs, queues.dlq_url, visibility_s=1)
+        try:
+            async for batch in scan.batches():
+                seen.extend(dl.message_id for dl in batch)
+                await asyncio.sleep(0.6)
+        finally:
+            await scan.release()
+    assert len(seen) == len(set(seen)) == 23 and scan.received > 23
+
+    # The block fails half-way: whatever it held is visible again at once.
+    with pytest.raises(RuntimeError):
+        async with asyncio.timeout(30), scanning(sqs, queues.dlq_url) as scan:
+            async for _ in scan.batches():
+                raise RuntimeError("operator pressed Ctrl-C")
+    assert await queue_counts(sqs, queues.dlq_url) == (23, 0, 0)
+    limited = await list_dead_letters(sqs, topo, None, limit=5)
+    assert len(limited.rows) == 5 and limited.truncated
+    assert await queue_counts(sqs, queues.dlq_url) == (23, 0, 0)

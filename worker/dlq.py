@@ -40,8 +40,8 @@ SCAN_VISIBILITY_S = 30
 # samples only some SQS servers and can come back empty while messages remain).
 SCAN_WAIT_S = 1
 DEFAULT_SCAN_LIMIT = 1000
-# Batches that bring back only messages already seen (their visibility lapsed mid-scan) before the
-# scan concludes it has been round the whole queue.
+# Batches that bring back only messages already seen (their visibility lapsed mid-scan), beyond one
+# round of what was seen, before the scan gives up.
 _MAX_REPEAT_BATCHES = 3
 MOVE_TASK_POLL_S = 2.0
 MOVE_TASK_WAIT_S = 600.0
@@ -132,13 +132,15 @@ class Scan:
         self.visibility_s = visibility_s
         self.wait_s = wait_s
         self.seen: set[str] = set()
+        self.received = 0  # deliveries, repeats included
         self.truncated = False
         self._held: dict[str, str] = {}  # MessageId -> latest receipt handle
 
     async def batches(self) -> AsyncIterator[list[DeadLetter]]:
         """New messages, one receive at a time, until the queue shows nothing new (or ``limit``)."""
         repeats = 0
-        max_rounds = self.limit // 10 + 2 * _MAX_REPEAT_BATCHES + 10
+        # Room for every message to come back once after a lapse, and then some.
+        max_rounds = 2 * (self.limit // 10) + 2 * _MAX_REPEAT_BATCHES + 10
         for _ in range(max_rounds):
             if len(self.seen) >= self.limit:
                 self.truncated = True
@@ -150,6 +152,7 @@ class Scan:
             messages = resp.get("Messages", [])
             if not messages:
                 return
+            self.received += len(messages)
             new: list[DeadLetter] = []
             for m in messages:
                 self._held[m["MessageId"]] = m["ReceiptHandle"]
@@ -157,7 +160,10 @@ class Scan:
                     self.seen.add(m["MessageId"])
                     new.append(DeadLetter.from_sqs(m))
             repeats = 0 if new else repeats + 1
-            if repeats >= _MAX_REPEAT_BATCHES:
+            if repeats >= len(self.seen) // 10 + _MAX_REPEAT_BATCHES:
+                # Round every held message again without a new one: cannot tell whether more exist.
+                log.warning("scan stopped: only messages already seen keep coming back", seen=len(self.seen))
+                self.truncated = True
                 return
             if new:
                 yield new
