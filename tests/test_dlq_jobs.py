@@ -134,6 +134,10 @@ async def test_dlq_list_redrive_job_then_all_and_the_worker_ingests_them(
     assert table.returncode == 0, lines_of(table)
     assert a.job_id in table.stdout and "unparseable" in table.stdout and "7 message(s)" in table.stdout
 
+    dry_all = run_cli("dlq", "redrive", "--all", "--dry-run", env=env)
+    assert dry_all.returncode == 0, lines_of(dry_all)
+    assert "would move: 4" in dry_all.stdout and "skipped (ingested): 1\n" in dry_all.stdout
+    assert "left (unparseable): 2" in dry_all.stdout and "message move task" in dry_all.stdout
     dry = run_cli("dlq", "redrive", "--job", a.job_id, "--dry-run", env=env)
     assert dry.returncode == 0, lines_of(dry)
     assert f"would move: 2 ({a.job_id})" in dry.stdout and "dry run" in dry.stdout

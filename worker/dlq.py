@@ -551,4 +551,7 @@ def summary_lines(result: RedriveResult, topo: DeadLetterTopology, job_id: str |
         lines.append("stopped at the scan limit: run again for the rest")
     if result.dry_run:
         lines.append("dry run: nothing was sent or deleted")
+        if job_id is None:
+            lines.append("without --no-move-task a real run uses SQS's message move task where the queue "
+                         "supports it, which moves every message, unparseable and ingested included")
     return lines
