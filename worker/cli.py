@@ -45,7 +45,55 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("job_id", metavar="JOB_ID")
     rep.add_argument("--format", choices=("text", "json"), default="text")
     rep.add_argument("--chart", metavar="PATH", help="write a timeline PNG of who is on screen when")
+    _add_dlq_parser(sub)
+    _add_jobs_parser(sub)
     return p
+
+
+def _add_dlq_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dlq = sub.add_parser("dlq", help="the dead-letter queue of QUEUE_URL (found from its redrive policy)")
+    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    ls = actions.add_parser("list", help="each message: age, receives, job, why it is there, whether ingested; "
+                                         "every message stays in the DLQ")
+    ls.add_argument("--format", choices=("text", "json"), default="text")
+    ls.add_argument("--limit", type=_positive, default=1000, help="read at most this many messages (1000)")
+    rd = actions.add_parser("redrive", help="move messages back to QUEUE_URL (send, then delete)")
+    which = rd.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true",
+                       help="every message (SQS's message move task where available: it cannot filter)")
+    which.add_argument("--job", metavar="JOB_ID", help="only this job's messages")
+    rd.add_argument("--dry-run", action="store_true", help="say what would move; send and delete nothing")
+    rd.add_argument("--no-move-task", action="store_true",
+                    help="with --all, move one by one: skips ingested jobs, leaves unparseable messages")
+
+
+def _add_jobs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    jobs = sub.add_parser("jobs", help="jobs in PostgreSQL: list them, retry failed ones")
+    actions = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    ls = actions.add_parser("list", help="jobs, newest change first")
+    ls.add_argument("--state", metavar="S", help="an ingest state: ingested, failed")
+    ls.add_argument("--since", metavar="ISO8601", help="changed at or after this time (UTC unless a zone is given)")
+    ls.add_argument("--limit", type=_positive, default=100, help="at most this many jobs (100)")
+    ls.add_argument("--format", choices=("text", "json"), default="text")
+    rt = actions.add_parser("retry", help="ingest failed jobs again from Rekognition")
+    rt.add_argument("--state", metavar="S", default="failed", help="only failed (the default)")
+    rt.add_argument("--since", metavar="ISO8601", help="failed at or after this time")
+    rt.add_argument("--job", dest="job_ids", metavar="JOB_ID", nargs="+", action="extend",
+                    help="only these jobs")
+    rt.add_argument("--include-rekognition-failed", action="store_true",
+                    help="also jobs Rekognition itself reported FAILED (normally skipped: retrying cannot help)")
+    rt.add_argument("--dry-run", action="store_true", help="list what would be retried and stop")
+    rt.add_argument("--limit", type=_positive, default=1000, help="at most this many jobs (1000)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
 
 
 def _cmd_migrate(settings: Settings, console: Console) -> int:
@@ -111,6 +159,44 @@ def _cmd_report(settings: Settings, args: argparse.Namespace, console: Console) 
     return asyncio.run(run_report(settings, args.job_id, fmt=args.format, chart=args.chart, console=console))
 
 
+def _cmd_dlq(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    import asyncpg
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from worker import dlq
+    from worker.messages import validate_job_id
+
+    try:
+        if args.dlq_command == "list":
+            return asyncio.run(dlq.run_list(settings, fmt=args.format, limit=args.limit, console=console))
+        job_id = validate_job_id(args.job) if args.job is not None else None
+        return asyncio.run(dlq.run_redrive(settings, job_id=job_id, dry_run=args.dry_run,
+                                           use_move_task=not args.no_move_task, console=console))
+    except (ClientError, BotoCoreError) as exc:
+        print(f"error: SQS: {redact(str(exc))[:500]}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"error: database: {redact(str(exc))[:500]}", file=sys.stderr)
+        return 1
+
+
+def _cmd_jobs(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    import asyncpg
+
+    from worker import jobs
+
+    try:
+        if args.jobs_command == "list":
+            return asyncio.run(jobs.run_list(settings, state=args.state, since=args.since, limit=args.limit,
+                                             fmt=args.format, console=console))
+        return asyncio.run(jobs.run_retry(settings, state=args.state, since=args.since, job_ids=args.job_ids,
+                                          include_rekognition_failed=args.include_rekognition_failed,
+                                          dry_run=args.dry_run, limit=args.limit, console=console))
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"error: database: {redact(str(exc))[:500]}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tune_gc()
@@ -129,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_demo(settings, args, console)
         if args.command == "reprocess":
             return _cmd_reprocess(settings, args, console)
+        if args.command in ("dlq", "jobs"):
+            return (_cmd_dlq if args.command == "dlq" else _cmd_jobs)(settings, args, console)
         return _cmd_report(settings, args, console)
     except (ConfigError, InvalidInput) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
