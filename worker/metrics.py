@@ -17,3 +17,5 @@ JOB_SECONDS = Histogram(
 OLDEST_MESSAGE_AGE = Gauge("worker_oldest_message_age_seconds", "Age of the oldest message received")
 RATE_LIMIT = Gauge("worker_rekognition_rate_limit_per_second", "Current Get* call rate of this process")
 HEARTBEAT_FAILURES = Counter("worker_visibility_extension_failures_total", "Failed visibility extensions")
+REQUEUES_HELD = Gauge("worker_requeues_held", "Messages on their last receive held invisible while their fresh "
+                      "copy is retried in the background")

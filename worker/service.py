@@ -4,8 +4,9 @@ Lifecycle (after saq and arq): signal handlers only set an event; the poll loop 
 more messages than there are free job slots; each message runs in its own task with a visibility
 heartbeat; on stop, polling ends first (an in-flight receive is allowed to finish and whatever it
 returns is released), running jobs get what is left of SHUTDOWN_GRACE_S (counted from the stop
-request) to finish, and the rest are cancelled and their messages released (visibility 0) so
-another replica picks them up at once.
+request) to finish, and the rest are cancelled and their messages released (visibility 0, or a fresh
+copy on a message's last receive) so another replica picks them up at once. A message being settled
+when its job is cancelled is settled to the end, within a deadline.
 
 What happens to one message (its heartbeat, and the pure :func:`decide` that settles it) lives in
 worker/queue.py.
@@ -34,12 +35,14 @@ from worker.logs import get_logger
 from worker.messages import JobRef, parse_message_body
 from worker.normalize import JobMeta, parse_meta
 from worker.queue import (
+    DEFAULT_REQUEUE_RETRY,
     DEFAULT_RETRY_POLICY,
     MAX_SEND_DELAY_S,
     MAX_VISIBILITY_S,
     Action,
     Counters,
     QueueInfo,
+    RequeueRetry,
     RetryPolicy,
     SqsQueue,
     decide,
@@ -54,7 +57,7 @@ log = get_logger(__name__)
 
 # decide() and its parts moved to worker/queue.py; still importable from here.
 __all__ = ["DEFAULT_RETRY_POLICY", "MAX_SEND_DELAY_S", "MAX_VISIBILITY_S", "Action", "Counters", "QueueInfo",
-           "RetryPolicy", "SqsWorker", "decide", "describe_queue", "retry_delay_s", "run_service"]
+           "RequeueRetry", "RetryPolicy", "SqsWorker", "decide", "describe_queue", "retry_delay_s", "run_service"]
 
 
 def _is_transient_exception(exc: BaseException) -> bool:
@@ -68,7 +71,8 @@ class SqsWorker:
 
     def __init__(self, settings: Settings, runtime: Runtime, sqs: Any, queue: QueueInfo, *,
                  health: HealthServer | None = None, clock: Callable[[], float] = time.monotonic,
-                 retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
+                 retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+                 requeue_retry: RequeueRetry = DEFAULT_REQUEUE_RETRY) -> None:
         if settings.heartbeat_interval_s >= settings.visibility_timeout_s:
             raise ConfigError("HEARTBEAT_INTERVAL_S must be shorter than VISIBILITY_TIMEOUT_S")
         self.settings = settings
@@ -84,7 +88,7 @@ class SqsWorker:
         self._jobs_in_flight: set[str] = set()
         self._slot_freed = asyncio.Event()
         self.counters = Counters()
-        self.sqs_queue = SqsQueue(sqs, queue, settings, self.counters)
+        self.sqs_queue = SqsQueue(sqs, queue, settings, self.counters, retry=requeue_retry, clock=clock)
 
     @property
     def in_flight(self) -> int:
@@ -106,6 +110,7 @@ class SqsWorker:
             await self._poll_loop(exit_when_idle)
         finally:
             await self._drain()
+            await self.sqs_queue.close()
             c = self.counters
             log.info("worker stopped", received=c.received, outcomes=c.by_outcome,
                      visibility_extensions=c.visibility_extensions,
@@ -124,9 +129,7 @@ class SqsWorker:
             messages = await self.sqs_queue.receive(min(10, free), self.stopping)
             if self.stopping.is_set():
                 # Received while stopping: hand them straight back rather than start them.
-                await asyncio.gather(*(self.sqs_queue.set_visibility(m, 0, "released at shutdown") for m in messages))
-                for _ in messages:
-                    self.counters.add("released")
+                await asyncio.gather(*(self._release(m) for m in messages))
                 break
             for message in messages:
                 self._start(message)
@@ -172,7 +175,8 @@ class SqsWorker:
             task.cancel()
         if pending:
             log.warning("grace period over: releasing unfinished jobs", jobs=len(pending))
-            await asyncio.wait(pending, timeout=10.0)
+            # Each releases its message, or finishes settling it, within the shutdown deadline.
+            await asyncio.wait(pending, timeout=self.sqs_queue.retry.shutdown_deadline_s + 2.0)
         for task in done | pending:
             if task.done() and not task.cancelled():
                 task.exception()  # observed; already logged by _task_done
@@ -214,8 +218,8 @@ class SqsWorker:
             await self._settle(message, outcome.outcome, receive_count, earlier, reason=outcome.reason)
         except asyncio.CancelledError:
             # Shutdown deadline: the job's transaction rolled back; let another replica take it now.
-            await asyncio.shield(self.sqs_queue.set_visibility(message, 0, "released at shutdown"))
-            self.counters.add("released")
+            if not self.sqs_queue.was_cut_short(message):  # else it was being settled, and that finished
+                await self._release(message)
             raise
         except Exception as exc:
             kind = "transient" if _is_transient_exception(exc) else "error"
@@ -252,12 +256,19 @@ class SqsWorker:
         return meta if meta.job_status == "FAILED" else None
 
     async def _settle(self, message: dict[str, Any], outcome: str, receive_count: int, earlier: int, *,
-                      reason: str | None = None) -> None:
+                      reason: str | None = None, deadline_s: float | None = None) -> None:
         self.counters.add(outcome)
         action = decide(outcome, receive_count, self.settings, max_receive_count=self.queue.max_receive_count,
                         earlier_receives=earlier, has_dead_letter_queue=self.queue.dead_letter_arn is not None,
                         policy=self.retry_policy)
-        await self.sqs_queue.settle(message, action, outcome, receive_count + earlier, reason=reason)
+        await self.sqs_queue.settle(message, action, outcome, receive_count + earlier, reason=reason,
+                                    deadline_s=deadline_s)
+
+    async def _release(self, message: dict[str, Any]) -> None:
+        """Hand an unfinished message back at shutdown: visible now, or a fresh copy on its last receive.
+        Runs on cancel paths, so bounded by the shutdown deadline."""
+        await self._settle(message, "released", _receive_count(message), _earlier_receives(message),
+                           deadline_s=self.sqs_queue.retry.shutdown_deadline_s)
 
 
 @contextlib.contextmanager
