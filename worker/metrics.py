@@ -19,3 +19,7 @@ RATE_LIMIT = Gauge("worker_rekognition_rate_limit_per_second", "Current Get* cal
 HEARTBEAT_FAILURES = Counter("worker_visibility_extension_failures_total", "Failed visibility extensions")
 REQUEUES_HELD = Gauge("worker_requeues_held", "Messages on their last receive held invisible while their fresh "
                       "copy is retried in the background")
+CREDENTIALS_FAILURES = Counter("worker_credentials_failures_total",
+                               "Jobs handed back because AWS refused the worker's credentials or permissions")
+CREDENTIALS_PAUSED = Gauge("worker_credentials_paused",
+                           "1 while the worker takes no messages because AWS refuses its credentials")

@@ -27,8 +27,9 @@ from aiobotocore.session import get_session
 
 from worker import metrics
 from worker.config import Settings
+from worker.credentials import CredentialsGate, rekognition_probe
 from worker.db.migrate import head_revision
-from worker.errors import ConfigError, InvalidInput, WorkerError
+from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerError
 from worker.health import HealthServer
 from worker.ingest import JobOutcome
 from worker.logs import get_logger
@@ -89,6 +90,10 @@ class SqsWorker:
         self._slot_freed = asyncio.Event()
         self.counters = Counters()
         self.sqs_queue = SqsQueue(sqs, queue, settings, self.counters, retry=requeue_retry, clock=clock)
+        # Paused after a run of credential failures; probes through the runtime's fetcher (None in unit tests).
+        self.credentials = CredentialsGate(
+            pause_after=settings.credentials_pause_after, probe_interval_s=settings.credentials_probe_interval_s,
+            probe=rekognition_probe(runtime.fetcher) if runtime is not None else None)
 
     @property
     def in_flight(self) -> int:
@@ -109,6 +114,7 @@ class SqsWorker:
         try:
             await self._poll_loop(exit_when_idle)
         finally:
+            await self.credentials.close()
             await self._drain()
             await self.sqs_queue.close()
             c = self.counters
@@ -122,6 +128,10 @@ class SqsWorker:
         while not self.stopping.is_set():
             if self.health is not None:
                 self.health.beat()
+            if self.credentials.paused:
+                # Running jobs finish; no new message is taken (and so none nears its redrive limit).
+                await self.credentials.wait_until_open(self.stopping)
+                continue
             free = self.settings.max_concurrent_jobs - len(self._in_flight)
             if free <= 0:
                 await self._wait_for_slot()
@@ -215,6 +225,7 @@ class SqsWorker:
                 self._jobs_in_flight.discard(ref.job_id)
                 # The ingestor unbinds job_id and api when it returns; this message's lines still need them.
                 structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
+            self.credentials.record(outcome)
             await self._settle(message, outcome.outcome, receive_count, earlier, reason=outcome.reason)
         except asyncio.CancelledError:
             # Shutdown deadline: the job's transaction rolled back; let another replica take it now.
@@ -232,7 +243,13 @@ class SqsWorker:
     async def _record_notified_failure(self, ref: JobRef) -> JobOutcome:
         """Status FAILED or ERROR in the notification: record the job as failed, with Rekognition's reason."""
         started = self._clock()
-        meta = await self._failed_job_meta(ref)
+        try:
+            meta = await self._failed_job_meta(ref)
+        except CredentialsError as exc:
+            # Recorded once the credentials work, with Rekognition's StatusMessage, not the notification's.
+            metrics.JOBS.labels(ref.api.value, "transient").inc()
+            log.info("job finished", outcome="transient", pages=0, rows=0, seconds=0.0, reason=str(exc)[:300])
+            return JobOutcome(ref.job_id, ref.api.value, "transient", reason=str(exc), credentials_error=True)
         if meta is not None and meta.status_message:
             code, reason = "JobFailed", meta.status_message
         else:
@@ -249,6 +266,8 @@ class SqsWorker:
         """Best effort: the failed job's StatusMessage and video, which the notification does not carry."""
         try:
             meta = parse_meta(await self.rt.fetcher.fetch(ref.api, ref.job_id, None))
+        except CredentialsError:
+            raise
         except (WorkerError, ValueError) as exc:  # ValueError: a 200 answer whose body is not JSON
             log.warning("could not read the failed job's status from Rekognition; recording the notification's",
                         error=str(exc)[:300])
@@ -344,6 +363,7 @@ async def run_service(settings: Settings, *, exit_when_idle: bool = False,
             await health.start()
             try:
                 worker = SqsWorker(settings, rt, sqs, queue, health=health)
+                health.ready_checks["credentials"] = worker.credentials.readiness
                 if stop_early:
                     worker.request_stop()
                 log.info("worker started", queue_url=settings.queue_url,
