@@ -147,11 +147,11 @@ async def test_requeue_send_that_keeps_failing_holds_the_original_until_sqs_reco
         await assert_ingested_once_and_nothing_dead_lettered(sqs, queues, db_url, job)
 
 
-@pytest.mark.parametrize("mode", ["500", "drop", "drop_after"])
+@pytest.mark.parametrize("mode", ["500", "drop"])
 async def test_sqs_calls_that_fail_half_way_through_a_requeue(
     wsettings: Settings, sqs: Any, queues: Queues, emu: Any, db_url: str, proxy: FaultyProxy, mode: Any,
 ) -> None:
-    """The copy is sent, then deleting the original fails (drop_after: it was deleted, the answer lost)."""
+    """The copy is sent, then deleting the original fails."""
     job = not_ready_twice(emu)
     await send(sqs, queues.url, enveloped(job))
     async with asyncio.timeout(60):
