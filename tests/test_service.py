@@ -693,7 +693,7 @@ async def test_run_service_serves_health_and_stops_on_sigterm(
             assert r.status == 200
         async with http.get(f"{base}/readyz") as r:
             assert r.status == 200, await r.text()
-            assert (await r.json())["checks"] == {"database": "ok", "queue": "ok"}
+            assert (await r.json())["checks"] == {"database": "ok", "queue": "ok", "credentials": "ok"}
         async with http.get(f"{base}/metrics") as r:
             text = await r.text()
     for name in ("worker_messages_total{outcome=\"ingested\"}", "worker_jobs_total{api=\"FACE_DETECTION\"",

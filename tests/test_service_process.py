@@ -185,7 +185,7 @@ async def test_run_exit_when_idle_drains_the_done_when_mix_and_exits_0(
     assert status == 200 and json.loads(body)["live"] is True
     status, body = get(port, "/readyz")
     assert status == 200, body
-    assert json.loads(body) == {"ready": True, "checks": {"database": "ok", "queue": "ok"}}
+    assert json.loads(body) == {"ready": True, "checks": {"database": "ok", "queue": "ok", "credentials": "ok"}}
     status, metrics_text = get(port, "/metrics")
     assert status == 200 and "worker_messages_total" in metrics_text and "worker_jobs_in_flight" in metrics_text
     assert proc.wait(60) == 0

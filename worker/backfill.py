@@ -85,8 +85,11 @@ async def _resolve(rt: Runtime, job_ids: Sequence[str]) -> tuple[list[JobRef], l
     for job_id in job_ids:
         try:
             api = await rt.fetcher.which_api(job_id)
-        except (PermanentJobError, TransientError) as exc:
+        except PermanentJobError as exc:
             unknown.append(JobOutcome(job_id, "?", "failed", reason=f"could not tell its API: {exc}"))
+            continue
+        except TransientError as exc:  # credentials refused, Rekognition unreachable: not the job's failure
+            unknown.append(JobOutcome(job_id, "?", "transient", reason=f"could not tell its API: {exc}"))
             continue
         if api is None:
             unknown.append(JobOutcome(job_id, "?", "failed",

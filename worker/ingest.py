@@ -18,7 +18,7 @@ import structlog
 
 from worker import metrics, unknown_values
 from worker.db.store import AlreadyIngested, JobBusy, Store, WriteCounts
-from worker.errors import InvalidInput, JobNotReady, PermanentJobError, RestartJob, TransientError
+from worker.errors import CredentialsError, InvalidInput, JobNotReady, PermanentJobError, RestartJob, TransientError
 from worker.logs import get_logger
 from worker.messages import JobRef
 from worker.normalize import JOB_STATUSES, JobMeta
@@ -45,6 +45,8 @@ class JobOutcome:
     seconds: float = 0.0
     reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # AWS refused the deployment's identity (outcome "transient"): the service pauses after a run of these.
+    credentials_error: bool = False
 
     @property
     def ok(self) -> bool:
@@ -220,7 +222,8 @@ class Ingestor:
         except InvalidInput as exc:
             return JobOutcome(ref.job_id, name, "invalid", reason=str(exc))
         except TransientError as exc:
-            return JobOutcome(ref.job_id, name, "transient", reason=str(exc))
+            return JobOutcome(ref.job_id, name, "transient", reason=str(exc),
+                              credentials_error=isinstance(exc, CredentialsError))
         except (TimeoutError, OSError) as exc:
             return JobOutcome(ref.job_id, name, "transient", reason=f"{type(exc).__name__}: {exc}")
         except Exception as exc:

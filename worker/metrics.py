@@ -22,3 +22,9 @@ UNKNOWN_VALUES = Counter(
     "Enumeration values this version does not know, stored as sent; by member and value (truncated)",
     ["member", "value"],
 )
+REQUEUES_HELD = Gauge("worker_requeues_held", "Messages on their last receive held invisible while their fresh "
+                      "copy is retried in the background")
+CREDENTIALS_FAILURES = Counter("worker_credentials_failures_total",
+                               "Jobs handed back because AWS refused the worker's credentials or permissions")
+CREDENTIALS_PAUSED = Gauge("worker_credentials_paused",
+                           "1 while the worker takes no messages because AWS refuses its credentials")

@@ -4,12 +4,12 @@ Lifecycle (after saq and arq): signal handlers only set an event; the poll loop 
 more messages than there are free job slots; each message runs in its own task with a visibility
 heartbeat; on stop, polling ends first (an in-flight receive is allowed to finish and whatever it
 returns is released), running jobs get what is left of SHUTDOWN_GRACE_S (counted from the stop
-request) to finish, and the rest are cancelled and their messages released (visibility 0) so
-another replica picks them up at once.
+request) to finish, and the rest are cancelled and their messages released (visibility 0, or a fresh
+copy on a message's last receive) so another replica picks them up at once. A message being settled
+when its job is cancelled is settled to the end, within a deadline.
 
-A message's fate is decided by the pure :func:`decide`. Only unusable messages ever reach the
-dead-letter queue: a job that is merely not ready yet, or held up by an outage, is sent again as a
-fresh copy on the delivery the redrive policy would count as its last.
+What happens to one message (its heartbeat, and the pure :func:`decide` that settles it) lives in
+worker/queue.py.
 """
 
 from __future__ import annotations
@@ -19,134 +19,46 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import orjson
 import structlog
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
 
 from worker import metrics
 from worker.config import Settings
+from worker.credentials import CredentialsGate, rekognition_probe
 from worker.db.migrate import head_revision
-from worker.errors import ConfigError, InvalidInput, WorkerError
+from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerError
 from worker.health import HealthServer
 from worker.ingest import JobOutcome
 from worker.logs import get_logger
 from worker.messages import JobRef, parse_message_body
 from worker.normalize import JobMeta, parse_meta
+from worker.queue import (
+    DEFAULT_REQUEUE_RETRY,
+    DEFAULT_RETRY_POLICY,
+    MAX_SEND_DELAY_S,
+    MAX_VISIBILITY_S,
+    Action,
+    Counters,
+    QueueInfo,
+    RequeueRetry,
+    RetryPolicy,
+    SqsQueue,
+    decide,
+    describe_queue,
+    retry_delay_s,
+)
+from worker.queue import earlier_receives as _earlier_receives
+from worker.queue import receive_count as _receive_count
 from worker.runtime import Runtime, open_runtime
 
 log = get_logger(__name__)
 
-MAX_VISIBILITY_S = 12 * 60 * 60  # SQS's ceiling for a visibility timeout
-MAX_SEND_DELAY_S = 900  # SQS's ceiling for DelaySeconds
-MAX_MESSAGE_ATTRIBUTES = 10  # SQS's ceiling per message
-# Carried by a requeued copy: deliveries of the earlier copies, so its backoff keeps growing.
-EARLIER_RECEIVES_ATTRIBUTE = "IngestEarlierReceives"
-_SQS_ERRORS = (ClientError, BotoCoreError, OSError)
-
-# Outcomes that are worth another try later; "error" (an unexpected exception) is retried too,
-# but without a fresh copy, so a message that keeps crashing the handler ends in the DLQ.
-RETRY_OUTCOMES = frozenset({"not_ready", "busy", "transient"})
-DONE_OUTCOMES = frozenset({"ingested", "duplicate", "failed"})
-
-
-def retry_delay_s(receive_count: int, *, base_s: int, cap_s: int) -> int:
-    """Visibility delay before the next try: doubles with each receive, capped."""
-    exponent = max(0, min(receive_count - 1, 20))
-    return int(min(cap_s, base_s * (2 ** exponent), MAX_VISIBILITY_S))
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Backoff bases and caps (seconds) of the outcomes retried later; not_ready's come from Settings."""
-
-    busy_base_s: int = 5  # another writer holds the job: it is a duplicate by the time this copy returns
-    busy_cap_s: int = 120
-    transient_base_s: int = 10
-    transient_cap_s: int = 900
-    # An unusable message on a queue without a dead-letter queue is kept, visible again this rarely.
-    unusable_base_s: int = 60
-
-
-DEFAULT_RETRY_POLICY = RetryPolicy()
-
-
-@dataclass(frozen=True, slots=True)
-class Action:
-    """What to do with a message after its job ran.
-
-    ``kind``: "delete"; "retry" (visible again after ``delay_s``); "requeue" (send a fresh copy delayed by
-    ``delay_s``, then delete this one); "dead_letter" (visible now, so the redrive policy moves it to the
-    DLQ); "keep" (unusable but there is no DLQ: visible again after ``delay_s``, never deleted).
-    """
-
-    kind: str
-    delay_s: int = 0
-
-
-def decide(outcome: str, receive_count: int, settings: Settings, *, max_receive_count: int | None = None,
-           earlier_receives: int = 0, has_dead_letter_queue: bool = True,
-           policy: RetryPolicy = DEFAULT_RETRY_POLICY) -> Action:
-    """Pure: a job outcome and the message's delivery history -> the message's fate."""
-    attempt = receive_count + max(0, earlier_receives)
-    if outcome in DONE_OUTCOMES:
-        return Action("delete")
-    if outcome == "invalid":
-        if has_dead_letter_queue:
-            return Action("dead_letter")
-        return Action("keep", retry_delay_s(attempt, base_s=policy.unusable_base_s, cap_s=MAX_VISIBILITY_S))
-    if outcome == "not_ready":
-        delay = retry_delay_s(attempt, base_s=settings.not_ready_delay_s, cap_s=settings.not_ready_max_delay_s)
-    elif outcome == "busy":
-        delay = retry_delay_s(attempt, base_s=policy.busy_base_s, cap_s=policy.busy_cap_s)
-    else:  # transient, error, or an outcome this worker does not know
-        delay = retry_delay_s(attempt, base_s=policy.transient_base_s, cap_s=policy.transient_cap_s)
-    last_life = max_receive_count is not None and receive_count >= max_receive_count
-    if outcome in RETRY_OUTCOMES and last_life:
-        # The next receive would move a good message to the DLQ: send a fresh copy instead.
-        return Action("requeue", min(delay, MAX_SEND_DELAY_S))
-    return Action("retry", delay)
-
-
-@dataclass
-class QueueInfo:
-    url: str
-    max_receive_count: int | None = None
-    dead_letter_arn: str | None = None
-
-
-@dataclass
-class Counters:
-    """What this worker did since it started (tests and the closing summary line read it)."""
-
-    received: int = 0
-    by_outcome: dict[str, int] = field(default_factory=dict)
-    visibility_extensions: int = 0
-    visibility_extension_failures: int = 0
-    peak_in_flight: int = 0
-
-    def add(self, outcome: str) -> None:
-        self.by_outcome[outcome] = self.by_outcome.get(outcome, 0) + 1
-        metrics.MESSAGES.labels(outcome).inc()
-
-
-def _receive_count(message: dict[str, Any]) -> int:
-    try:
-        return max(1, int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1")))
-    except (TypeError, ValueError):
-        return 1
-
-
-def _earlier_receives(message: dict[str, Any]) -> int:
-    raw = message.get("MessageAttributes", {}).get(EARLIER_RECEIVES_ATTRIBUTE, {}).get("StringValue")
-    try:
-        return min(max(0, int(raw)), 1000) if raw is not None else 0
-    except (TypeError, ValueError):
-        return 0
+# decide() and its parts moved to worker/queue.py; still importable from here.
+__all__ = ["DEFAULT_RETRY_POLICY", "MAX_SEND_DELAY_S", "MAX_VISIBILITY_S", "Action", "Counters", "QueueInfo",
+           "RequeueRetry", "RetryPolicy", "SqsWorker", "decide", "describe_queue", "retry_delay_s", "run_service"]
 
 
 def _is_transient_exception(exc: BaseException) -> bool:
@@ -160,7 +72,8 @@ class SqsWorker:
 
     def __init__(self, settings: Settings, runtime: Runtime, sqs: Any, queue: QueueInfo, *,
                  health: HealthServer | None = None, clock: Callable[[], float] = time.monotonic,
-                 retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
+                 retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+                 requeue_retry: RequeueRetry = DEFAULT_REQUEUE_RETRY) -> None:
         if settings.heartbeat_interval_s >= settings.visibility_timeout_s:
             raise ConfigError("HEARTBEAT_INTERVAL_S must be shorter than VISIBILITY_TIMEOUT_S")
         self.settings = settings
@@ -176,6 +89,11 @@ class SqsWorker:
         self._jobs_in_flight: set[str] = set()
         self._slot_freed = asyncio.Event()
         self.counters = Counters()
+        self.sqs_queue = SqsQueue(sqs, queue, settings, self.counters, retry=requeue_retry, clock=clock)
+        # Paused after a run of credential failures; probes through the runtime's fetcher (None in unit tests).
+        self.credentials = CredentialsGate(
+            pause_after=settings.credentials_pause_after, probe_interval_s=settings.credentials_probe_interval_s,
+            probe=rekognition_probe(runtime.fetcher) if runtime is not None else None)
 
     @property
     def in_flight(self) -> int:
@@ -196,7 +114,9 @@ class SqsWorker:
         try:
             await self._poll_loop(exit_when_idle)
         finally:
+            await self.credentials.close()
             await self._drain()
+            await self.sqs_queue.close()
             c = self.counters
             log.info("worker stopped", received=c.received, outcomes=c.by_outcome,
                      visibility_extensions=c.visibility_extensions,
@@ -208,20 +128,22 @@ class SqsWorker:
         while not self.stopping.is_set():
             if self.health is not None:
                 self.health.beat()
+            if self.credentials.paused:
+                # Running jobs finish; no new message is taken (and so none nears its redrive limit).
+                await self.credentials.wait_until_open(self.stopping)
+                continue
             free = self.settings.max_concurrent_jobs - len(self._in_flight)
             if free <= 0:
                 await self._wait_for_slot()
                 continue
-            messages = await self._receive(min(10, free))
+            messages = await self.sqs_queue.receive(min(10, free), self.stopping)
             if self.stopping.is_set():
                 # Received while stopping: hand them straight back rather than start them.
-                await asyncio.gather(*(self._set_visibility(m, 0, "released at shutdown") for m in messages))
-                for _ in messages:
-                    self.counters.add("released")
+                await asyncio.gather(*(self._release(m) for m in messages))
                 break
             for message in messages:
                 self._start(message)
-            if not messages and exit_when_idle and not self._in_flight and await self._queue_is_empty():
+            if not messages and exit_when_idle and not self._in_flight and await self.sqs_queue.is_empty():
                 log.info("queue is empty and nothing is in flight: exiting")
                 break
 
@@ -235,41 +157,6 @@ class SqsWorker:
             for t in (stop, freed):
                 t.cancel()
             await asyncio.gather(stop, freed, return_exceptions=True)
-
-    async def _receive(self, max_messages: int) -> list[dict[str, Any]]:
-        try:
-            resp = await self.sqs.receive_message(
-                QueueUrl=self.queue.url,
-                MaxNumberOfMessages=max_messages,
-                WaitTimeSeconds=self.settings.poll_wait_s,
-                VisibilityTimeout=self.settings.visibility_timeout_s,
-                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
-                MessageAttributeNames=["All"],
-            )
-        except _SQS_ERRORS as exc:
-            log.warning("receive failed; retrying", error=str(exc)[:300])
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=2.0)
-            return []
-        messages: list[dict[str, Any]] = resp.get("Messages", [])
-        self.counters.received += len(messages)
-        now_ms = time.time() * 1000
-        sent = [int(m.get("Attributes", {}).get("SentTimestamp", now_ms)) for m in messages]
-        # An empty receive means nothing is waiting: a stale age would keep an alert firing.
-        metrics.OLDEST_MESSAGE_AGE.set(max(0.0, (now_ms - min(sent)) / 1000) if sent else 0.0)
-        return messages
-
-    async def _queue_is_empty(self) -> bool:
-        try:
-            attrs = (await self.sqs.get_queue_attributes(
-                QueueUrl=self.queue.url,
-                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
-                                "ApproximateNumberOfMessagesDelayed"],
-            ))["Attributes"]
-        except _SQS_ERRORS as exc:
-            log.warning("queue attributes unavailable", error=str(exc)[:300])
-            return False
-        return all(int(v) == 0 for v in attrs.values())
 
     def _start(self, message: dict[str, Any]) -> None:
         task = asyncio.create_task(self._handle(message))
@@ -298,7 +185,8 @@ class SqsWorker:
             task.cancel()
         if pending:
             log.warning("grace period over: releasing unfinished jobs", jobs=len(pending))
-            await asyncio.wait(pending, timeout=10.0)
+            # Each releases its message, or finishes settling it, within the shutdown deadline.
+            await asyncio.wait(pending, timeout=self.sqs_queue.retry.shutdown_deadline_s + 2.0)
         for task in done | pending:
             if task.done() and not task.cancelled():
                 task.exception()  # observed; already logged by _task_done
@@ -328,7 +216,7 @@ class SqsWorker:
                 return
             self._jobs_in_flight.add(ref.job_id)
             try:
-                async with self._heartbeat(message):
+                async with self.sqs_queue.heartbeat(message):
                     if ref.notified_status in ("FAILED", "ERROR"):
                         outcome = await self._record_notified_failure(ref)
                     else:
@@ -337,11 +225,12 @@ class SqsWorker:
                 self._jobs_in_flight.discard(ref.job_id)
                 # The ingestor unbinds job_id and api when it returns; this message's lines still need them.
                 structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
+            self.credentials.record(outcome)
             await self._settle(message, outcome.outcome, receive_count, earlier, reason=outcome.reason)
         except asyncio.CancelledError:
             # Shutdown deadline: the job's transaction rolled back; let another replica take it now.
-            await asyncio.shield(self._set_visibility(message, 0, "released at shutdown"))
-            self.counters.add("released")
+            if not self.sqs_queue.was_cut_short(message):  # else it was being settled, and that finished
+                await self._release(message)
             raise
         except Exception as exc:
             kind = "transient" if _is_transient_exception(exc) else "error"
@@ -354,7 +243,13 @@ class SqsWorker:
     async def _record_notified_failure(self, ref: JobRef) -> JobOutcome:
         """Status FAILED or ERROR in the notification: record the job as failed, with Rekognition's reason."""
         started = self._clock()
-        meta = await self._failed_job_meta(ref)
+        try:
+            meta = await self._failed_job_meta(ref)
+        except CredentialsError as exc:
+            # Recorded once the credentials work, with Rekognition's StatusMessage, not the notification's.
+            metrics.JOBS.labels(ref.api.value, "transient").inc()
+            log.info("job finished", outcome="transient", pages=0, rows=0, seconds=0.0, reason=str(exc)[:300])
+            return JobOutcome(ref.job_id, ref.api.value, "transient", reason=str(exc), credentials_error=True)
         if meta is not None and meta.status_message:
             code, reason = "JobFailed", meta.status_message
         else:
@@ -371,116 +266,28 @@ class SqsWorker:
         """Best effort: the failed job's StatusMessage and video, which the notification does not carry."""
         try:
             meta = parse_meta(await self.rt.fetcher.fetch(ref.api, ref.job_id, None))
+        except CredentialsError:
+            raise
         except (WorkerError, ValueError) as exc:  # ValueError: a 200 answer whose body is not JSON
             log.warning("could not read the failed job's status from Rekognition; recording the notification's",
                         error=str(exc)[:300])
             return None
         return meta if meta.job_status == "FAILED" else None
 
-    @contextlib.asynccontextmanager
-    async def _heartbeat(self, message: dict[str, Any]) -> AsyncIterator[None]:
-        """Keep the message invisible while the block runs, so a long job is not delivered again mid-way."""
-        task = asyncio.create_task(self._extend_visibility(message))
-        try:
-            yield
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    async def _extend_visibility(self, message: dict[str, Any]) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            try:
-                await self.sqs.change_message_visibility(
-                    QueueUrl=self.queue.url, ReceiptHandle=message["ReceiptHandle"],
-                    VisibilityTimeout=self.settings.visibility_timeout_s,
-                )
-            except _SQS_ERRORS as exc:
-                self.counters.visibility_extension_failures += 1
-                metrics.HEARTBEAT_FAILURES.inc()
-                log.warning("visibility extension failed; the message may be delivered again before the job ends",
-                            error=str(exc)[:300])
-            else:
-                self.counters.visibility_extensions += 1
-                log.debug("visibility extended", visibility_timeout_s=self.settings.visibility_timeout_s)
-
     async def _settle(self, message: dict[str, Any], outcome: str, receive_count: int, earlier: int, *,
-                      reason: str | None = None) -> None:
+                      reason: str | None = None, deadline_s: float | None = None) -> None:
         self.counters.add(outcome)
         action = decide(outcome, receive_count, self.settings, max_receive_count=self.queue.max_receive_count,
                         earlier_receives=earlier, has_dead_letter_queue=self.queue.dead_letter_arn is not None,
                         policy=self.retry_policy)
-        if action.kind == "delete":
-            await self._delete(message)
-        elif action.kind == "requeue":
-            await self._requeue(message, action.delay_s, receive_count + earlier, outcome)
-        elif action.kind == "dead_letter":
-            log.warning("unusable message: made visible again so the queue's redrive policy moves it to the "
-                        "dead-letter queue", reason=reason, body_excerpt=_excerpt(message),
-                        dead_letter_queue=self.queue.dead_letter_arn)
-            await self._set_visibility(message, 0, outcome)
-        elif action.kind == "keep":
-            # Never deleted unseen; without a DLQ, back off so it does not spin.
-            log.error("unusable message and the queue has no dead-letter queue: it stays in the queue",
-                      reason=reason, body_excerpt=_excerpt(message), retry_in_s=action.delay_s)
-            await self._set_visibility(message, action.delay_s, outcome)
-        else:
-            await self._set_visibility(message, action.delay_s, outcome)
+        await self.sqs_queue.settle(message, action, outcome, receive_count + earlier, reason=reason,
+                                    deadline_s=deadline_s)
 
-    async def _delete(self, message: dict[str, Any]) -> None:
-        try:
-            await self.sqs.delete_message(QueueUrl=self.queue.url, ReceiptHandle=message["ReceiptHandle"])
-        except _SQS_ERRORS as exc:
-            # The rows are committed; a redelivery will be recognised as a duplicate.
-            log.warning("delete failed; the message may be delivered again", error=str(exc)[:300])
-
-    async def _set_visibility(self, message: dict[str, Any], timeout_s: int, why: str) -> None:
-        timeout_s = min(max(0, int(timeout_s)), MAX_VISIBILITY_S)
-        try:
-            await self.sqs.change_message_visibility(
-                QueueUrl=self.queue.url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=timeout_s,
-            )
-            log.info("message returned to the queue", why=why, visible_in_s=timeout_s)
-        except _SQS_ERRORS as exc:
-            log.warning("visibility change failed; the message returns when its timeout lapses",
-                        why=why, error=str(exc)[:300])
-
-    async def _requeue(self, message: dict[str, Any], delay_s: int, receives: int, why: str) -> None:
-        attributes = {
-            name: {k: v for k, v in value.items() if k in ("DataType", "StringValue", "BinaryValue")}
-            for name, value in message.get("MessageAttributes", {}).items() if name != EARLIER_RECEIVES_ATTRIBUTE
-        }
-        if len(attributes) < MAX_MESSAGE_ATTRIBUTES:
-            attributes[EARLIER_RECEIVES_ATTRIBUTE] = {"DataType": "Number", "StringValue": str(receives)}
-        try:
-            sent = await self.sqs.send_message(QueueUrl=self.queue.url, MessageBody=message["Body"],
-                                               DelaySeconds=min(delay_s, MAX_SEND_DELAY_S),
-                                               MessageAttributes=attributes)
-        except _SQS_ERRORS as exc:
-            log.warning("requeue failed; using a visibility delay instead", error=str(exc)[:300])
-            await self._set_visibility(message, delay_s, why)
-            return
-        log.info("last delivery before the dead-letter queue: requeued a fresh copy", why=why,
-                 visible_in_s=min(delay_s, MAX_SEND_DELAY_S), new_message_id=sent.get("MessageId"))
-        await self._delete(message)
-
-
-def _excerpt(message: dict[str, Any], limit: int = 120) -> str:
-    body = message.get("Body") or ""
-    return body if len(body) <= limit else body[:limit] + "..."
-
-
-async def describe_queue(sqs: Any, queue_url: str) -> QueueInfo:
-    attrs = (await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"]))
-    policy_raw = attrs.get("Attributes", {}).get("RedrivePolicy")
-    info = QueueInfo(url=queue_url)
-    if policy_raw:
-        policy = orjson.loads(policy_raw)
-        info.max_receive_count = int(policy.get("maxReceiveCount", 0)) or None
-        info.dead_letter_arn = policy.get("deadLetterTargetArn")
-    else:
-        log.warning("queue has no redrive policy: unusable messages cannot reach a dead-letter queue")
-    return info
+    async def _release(self, message: dict[str, Any]) -> None:
+        """Hand an unfinished message back at shutdown: visible now, or a fresh copy on its last receive.
+        Runs on cancel paths, so bounded by the shutdown deadline."""
+        await self._settle(message, "released", _receive_count(message), _earlier_receives(message),
+                           deadline_s=self.sqs_queue.retry.shutdown_deadline_s)
 
 
 @contextlib.contextmanager
@@ -556,6 +363,7 @@ async def run_service(settings: Settings, *, exit_when_idle: bool = False,
             await health.start()
             try:
                 worker = SqsWorker(settings, rt, sqs, queue, health=health)
+                health.ready_checks["credentials"] = worker.credentials.readiness
                 if stop_early:
                     worker.request_stop()
                 log.info("worker started", queue_url=settings.queue_url,

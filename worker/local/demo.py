@@ -27,8 +27,9 @@ from worker.local.pg import start_embedded_postgres, stop_embedded_postgres
 from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope, start_moto_server
 from worker.logs import configure_logging
 from worker.messages import JobRef
+from worker.queue import describe_queue
 from worker.runtime import open_runtime
-from worker.service import SqsWorker, describe_queue
+from worker.service import SqsWorker
 
 PGDATA = Path(".local") / "pgdata"
 

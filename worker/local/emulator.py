@@ -106,6 +106,8 @@ class EmulatorConfig:
     latency_s: float = 0.0
     seed: int = 0
     require_auth: bool = True
+    # Every call answers AccessDeniedException, as when the deployment's role lost its permission.
+    access_denied: bool = False
 
     def __post_init__(self) -> None:
         if self.quota_tps is not None and not self.quota_tps > 0:
@@ -428,6 +430,9 @@ class RekognitionEmulator:
             return ServiceError("MissingAuthenticationTokenException", "Missing Authentication Token")
         if not target.startswith(TARGET_PREFIX) or operation not in API_NAMES:
             return ServiceError("UnknownOperationException", f"Unknown operation {target!r}")
+        if self._config.access_denied:
+            return ServiceError("AccessDeniedException", "User: arn:aws:sts::123456789012:assumed-role/ingest/worker "
+                                f"is not authorized to perform: rekognition:{operation}")
         # A throttled call takes nothing from the bucket: only admitted calls spend a token.
         if self._bucket is not None and not self._bucket.try_take(arrival_s):
             return ServiceError(self._config.throttle_error, status=self._config.throttle_http_status)
