@@ -2,7 +2,9 @@
 
 Rekognition keeps results for 7 days; the archive keeps them as long as the rows. A schema change
 or a normalization fix is applied to old jobs by reprocessing them. Each job is rebuilt in one
-transaction, exactly as an ingest writes it, so readers never see a half-rebuilt job.
+transaction, exactly as an ingest writes it, so readers never see a half-rebuilt job. A job whose
+archive cannot be read back (CorruptArchive) or normalized is recorded failed and skipped; its raw
+pages and its rows from the last complete ingest stay as they were.
 """
 
 from __future__ import annotations
