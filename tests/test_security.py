@@ -12,6 +12,8 @@ import logging
 import re
 import secrets
 import string
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -83,11 +85,19 @@ def configured_logging(secret: Secrets, monkeypatch: pytest.MonkeyPatch) -> Iter
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("DATABASE_URL", f"postgresql://worker:{secret.db_password}@db.internal:5432/rekognition")
     saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level, worker_level = root.handlers[:], root.level, logging.getLogger("worker").level
+    hooks = sys.excepthook, threading.excepthook
     logs.configure_logging("debug", "json")
     try:
         yield
     finally:
         structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("worker").setLevel(worker_level)
+        sys.excepthook, threading.excepthook = hooks
+        logging.captureWarnings(False)
 
 
 # --- redaction, unit by unit ------------------------------------------------------------------------

@@ -4,18 +4,51 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from rich.console import Console
 
 from worker import __version__
-from worker.config import Settings, redact_url
+from worker.config import Settings, log_format_from_env, redact_url
 from worker.errors import ConfigError, InvalidInput
-from worker.logs import configure_logging, get_logger, redact
+from worker.logs import asyncio_exception_handler, configure_logging, get_logger, redact, renders_json
 from worker.pagecodec import tune_gc
 
 log = get_logger(__name__)
+T = TypeVar("T")
+
+
+def _arun(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, with the loop's unhandled errors logged like everything else."""
+    async def main() -> T:
+        asyncio.get_running_loop().set_exception_handler(asyncio_exception_handler)
+        return await coro
+
+    return asyncio.run(main())
+
+
+def _err_console() -> Console:
+    # With JSON logs stderr carries JSON lines only: no progress bar even on a terminal.
+    return Console(stderr=True, force_terminal=False) if renders_json() else Console(stderr=True)
+
+
+def _job_error(job_id: str, text: str, *, quoted: bool = False) -> None:
+    """One line about a job that did not succeed: a log event with JSON logs, plain text otherwise."""
+    if renders_json():
+        log.error("job error", job_id=job_id, error=text)
+    else:
+        shown = repr(job_id) if quoted else job_id
+        _err_console().print(redact(f"error: job {shown}: {text}"), markup=False, highlight=False)
+
+
+def _command_error(exc: Exception) -> None:
+    if renders_json():
+        log.error("command failed", error=str(exc), error_type=type(exc).__name__)
+    else:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,6 +132,8 @@ def _positive(text: str) -> int:
 def _cmd_migrate(settings: Settings, console: Console) -> int:
     from worker.db.migrate import upgrade_to_head
 
+    # Which revisions ran is what an operator wants from this command: alembic says so at INFO.
+    logging.getLogger("alembic").setLevel(logging.getLogger("worker").getEffectiveLevel())
     upgrade_to_head(settings)
     console.print(f"database at head: {redact_url(settings.asyncpg_dsn)}")
     return 0
@@ -111,15 +146,14 @@ def _cmd_backfill(settings: Settings, args: argparse.Namespace, console: Console
         raise InvalidInput("backfill needs JOB_ID arguments (with --api) or --from-file PATH")
     found = refs_from_args(args.api, args.job_ids, args.from_file)
     refs, unresolved, invalid = found.refs, found.unresolved, found.errors
-    err = Console(stderr=True)
     for o in invalid:
-        err.print(redact(f"error: job {o.job_id!r}: {o.reason}"), markup=False, highlight=False)
+        _job_error(o.job_id, o.reason or "invalid", quoted=True)
     settings.asyncpg_dsn  # noqa: B018 - fail early with a clear message when DATABASE_URL is unset
-    outcomes = (asyncio.run(run_backfill(settings, refs, console=err, unresolved=unresolved))
+    outcomes = (_arun(run_backfill(settings, refs, console=_err_console(), unresolved=unresolved))
                 if refs or unresolved else [])
     for o in outcomes:
         if not o.ok:
-            err.print(redact(f"error: job {o.job_id}: {o.outcome}: {o.reason}"), markup=False, highlight=False)
+            _job_error(o.job_id, f"{o.outcome}: {o.reason}")
     console.print(summary_table([*outcomes, *invalid]))
     return 0 if outcomes and not invalid and all(o.outcome == "ingested" for o in outcomes) else 1
 
@@ -127,7 +161,7 @@ def _cmd_backfill(settings: Settings, args: argparse.Namespace, console: Console
 def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from worker.service import run_service
 
-    return asyncio.run(run_service(settings, exit_when_idle=args.exit_when_idle))
+    return _arun(run_service(settings, exit_when_idle=args.exit_when_idle))
 
 
 def _cmd_demo(settings: Settings, args: argparse.Namespace, console: Console) -> int:
@@ -144,11 +178,10 @@ def _cmd_reprocess(settings: Settings, args: argparse.Namespace, console: Consol
 
     if bool(args.all) == bool(args.job_ids):
         raise InvalidInput("reprocess needs JOB_ID arguments or --all (not both)")
-    outcomes = asyncio.run(run_reprocess(settings, None if args.all else list(args.job_ids)))
-    err = Console(stderr=True)
+    outcomes = _arun(run_reprocess(settings, None if args.all else list(args.job_ids)))
     for o in outcomes:
         if o.outcome != "ingested":
-            err.print(redact(f"error: job {o.job_id}: {o.reason}"), markup=False, highlight=False)
+            _job_error(o.job_id, o.reason or o.outcome)
     console.print(summary_table(outcomes))
     return 0 if outcomes and all(o.outcome == "ingested" for o in outcomes) else 1
 
@@ -156,7 +189,7 @@ def _cmd_reprocess(settings: Settings, args: argparse.Namespace, console: Consol
 def _cmd_report(settings: Settings, args: argparse.Namespace, console: Console) -> int:
     from worker.report import run_report
 
-    return asyncio.run(run_report(settings, args.job_id, fmt=args.format, chart=args.chart, console=console))
+    return _arun(run_report(settings, args.job_id, fmt=args.format, chart=args.chart, console=console))
 
 
 def _cmd_dlq(settings: Settings, args: argparse.Namespace, console: Console) -> int:
@@ -202,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_gc()
     # Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
+    # Before the settings are read, so that an error in them is reported in the format asked for.
+    configure_logging("info", log_format_from_env())
     try:
         settings = Settings.from_env()
         configure_logging(settings.log_level, settings.log_format)
@@ -219,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return (_cmd_dlq if args.command == "dlq" else _cmd_jobs)(settings, args, console)
         return _cmd_report(settings, args, console)
     except (ConfigError, InvalidInput) as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        _command_error(exc)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -47,6 +47,12 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def log_format_from_env(env: Mapping[str, str] | None = None) -> Literal["auto", "json", "console"]:
+    """LOG_FORMAT alone, for reporting an error before Settings exist; an invalid value means auto."""
+    value = ((os.environ if env is None else env).get("LOG_FORMAT") or "auto").strip().lower()
+    return value if value in ("json", "console") else "auto"  # type: ignore[return-value]
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":

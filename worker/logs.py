@@ -1,5 +1,11 @@
 """structlog set-up: JSON lines off a terminal, coloured console on one.
 
+Everything the process writes to stderr goes through one stdlib handler and structlog's
+ProcessorFormatter: structlog's own events, records that libraries log through stdlib ``logging``
+(botocore, aiohttp, asyncio, alembic, sqlalchemy), ``warnings.warn`` (captured into logging), and
+exceptions nobody caught (sys.excepthook, threading.excepthook, the asyncio loop's handler). With JSON
+every line is one JSON object.
+
 Secrets never reach a log line. The last processor before rendering redacts, in every value
 (nested dicts and lists included, and objects that would be rendered through their repr):
 - values under secret-bearing keys (``password``, ``aws_secret_access_key``, ``dsn``, ...);
@@ -11,11 +17,14 @@ Secrets never reach a log line. The last processor before rendering redacts, in 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable, Mapping, MutableMapping
+from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -98,8 +107,14 @@ def _scrub(value: Any, depth: int = 0) -> Any:
     return redact(repr(value))
 
 
+# ProcessorFormatter's own entries (the LogRecord): never rendered, and add_logger_name reads the record.
+_FORMATTER_META = frozenset({"_record", "_from_structlog"})
+
+
 def _redact_processor(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, val in list(event_dict.items()):
+        if key in _FORMATTER_META:
+            continue
         if key.lower() in _SECRET_KEYS:
             event_dict[key] = "***"
         elif not (val is None or isinstance(val, bool | int | float)):
@@ -122,21 +137,67 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def processors() -> list[Any]:
-    """The processor chain before rendering (tests capture with exactly these)."""
+def _enrich() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
-        _redact_processor,
     ]
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", *, secrets: Iterable[str] = ()) -> None:
-    """Configure structlog once per process. ``fmt`` is auto, json or console.
+def processors() -> list[Any]:
+    """The processor chain before rendering (tests capture with exactly these)."""
+    return [*_enrich(), _redact_processor]
 
-    ``secrets`` are extra values never to print; the environment's are registered anyway.
+
+# Libraries that log every request or connection at INFO: kept at WARNING whatever LOG_LEVEL says.
+_NOISY = ("werkzeug", "aiobotocore", "botocore", "moto", "urllib3", "aiohttp.access", "sqlalchemy.engine")
+_HANDLER_NAME = "worker.stderr"
+_renders_json = False
+
+
+def _stdlib_handler(renderer: Any) -> logging.Handler:
+    """The one handler on the root logger: structlog events and foreign records alike, rendered the same."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        # Foreign records get the same chain as structlog's events, redaction included.
+        foreign_pre_chain=[*_enrich(), structlog.stdlib.add_logger_name, _redact_processor],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    return handler
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    get_logger("worker").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return  # what threading's own hook does with SystemExit
+    get_logger("worker").critical("uncaught exception in thread", thread=getattr(args.thread, "name", None),
+                                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def asyncio_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's handler for errors nobody awaited (a task's exception never retrieved, a callback that raised)."""
+    exc = context.get("exception")
+    fields = {k: repr(v) for k, v in context.items() if k not in ("message", "exception")}
+    get_logger("asyncio").error(context.get("message") or "unhandled error in the event loop",
+                                exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+                                **fields)
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", *, secrets: Iterable[str] = ()) -> None:
+    """Configure structlog and stdlib logging for the process; calling again replaces the set-up.
+
+    ``fmt`` is auto, json or console. ``secrets`` are extra values never to print; the environment's
+    are registered anyway.
     """
     register_secrets_from_env()
     for value in secrets:
@@ -145,20 +206,34 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, secrets: Iterab
     level_no = logging.getLevelName(level.upper())
     if not isinstance(level_no, int):
         level_no = logging.INFO
+    global _renders_json
+    _renders_json = not use_console
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     structlog.configure(
-        processors=[*processors(), renderer],
+        processors=[*processors(), structlog.stdlib.add_logger_name,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
-    # Libraries log through stdlib logging; keep them quiet unless asked.
-    logging.basicConfig(level=max(level_no, logging.WARNING), stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
-    for noisy in ("werkzeug", "aiobotocore", "botocore", "moto", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(_stdlib_handler(renderer))
+    # Libraries log through stdlib logging; keep them quiet unless asked. The worker's own loggers
+    # (structlog's, named after the modules) follow LOG_LEVEL.
+    root.setLevel(max(level_no, logging.WARNING))
+    logging.getLogger("worker").setLevel(level_no)
+    for noisy in _NOISY:
+        logging.getLogger(noisy).setLevel(max(level_no, logging.WARNING))
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def renders_json() -> bool:
+    """True when stderr carries JSON lines only: commands then report errors as log events, not text."""
+    return _renders_json
 
 
 def get_logger(name: str | None = None) -> Any:

@@ -29,7 +29,7 @@ from typing import cast
 
 import orjson
 
-from worker.db.store import ArchivedPage
+from worker.archive import ArchivedPage
 from worker.errors import MalformedPage, TransientError
 from worker.messages import Api
 from worker.normalize import JobMeta, PageRows, UnknownValues, normalize_page, parse_meta

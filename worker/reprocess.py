@@ -2,7 +2,9 @@
 
 Rekognition keeps results for 7 days; the archive keeps them as long as the rows. A schema change
 or a normalization fix is applied to old jobs by reprocessing them. Each job is rebuilt in one
-transaction, exactly as an ingest writes it, so readers never see a half-rebuilt job.
+transaction, exactly as an ingest writes it, so readers never see a half-rebuilt job. A job whose
+archive cannot be read back (CorruptArchive) or normalized is recorded failed and skipped; its raw
+pages and its rows from the last complete ingest stay as they were.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import time
 
 import orjson
+import structlog
 
+from worker.archive import CorruptArchive
 from worker.config import Settings
 from worker.db.engine import create_engine
-from worker.db.store import JobBusy, Store
-from worker.errors import MalformedPage
+from worker.db.store import JobBusy, Store, WriteCounts
+from worker.errors import PermanentJobError
 from worker.ingest import JobOutcome, merge_meta
 from worker.logs import get_logger
 from worker.messages import JobRef, validate_job_id
@@ -23,44 +27,74 @@ from worker.normalize import JobMeta, normalize_page, parse_meta
 log = get_logger(__name__)
 
 
-async def reprocess_job(store: Store, ref: JobRef) -> JobOutcome:
-    """Rebuild ``ref`` from raw_pages; the archive itself is left untouched."""
-    started = time.monotonic()
-    try:
-        async with store.job_writer(ref, from_archive=True) as writer:
-            numbers = await writer.archived_page_numbers()
-            if not numbers:
-                raise LookupError(f"job {ref.job_id} has no archived pages")
-            seq = 0
-            first: JobMeta | None = None
-            last: JobMeta | None = None
-            for page_no in numbers:
-                archived = await writer.archived_page(page_no)
+async def _rebuild(store: Store, ref: JobRef) -> WriteCounts:
+    """All of ``ref``'s rows from its archived pages, in one transaction; any error rolls it back."""
+    async with store.job_writer(ref, from_archive=True) as writer:
+        numbers = await writer.archived_page_numbers()
+        if not numbers:
+            raise LookupError(f"job {ref.job_id} has no archived pages")
+        seq = 0
+        first: JobMeta | None = None
+        last: JobMeta | None = None
+        for page_no in numbers:
+            archived = await writer.archived_page(page_no)
+            try:
                 body = orjson.loads(archived.decompress())
-                del archived
-                if first is None:
-                    first = parse_meta(body)
-                rows = normalize_page(body, ref.api, ref.job_id, seq)
-                del body
-                seq += rows.elements
-                last = rows.meta
+            except CorruptArchive as exc:
+                raise CorruptArchive(f"archived page {page_no}: {exc.reason}") from exc
+            except orjson.JSONDecodeError as exc:
+                raise CorruptArchive(f"archived page {page_no} is not JSON: {exc}") from exc
+            del archived
+            if first is None:
+                first = parse_meta(body)
+            rows = normalize_page(body, ref.api, ref.job_id, seq)
+            del body
+            seq += rows.elements
+            last = rows.meta
+            try:
                 await writer.write_page(rows)
-            assert first is not None and last is not None
-            await writer.finish(merge_meta(first, last))
-            counts = writer.counts
-    except (LookupError, MalformedPage, JobBusy, orjson.JSONDecodeError, ValueError) as exc:
-        outcome = JobOutcome(ref.job_id, ref.api.value, "failed", reason=f"{type(exc).__name__}: {exc}")
-    else:
-        outcome = JobOutcome(ref.job_id, ref.api.value, "ingested", pages=counts.pages, faces=counts.faces,
-                             matches=counts.face_matches, rows=counts.rows)
-    outcome.seconds = round(time.monotonic() - started, 3)
-    log.info("job reprocessed", job_id=ref.job_id, outcome=outcome.outcome, pages=outcome.pages,
-             faces=outcome.faces, rows=outcome.rows, seconds=outcome.seconds, reason=outcome.reason)
+            except (OverflowError, ValueError, UnicodeEncodeError) as exc:
+                raise PermanentJobError(f"rows of archived page {page_no} cannot be stored: "
+                                        f"{type(exc).__name__}: {str(exc)[:300]}", code="UnstorableValue") from exc
+        assert first is not None and last is not None
+        await writer.finish(merge_meta(first, last))
+        return writer.counts
+
+
+async def reprocess_job(store: Store, ref: JobRef) -> JobOutcome:
+    """Rebuild ``ref`` from raw_pages; the archive itself is left untouched.
+
+    Never raises for the job's own problems. An archive that cannot be rebuilt from (a corrupt or
+    malformed page) records the job failed, keeping its raw pages and any complete earlier ingest.
+    Infrastructure errors (the database gone) propagate: no later job could do better.
+    """
+    started = time.monotonic()
+    with structlog.contextvars.bound_contextvars(job_id=ref.job_id, api=ref.api.value):
+        try:
+            counts = await _rebuild(store, ref)
+        except PermanentJobError as exc:
+            kept = not await store.record_failure(ref, code=exc.code, reason=exc.reason, keep_archive=True)
+            outcome = JobOutcome(ref.job_id, ref.api.value, "failed", reason=f"{exc.code}: {exc.reason}",
+                                 extra={"kept_previous_ingest": kept})
+        except LookupError as exc:
+            outcome = JobOutcome(ref.job_id, ref.api.value, "failed", reason=f"{type(exc).__name__}: {exc}")
+        except JobBusy as exc:
+            outcome = JobOutcome(ref.job_id, ref.api.value, "busy", reason=str(exc))
+        else:
+            outcome = JobOutcome(ref.job_id, ref.api.value, "ingested", pages=counts.pages, faces=counts.faces,
+                                 persons=counts.persons, matches=counts.face_matches, rows=counts.rows)
+        outcome.seconds = round(time.monotonic() - started, 3)
+        (log.info if outcome.ok else log.error)(
+            "job reprocessed", outcome=outcome.outcome, pages=outcome.pages, faces=outcome.faces,
+            rows=outcome.rows, seconds=outcome.seconds, reason=outcome.reason, **outcome.extra)
     return outcome
 
 
 async def run_reprocess(settings: Settings, job_ids: list[str] | None) -> list[JobOutcome]:
-    """Reprocess the named jobs (or, with None, every archived job) one after another."""
+    """Reprocess the named jobs (or, with None, every archived job) one after another.
+
+    One job's failure never stops the others; the outcomes say which failed.
+    """
     engine = create_engine(settings, pool_size=2)
     store = Store(engine, archive_raw_pages=settings.archive_raw_pages)
     try:
