@@ -165,8 +165,10 @@ async def test_no_secret_in_logs_or_outcomes_of_ingest_paths(
     denied = synth.JobFixture(f"sec-denied-{uuid.uuid4().hex[:8]}", "GetFaceSearch", error="AccessDeniedException")
     creds = synth.JobFixture(f"sec-creds-{uuid.uuid4().hex[:8]}", "GetFaceDetection",
                              error="UnrecognizedClientException")
-    rekognition_endpoint.add_jobs([good, denied, creds])
-    refs = [JobRef.create(f.job_id, f.api) for f in (good, denied, creds)]
+    invalid = synth.JobFixture(f"sec-invalid-{uuid.uuid4().hex[:8]}", "GetFaceDetection",
+                               error="InvalidParameterException")
+    rekognition_endpoint.add_jobs([good, denied, creds, invalid])
+    refs = [JobRef.create(f.job_id, f.api) for f in (good, denied, creds, invalid)]
     console = Console(file=io.StringIO(), width=200)
     with capture_logs(processors=logs.processors()) as events:
         ok = await run_backfill(settings.with_(database_url=with_password(db_url, secret.db_password)), refs,
@@ -174,7 +176,8 @@ async def test_no_secret_in_logs_or_outcomes_of_ingest_paths(
         down = await run_backfill(
             settings.with_(database_url=f"postgresql://worker:{secret.db_password}@127.0.0.1:1/rekognition"),
             refs[:1], console=console)
-    assert [o.outcome for o in ok] == ["ingested", "failed", "transient"], ok
+    # Refused credentials are the deployment's problem (transient); a refused request fails the job.
+    assert [o.outcome for o in ok] == ["ingested", "transient", "transient", "failed"], ok
     assert [o.outcome for o in down] == ["transient"], down
     assert events and any(e.get("outcome") == "transient" for e in events)
     text = repr(events) + repr(ok) + repr(down) + console.file.getvalue()  # type: ignore[attr-defined]
@@ -190,7 +193,11 @@ async def test_no_secret_in_cli_output(secret: Secrets, db_url: str, moto_url: s
     good = synth.detection_job(f"sec-cli-{uuid.uuid4().hex[:8]}", faces=30)
     denied = synth.JobFixture(f"sec-cli-denied-{uuid.uuid4().hex[:8]}", "GetFaceDetection",
                               error="AccessDeniedException")
-    rekognition_endpoint.add_jobs([good, denied])
+    # AccessDenied is handed back to the queue for ever (the deployment's fault), so the queue run gets
+    # a job Rekognition refuses instead, to show an AWS error through `run` that ends.
+    invalid = synth.JobFixture(f"sec-cli-invalid-{uuid.uuid4().hex[:8]}", "GetFaceDetection",
+                               error="InvalidParameterException")
+    rekognition_endpoint.add_jobs([good, denied, invalid])
     env = worker_env(DATABASE_URL=with_password(db_url, secret.db_password),
                      AWS_ENDPOINT_URL_REKOGNITION=rekognition_endpoint.url, AWS_ENDPOINT_URL_SQS=moto_url,
                      **secret.aws_env())
@@ -198,7 +205,7 @@ async def test_no_secret_in_cli_output(secret: Secrets, db_url: str, moto_url: s
     async with get_session().create_client("sqs", region_name="us-east-1") as sqs:
         queue_url, _ = await create_queue_with_dlq(sqs, f"sec-{uuid.uuid4().hex[:8]}", visibility_timeout_s=5,
                                                    max_receive_count=1)
-        for body in (sns_envelope(notification(good)), "not json", sns_envelope(notification(denied))):
+        for body in (sns_envelope(notification(good)), "not json", sns_envelope(notification(invalid))):
             await sqs.send_message(QueueUrl=queue_url, MessageBody=body)
     unreachable = f"postgresql://worker:{secret.db_password}@127.0.0.1:1/rekognition"
     runs = [

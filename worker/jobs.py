@@ -26,12 +26,11 @@ from worker.messages import Api, JobRef, validate_job_id
 
 DEFAULT_LIST_LIMIT = 100
 DEFAULT_RETRY_LIMIT = 1000
-LIST_COLUMNS = ("job_id", "api", "ingest_state", "job_status", "failure_code", "failure_reason", "attempts",
-                "notified_at", "ingested_at", "updated_at")
 
 # Newest first by the last change; a NULL filter is off. The state is checked against the enum first.
-_LIST_SQL = f"""
-SELECT {", ".join(c if c not in ("api", "ingest_state", "job_status") else f"{c}::text AS {c}" for c in LIST_COLUMNS)}
+_LIST_SQL = """
+SELECT job_id, api::text AS api, ingest_state::text AS ingest_state, job_status::text AS job_status,
+       failure_code, failure_reason, attempts, notified_at, ingested_at, updated_at
 FROM jobs
 WHERE ($1::text IS NULL OR ingest_state = $1::text::ingest_state)
   AND ($2::timestamptz IS NULL OR updated_at >= $2)
