@@ -66,6 +66,9 @@ async def _prefetch(pages: AsyncIterator[DecodedPage], depth: int) -> AsyncGener
 
     Memory stays bounded: at most ``depth`` decoded pages wait, plus one being written and one being
     decoded, whatever the size of the job.
+
+    Every exit finishes: the consumer stopping for any reason (a failed write, cancellation) cancels
+    the producer, and nothing on either side's way out waits for room in the queue.
     """
     queue: asyncio.Queue[DecodedPage | BaseException | None] = asyncio.Queue(maxsize=depth)
 
@@ -73,8 +76,10 @@ async def _prefetch(pages: AsyncIterator[DecodedPage], depth: int) -> AsyncGener
         try:
             async for item in pages:
                 await queue.put(item)
+        except asyncio.CancelledError:
+            raise  # the consumer is gone: a put now would wait forever on a full queue
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            await queue.put(exc)
+            await queue.put(exc)  # the consumer reads it, or stops and cancels this wait
             return
         await queue.put(None)
 
@@ -88,9 +93,10 @@ async def _prefetch(pages: AsyncIterator[DecodedPage], depth: int) -> AsyncGener
                 raise item
             yield item
     finally:
-        if not task.done():
-            task.cancel()
-        # Collect the producer so no exception is left unobserved.
+        task.cancel()
+        while not queue.empty():  # free the pages nobody will write, and any put waiting for room
+            queue.get_nowait()
+        # Collect the producer so no exception is left unobserved; cancelled, it ends at its next await.
         await asyncio.gather(task, return_exceptions=True)
 
 

@@ -1,0 +1,240 @@
+"""Every job ends: a writer that fails, or a job cancelled, while result pages wait in the prefetch queue
+returns promptly and leaves no open transaction and no advisory lock behind; a job another process is
+writing costs no Rekognition call.
+
+The writer is held back by a row another connection inserted and has not committed (the job's first
+raw page): PostgreSQL makes the worker's INSERT of the same key wait. Meanwhile the prefetching task
+fills its queue and blocks on it, the usual state of a job, since writing is the slow side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from rich.console import Console
+
+from tests.conftest import unique_job_id
+from tests.helpers import dump_job, runtime
+from tests.reliability import clean_dump, create_database, drop_database
+from worker.backfill import run_backfill
+from worker.config import Settings
+from worker.local import synth
+from worker.messages import JobRef
+
+PAGE_SIZE = 20
+PREFETCH = 2
+# Pages the worker has asked for once its writer waits on page 0 and the prefetching task waits on a
+# full queue: page 0 (being written), PREFETCH queued, one more in the producer's hands.
+QUEUE_FULL_CALLS = PREFETCH + 2
+
+
+@pytest.fixture
+def emu(rekognition_endpoint: Any) -> Iterator[Any]:
+    rekognition_endpoint.reset_stats()
+    try:
+        yield rekognition_endpoint
+    finally:
+        rekognition_endpoint.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0)
+
+
+@pytest.fixture
+def small_pages(settings: Settings) -> Settings:
+    return settings.with_(page_size=PAGE_SIZE, prefetch_pages=PREFETCH)
+
+
+def add_job(emu: Any, prefix: str, faces: int = 200, seed: int = 1) -> JobRef:
+    fx = synth.detection_job(unique_job_id(prefix), faces=faces, seed=seed)
+    emu.add_job(fx)
+    return JobRef.create(fx.job_id, fx.api)
+
+
+class Blocker:
+    """Another session's uncommitted raw_pages row for page 0 of a job: the worker's write of it waits."""
+
+    def __init__(self, conn: asyncpg.Connection, tx: Any) -> None:
+        self.conn, self.tx = conn, tx
+
+    @classmethod
+    async def hold(cls, db_url: str, job_id: str) -> Blocker:
+        conn = await asyncpg.connect(db_url)
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) "
+                           "VALUES ($1, 0, 'zstd+json', '\\x00'::bytea, 1)", job_id)
+        return cls(conn, tx)
+
+    async def release(self) -> None:
+        if not self.conn.is_closed():
+            await self.tx.rollback()
+            await self.conn.close()
+
+
+@pytest.fixture
+async def blockers(db_url: str) -> AsyncIterator[Callable[[str], Awaitable[Blocker]]]:
+    held: list[Blocker] = []
+
+    async def hold(job_id: str) -> Blocker:
+        held.append(await Blocker.hold(db_url, job_id))
+        return held[-1]
+
+    yield hold
+    for b in held:
+        await b.release()
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def writers_waiting(db: asyncpg.Connection) -> int:
+    """Worker sessions whose statement waits for a lock (the blocked page write)."""
+    return int(await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'rekognition-worker' AND wait_event_type = 'Lock'"))
+
+
+async def pages_queued(emu: Any, db: asyncpg.Connection, calls: int = QUEUE_FULL_CALLS, writers: int = 1) -> None:
+    """Wait until the writer waits on its lock and the prefetching task on its full queue."""
+    async def ready() -> bool:
+        return int(emu.stats()["requests"]) >= calls and await writers_waiting(db) >= writers
+    await wait_until(ready, "the writer blocked with pages queued ahead of it")
+    await asyncio.sleep(0.2)  # the last page fetched reaches the full queue
+    assert int(emu.stats()["requests"]) == calls, "the prefetching task did not stop at a full queue"
+
+
+async def ends_within(task: asyncio.Task[Any], seconds: float) -> asyncio.Task[Any]:
+    """The task, once ended; fails (and cancels it) if it runs on past ``seconds``.
+
+    asyncio.wait, not asyncio.timeout: a timeout's cancellation that the code under test swallows
+    (and turns into an outcome) would let a hung job pass as one that ended.
+    """
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        raise AssertionError(f"still running {seconds} s later")
+    return task
+
+
+async def terminate_worker_sessions(db: asyncpg.Connection) -> int:
+    return int(await db.fetchval(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = 'rekognition-worker') t"))
+
+
+async def assert_nothing_left_open(db: asyncpg.Connection) -> None:
+    """No worker session idle in a transaction, no advisory (job) lock held by anyone."""
+    idle = await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'rekognition-worker' AND state LIKE 'idle in transaction%'")
+    locks = await db.fetchval(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+        "WHERE l.locktype = 'advisory' AND d.datname = current_database()")
+    assert (idle, locks) == (0, 0), f"{idle} session(s) idle in transaction, {locks} advisory lock(s) held"
+
+
+# --- 1. every job ends ---------------------------------------------------------------------------------
+
+
+async def test_writer_failing_with_pages_queued_ends_the_job(
+    emu: Any, small_pages: Settings, db: asyncpg.Connection, blockers: Callable[[str], Awaitable[Blocker]],
+) -> None:
+    ref = add_job(emu, "writerfails")
+    blocker = await blockers(ref.job_id)
+    async with runtime(small_pages) as rt:
+        job = asyncio.create_task(rt.ingestor.ingest(ref))
+        await pages_queued(emu, db)
+        assert await terminate_worker_sessions(db) >= 1  # the database drops the connection mid-write
+        outcome = (await ends_within(job, 10)).result()
+        assert outcome.outcome == "transient", outcome
+        await assert_nothing_left_open(db)
+        await blocker.release()
+        again = await rt.ingestor.ingest(ref)
+    assert again.outcome == "ingested" and again.faces == 200
+
+
+async def test_cancelling_a_job_with_pages_queued_finishes_promptly(
+    emu: Any, small_pages: Settings, db: asyncpg.Connection, blockers: Callable[[str], Awaitable[Blocker]],
+) -> None:
+    ref = add_job(emu, "cancelled")
+    await blockers(ref.job_id)
+    async with runtime(small_pages) as rt:
+        job = asyncio.create_task(rt.ingestor.ingest(ref))
+        await pages_queued(emu, db)
+        job.cancel()  # as the service does when the shutdown grace period is over
+        assert (await ends_within(job, 10)).cancelled()
+        await assert_nothing_left_open(db)
+    assert await db.fetchval("SELECT count(*) FROM jobs WHERE job_id = $1", ref.job_id) == 0
+
+
+async def test_ingest_many_ends_when_a_writer_fails_with_pages_queued(
+    emu: Any, small_pages: Settings, db: asyncpg.Connection, blockers: Callable[[str], Awaitable[Blocker]],
+) -> None:
+    refs = [add_job(emu, "many-a", seed=2), add_job(emu, "many-b", seed=3)]
+    for ref in refs:
+        await blockers(ref.job_id)
+    async with runtime(small_pages) as rt:
+        batch = asyncio.create_task(rt.ingestor.ingest_many(refs, concurrency=2))
+        await pages_queued(emu, db, calls=2 * QUEUE_FULL_CALLS, writers=2)
+        assert await terminate_worker_sessions(db) >= 2
+        outcomes = (await ends_within(batch, 10)).result()
+        assert [o.outcome for o in outcomes] == ["transient", "transient"], outcomes
+        await assert_nothing_left_open(db)
+
+
+async def test_cancelling_ingest_many_with_pages_queued_finishes_promptly(
+    emu: Any, small_pages: Settings, db: asyncpg.Connection, blockers: Callable[[str], Awaitable[Blocker]],
+) -> None:
+    refs = [add_job(emu, "many-c", seed=4), add_job(emu, "many-d", seed=5)]
+    for ref in refs:
+        await blockers(ref.job_id)
+    async with runtime(small_pages) as rt:
+        batch = asyncio.create_task(rt.ingestor.ingest_many(refs, concurrency=2))
+        await pages_queued(emu, db, calls=2 * QUEUE_FULL_CALLS, writers=2)
+        batch.cancel()
+        assert (await ends_within(batch, 10)).cancelled()
+        await assert_nothing_left_open(db)
+
+
+# --- 4. done when: the database drops the worker's connections mid-job ------------------------------------
+
+
+@pytest.fixture
+async def reference_db(pg_server_url: str, template_db: str) -> AsyncIterator[str]:
+    url = await create_database(pg_server_url, template_db)
+    yield url
+    await drop_database(pg_server_url, url)
+
+
+async def test_backfill_whose_connections_are_dropped_mid_job_ends_and_a_rerun_is_one_clean_ingest(
+    emu: Any, small_pages: Settings, db: asyncpg.Connection, reference_db: str,
+    blockers: Callable[[str], Awaitable[Blocker]],
+) -> None:
+    fx = synth.detection_job(unique_job_id("dropped"), faces=300, attributes="ALL", seed=7)
+    emu.add_job(fx)
+    ref = JobRef.create(fx.job_id, fx.api)
+    blocker = await blockers(ref.job_id)
+    console = Console(file=io.StringIO())
+    run = asyncio.create_task(run_backfill(small_pages, [ref], console=console))
+    await pages_queued(emu, db)
+    assert await terminate_worker_sessions(db) >= 1
+    await blocker.release()
+    first = (await ends_within(run, 30)).result()  # the run ends by itself (its second round ingests the job)
+    assert [o.outcome for o in first] == ["ingested"], first
+    await assert_nothing_left_open(db)
+    async with asyncio.timeout(30):
+        rerun = await run_backfill(small_pages, [ref], console=console)
+    assert [o.outcome for o in rerun] == ["ingested"], rerun
+    expected = await clean_dump(small_pages, reference_db, ref)
+    assert await dump_job(db, ref.job_id) == expected
+    assert len(expected["faces"]) == 300
