@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -204,6 +205,50 @@ async def test_cancelling_ingest_many_with_pages_queued_finishes_promptly(
         batch.cancel()
         assert (await ends_within(batch, 10)).cancelled()
         await assert_nothing_left_open(db)
+
+
+# --- 3. a busy job spends no quota --------------------------------------------------------------------
+
+
+async def test_job_locked_by_another_process_is_busy_without_a_rekognition_call(
+    emu: Any, settings: Settings, db: asyncpg.Connection, db_url: str,
+) -> None:
+    ref = add_job(emu, "locked", faces=30)
+    other = await asyncpg.connect(db_url)  # another process, writing the job
+    try:
+        await other.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", ref.job_id)
+        async with runtime(settings) as rt:
+            async with asyncio.timeout(10):
+                outcome = await rt.ingestor.ingest(ref)
+            assert outcome.outcome == "busy", outcome
+            assert emu.stats()["requests"] == 0, "a busy job must not spend Rekognition quota"
+            await other.execute("SELECT pg_advisory_unlock_all()")
+            async with asyncio.timeout(10):
+                again = await rt.ingestor.ingest(ref)
+    finally:
+        await other.close()
+    assert again.outcome == "ingested" and again.faces == 30
+
+
+async def test_lock_check_sees_exactly_the_jobs_own_lock(settings: Settings, db_url: str) -> None:
+    """The 64-bit key splits into pg_locks' two 32-bit columns, negative keys (half of them) included."""
+    rng = random.Random(13)
+    holder = await asyncpg.connect(db_url)
+    try:
+        async with runtime(settings) as rt:
+            job_ids = [unique_job_id("k") for _ in range(40)] + ["a", "Z" * 64, "0", "-_-"]
+            negative = 0
+            for job_id in job_ids:
+                negative += await holder.fetchval("SELECT hashtextextended($1, 0) < 0", job_id)
+                other = job_id[:-1] + rng.choice("xyz") if len(job_id) > 1 else job_id + "x"
+                assert not await rt.store.locked_elsewhere(job_id)
+                await holder.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", job_id)
+                assert await rt.store.locked_elsewhere(job_id), job_id
+                assert not await rt.store.locked_elsewhere(other), (job_id, other)
+                await holder.execute("SELECT pg_advisory_unlock_all()")
+            assert 0 < negative < len(job_ids)
+    finally:
+        await holder.close()
 
 
 # --- 4. done when: the database drops the worker's connections mid-job ------------------------------------

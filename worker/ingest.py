@@ -113,6 +113,9 @@ class Ingestor:
         self._clock = clock
 
     async def _attempt(self, ref: JobRef, skip_since_ms: int | None = None) -> JobOutcome:
+        # The writer's lock would refuse this job anyway: find out before the first Get* spends quota.
+        if await self.store.locked_elsewhere(ref.job_id):
+            raise JobBusy(f"job {ref.job_id} is being written by another process")
         seq = 0
         archive = self.store.archive_raw_pages
 
