@@ -7,6 +7,7 @@ normalized while page N is copied into PostgreSQL; memory stays bounded by ``pre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
@@ -18,12 +19,13 @@ import structlog
 
 from worker import metrics
 from worker.db.store import AlreadyIngested, JobBusy, Store, WriteCounts
-from worker.errors import InvalidInput, JobNotReady, PermanentJobError, RestartJob, TransientError
+from worker.errors import InvalidInput, JobNotReady, JobStalled, PermanentJobError, RestartJob, TransientError
 from worker.logs import get_logger
 from worker.messages import JobRef
 from worker.normalize import JobMeta
 from worker.pagecodec import DecodedPage, PageDecoder
 from worker.rekognition import Fetcher
+from worker.watchdog import Watchdog, progress
 
 log = get_logger(__name__)
 
@@ -104,13 +106,15 @@ class Ingestor:
     """Ingests jobs with a shared Fetcher (one client, one limiter) and a Store."""
 
     def __init__(self, fetcher: Fetcher, store: Store, *, prefetch_pages: int = 2,
-                 decoder: PageDecoder | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 decoder: PageDecoder | None = None, clock: Callable[[], float] = time.monotonic,
+                 watchdog: Watchdog | None = None) -> None:
         self.fetcher = fetcher
         self.store = store
         self.prefetch_pages = prefetch_pages
         # Inline by default; the runtime hands in a process pool (and closes it) when a core is spare.
         self.decoder = decoder or PageDecoder(0)
         self._clock = clock
+        self.watchdog = watchdog
 
     async def _attempt(self, ref: JobRef, skip_since_ms: int | None = None) -> JobOutcome:
         # The writer's lock would refuse this job anyway: find out before the first Get* spends quota.
@@ -126,6 +130,7 @@ class Ingestor:
             page = await self.decoder.decode(raw, ref.api, ref.job_id, seq, archive)
             if page.rows is not None:
                 seq += page.rows.elements
+            progress()  # a page fetched
             return page, page.meta.job_status, page.meta.next_token
 
         pages = self.fetcher.decoded_pages(ref.api, ref.job_id, decode)
@@ -175,6 +180,7 @@ class Ingestor:
                         raise PermanentJobError(f"rows of this page cannot be stored: {type(exc).__name__}: "
                                                 f"{str(exc)[:300]}", code="UnstorableValue") from exc
                     last_meta = page.meta
+                    progress()  # a page written
             await writer.finish(merge_meta(meta, last_meta))
         return writer.counts
 
@@ -188,8 +194,17 @@ class Ingestor:
         # bound_contextvars restores the caller's bindings afterwards (unbind would erase them).
         with structlog.contextvars.bound_contextvars(job_id=ref.job_id, api=ref.api.value):
             metrics.IN_FLIGHT.inc()
+            watch = self.watchdog.watch(ref.job_id) if self.watchdog is not None else None
             try:
-                outcome = await self._ingest(ref, skip_if_ingested_since_ms)
+                with watch or contextlib.nullcontext():
+                    outcome = await self._ingest(ref, skip_if_ingested_since_ms)
+                if watch is not None and watch.cancel_requested and not outcome.ok:
+                    # The watchdog's cancellation came out as another error (a rollback on a dead
+                    # connection replaces it): the stall is what happened to the job.
+                    outcome = JobOutcome(ref.job_id, ref.api.value, "transient",
+                                         reason=f"{watch.stall_reason()}; then {outcome.reason}")
+            except JobStalled as exc:  # cancelled by the watchdog: nothing was committed, retry later
+                outcome = JobOutcome(ref.job_id, ref.api.value, "transient", reason=str(exc))
             finally:
                 metrics.IN_FLIGHT.dec()
             outcome.seconds = round(self._clock() - started, 3)
