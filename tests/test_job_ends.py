@@ -19,7 +19,15 @@ from rich.console import Console
 
 from tests.conftest import unique_job_id
 from tests.helpers import dump_job, runtime
-from tests.reliability import clean_dump, create_database, drop_database
+from tests.reliability import (
+    WorkerProcess,
+    clean_dump,
+    create_database,
+    drop_database,
+    queue_counts,
+    take_all,
+    worker_env,
+)
 from tests.wedges import (
     PAGE_SIZE,
     PREFETCH,
@@ -35,6 +43,7 @@ from tests.wedges import (
 from worker.backfill import run_backfill
 from worker.config import Settings
 from worker.local import synth
+from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope
 from worker.messages import JobRef
 
 
@@ -197,3 +206,37 @@ async def test_backfill_whose_connections_are_dropped_mid_job_ends_and_a_rerun_i
     expected = await clean_dump(small_pages, reference_db, ref)
     assert await dump_job(db, ref.job_id) == expected
     assert len(expected["faces"]) == 300
+
+
+@pytest.mark.slow
+async def test_sqs_worker_whose_connections_are_dropped_mid_job_ends_and_the_job_is_one_clean_ingest(
+    emu: Any, small_pages: Settings, db_url: str, db: asyncpg.Connection, sqs: Any, moto_url: str,
+    reference_db: str, blockers: Callable[[str], Awaitable[Blocker]],
+) -> None:
+    fx = synth.detection_job(unique_job_id("dropped-sqs"), faces=300, attributes="ALL", seed=8)
+    emu.add_job(fx)
+    ref = JobRef.create(fx.job_id, fx.api)
+    queue_url, dlq_url = await create_queue_with_dlq(sqs, unique_job_id("ends"), visibility_timeout_s=3,
+                                                     max_receive_count=5)
+    await sqs.send_message(QueueUrl=queue_url, MessageBody=sns_envelope(notification(fx)))
+    blocker = await blockers(ref.job_id)
+    worker = WorkerProcess(["run", "--exit-when-idle"], worker_env(
+        DATABASE_URL=db_url, QUEUE_URL=queue_url, AWS_ENDPOINT_URL_SQS=moto_url,
+        AWS_ENDPOINT_URL_REKOGNITION=emu.url, PAGE_SIZE=str(PAGE_SIZE), PREFETCH_PAGES=str(PREFETCH)))
+    try:
+        await pages_queued(emu, db)
+        assert await terminate_worker_sessions(db) >= 1
+        await blocker.release()
+        # The job ends by itself, its message comes back after the transient delay (10 s) and the
+        # second delivery ingests it; then the queue is empty and the worker exits.
+        rc = await asyncio.to_thread(worker.wait, 60)
+    finally:
+        worker.kill()
+    assert rc == 0, worker.output()[-3000:]
+    assert [e.get("outcome") for e in worker.events("job finished")] == ["transient", "ingested"]
+    expected = await clean_dump(small_pages, reference_db, ref)
+    assert await dump_job(db, ref.job_id) == expected
+    assert await db.fetchval("SELECT attempts FROM jobs WHERE job_id = $1", ref.job_id) == 1
+    await assert_nothing_left_open(db)
+    assert await queue_counts(sqs, queue_url) == (0, 0, 0)
+    assert await take_all(sqs, dlq_url) == []
