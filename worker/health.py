@@ -9,20 +9,25 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from worker.watchdog import Watchdog
+
 Check = Callable[[], Awaitable[tuple[bool, str]]]
 
 
 class HealthServer:
-    """``/livez`` answers from a heartbeat the poll loop beats; ``/readyz`` runs the checks."""
+    """``/livez`` answers from a heartbeat the poll loop beats and the watchdog's stalled jobs;
+    ``/readyz`` runs the checks."""
 
     def __init__(self, *, port: int, live_within_s: float, ready_checks: dict[str, Check],
-                 check_timeout_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 check_timeout_s: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 watchdog: Watchdog | None = None) -> None:
         self.port = port
         self.live_within_s = live_within_s
         self.ready_checks = ready_checks
         # Below the kubelet's probe timeout: an unreachable database must answer 503, not hang.
         self.check_timeout_s = check_timeout_s
         self._clock = clock
+        self.watchdog = watchdog
         self._last_beat = clock()
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
@@ -32,9 +37,14 @@ class HealthServer:
 
     async def _livez(self, _: web.Request) -> web.Response:
         age_s = self._clock() - self._last_beat
-        if age_s > self.live_within_s:
-            return web.json_response({"live": False, "last_poll_age_s": round(age_s, 1)}, status=503)
-        return web.json_response({"live": True, "last_poll_age_s": round(age_s, 1)})
+        # A job past its stall deadline fails the probe until it ends: if even cancelling it does not
+        # end it, only a restart frees its slot, its message and its database session.
+        stalled = self.watchdog.stalled() if self.watchdog is not None else []
+        live = age_s <= self.live_within_s and not stalled
+        body: dict[str, object] = {"live": live, "last_poll_age_s": round(age_s, 1)}
+        if stalled:
+            body["stalled_jobs"] = [{"job_id": s.job_id, "no_progress_s": s.no_progress_s} for s in stalled]
+        return web.json_response(body, status=200 if live else 503)
 
     async def _run_check(self, check: Check) -> tuple[bool, str]:
         try:

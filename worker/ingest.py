@@ -7,6 +7,7 @@ normalized while page N is copied into PostgreSQL; memory stays bounded by ``pre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
@@ -18,12 +19,21 @@ import structlog
 
 from worker import metrics, unknown_values
 from worker.db.store import AlreadyIngested, JobBusy, Store, WriteCounts
-from worker.errors import CredentialsError, InvalidInput, JobNotReady, PermanentJobError, RestartJob, TransientError
+from worker.errors import (
+    CredentialsError,
+    InvalidInput,
+    JobNotReady,
+    JobStalled,
+    PermanentJobError,
+    RestartJob,
+    TransientError,
+)
 from worker.logs import get_logger
 from worker.messages import JobRef
 from worker.normalize import JOB_STATUSES, JobMeta
 from worker.pagecodec import DecodedPage, PageDecoder
 from worker.rekognition import Fetcher
+from worker.watchdog import Watchdog, progress
 
 log = get_logger(__name__)
 
@@ -68,6 +78,9 @@ async def _prefetch(pages: AsyncIterator[DecodedPage], depth: int) -> AsyncGener
 
     Memory stays bounded: at most ``depth`` decoded pages wait, plus one being written and one being
     decoded, whatever the size of the job.
+
+    Every exit finishes: the consumer stopping for any reason (a failed write, cancellation) cancels
+    the producer, and nothing on either side's way out waits for room in the queue.
     """
     queue: asyncio.Queue[DecodedPage | BaseException | None] = asyncio.Queue(maxsize=depth)
 
@@ -75,8 +88,10 @@ async def _prefetch(pages: AsyncIterator[DecodedPage], depth: int) -> AsyncGener
         try:
             async for item in pages:
                 await queue.put(item)
+        except asyncio.CancelledError:
+            raise  # the consumer is gone: a put now would wait forever on a full queue
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            await queue.put(exc)
+            await queue.put(exc)  # the consumer reads it, or stops and cancels this wait
             return
         await queue.put(None)
 
@@ -90,9 +105,10 @@ async def _prefetch(pages: AsyncIterator[DecodedPage], depth: int) -> AsyncGener
                 raise item
             yield item
     finally:
-        if not task.done():
-            task.cancel()
-        # Collect the producer so no exception is left unobserved.
+        task.cancel()
+        while not queue.empty():  # free the pages nobody will write, and any put waiting for room
+            queue.get_nowait()
+        # Collect the producer so no exception is left unobserved; cancelled, it ends at its next await.
         await asyncio.gather(task, return_exceptions=True)
 
 
@@ -100,15 +116,20 @@ class Ingestor:
     """Ingests jobs with a shared Fetcher (one client, one limiter) and a Store."""
 
     def __init__(self, fetcher: Fetcher, store: Store, *, prefetch_pages: int = 2,
-                 decoder: PageDecoder | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 decoder: PageDecoder | None = None, clock: Callable[[], float] = time.monotonic,
+                 watchdog: Watchdog | None = None) -> None:
         self.fetcher = fetcher
         self.store = store
         self.prefetch_pages = prefetch_pages
         # Inline by default; the runtime hands in a process pool (and closes it) when a core is spare.
         self.decoder = decoder or PageDecoder(0)
         self._clock = clock
+        self.watchdog = watchdog
 
     async def _attempt(self, ref: JobRef, skip_since_ms: int | None = None) -> JobOutcome:
+        # The writer's lock would refuse this job anyway: find out before the first Get* spends quota.
+        if await self.store.locked_elsewhere(ref.job_id):
+            raise JobBusy(f"job {ref.job_id} is being written by another process")
         seq = 0
         archive = self.store.archive_raw_pages
 
@@ -121,6 +142,7 @@ class Ingestor:
                 unknown_values.report(page.unknown)
             if page.rows is not None:
                 seq += page.rows.elements
+            progress()  # a page fetched
             return page, page.meta.job_status, page.meta.next_token
 
         pages = self.fetcher.decoded_pages(ref.api, ref.job_id, decode)
@@ -176,6 +198,7 @@ class Ingestor:
                         raise PermanentJobError(f"rows of this page cannot be stored: {type(exc).__name__}: "
                                                 f"{str(exc)[:300]}", code="UnstorableValue") from exc
                     last_meta = page.meta
+                    progress()  # a page written
             await writer.finish(merge_meta(meta, last_meta))
         return writer.counts
 
@@ -189,8 +212,17 @@ class Ingestor:
         # bound_contextvars restores the caller's bindings afterwards (unbind would erase them).
         with structlog.contextvars.bound_contextvars(job_id=ref.job_id, api=ref.api.value):
             metrics.IN_FLIGHT.inc()
+            watch = self.watchdog.watch(ref.job_id) if self.watchdog is not None else None
             try:
-                outcome = await self._ingest(ref, skip_if_ingested_since_ms)
+                with watch or contextlib.nullcontext():
+                    outcome = await self._ingest(ref, skip_if_ingested_since_ms)
+                if watch is not None and watch.cancel_requested and not outcome.ok:
+                    # The watchdog's cancellation came out as another error (a rollback on a dead
+                    # connection replaces it): the stall is what happened to the job.
+                    outcome = JobOutcome(ref.job_id, ref.api.value, "transient",
+                                         reason=f"{watch.stall_reason()}; then {outcome.reason}")
+            except JobStalled as exc:  # cancelled by the watchdog: nothing was committed, retry later
+                outcome = JobOutcome(ref.job_id, ref.api.value, "transient", reason=str(exc))
             finally:
                 metrics.IN_FLIGHT.dec()
             outcome.seconds = round(self._clock() - started, 3)

@@ -19,6 +19,7 @@ from worker.logs import get_logger
 from worker.pagecodec import PageDecoder, default_processes
 from worker.ratelimit import Limiter, RateLimiter
 from worker.rekognition import Fetcher, create_client
+from worker.watchdog import Watchdog
 
 log = get_logger(__name__)
 
@@ -31,6 +32,7 @@ class Runtime:
     client: Any
     fetcher: Fetcher
     ingestor: Ingestor
+    watchdog: Watchdog
 
 
 def _rate_changed(rate_per_s: float, why: str) -> None:
@@ -68,7 +70,9 @@ async def open_runtime(settings: Settings, *, limiter: Limiter | None = None) ->
             decoder = PageDecoder(settings.decode_processes if settings.decode_processes >= 0
                                   else default_processes())
             stack.callback(decoder.close)
-            ingestor = Ingestor(fetcher, store, prefetch_pages=settings.prefetch_pages, decoder=decoder)
-            yield Runtime(settings, engine, store, client, fetcher, ingestor)
+            watchdog = await stack.enter_async_context(Watchdog(settings.job_stall_timeout_s))
+            ingestor = Ingestor(fetcher, store, prefetch_pages=settings.prefetch_pages, decoder=decoder,
+                                watchdog=watchdog)
+            yield Runtime(settings, engine, store, client, fetcher, ingestor, watchdog)
     finally:
         await engine.dispose()

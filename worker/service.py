@@ -359,7 +359,7 @@ async def run_service(settings: Settings, *, exit_when_idle: bool = False,
         async with open_runtime(settings) as rt, session.create_client("sqs", region_name=settings.aws_region) as sqs:
             queue = await describe_queue(sqs, settings.queue_url)
             health = HealthServer(port=settings.health_port, live_within_s=settings.poll_wait_s + 60.0,
-                                  ready_checks=_readiness_checks(rt, sqs, settings.queue_url))
+                                  ready_checks=_readiness_checks(rt, sqs, settings.queue_url), watchdog=rt.watchdog)
             await health.start()
             try:
                 worker = SqsWorker(settings, rt, sqs, queue, health=health)

@@ -32,6 +32,16 @@ from worker.normalize import (
 
 RESULT_TABLES = ("faces", "landmarks", "emotions", "face_matches", "collection_faces", "persons", "raw_pages")
 _LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
+# Read-only: is the job's lock (above) held by some session? A 64-bit advisory key shows in pg_locks
+# as classid (high 32 bits), objid (low 32 bits) and objsubid 1. Looking, not trying, so the check
+# never makes a real writer elsewhere find the job busy.
+_LOCKED_SQL = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks l, (SELECT hashtextextended($1, 0) AS k) key
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = ((key.k >> 32) & 4294967295)::oid AND l.objid = (key.k & 4294967295)::oid)
+"""
 _INGESTED_SINCE_SQL = ("SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = $1 AND ingest_state = 'ingested' "
                        "AND ingested_at >= $2)")
 
@@ -269,6 +279,12 @@ class Store:
                     _ms_to_dt(ref.notified_at_ms), datetime.now(tz=UTC),
                 )
         return True
+
+    async def locked_elsewhere(self, job_id: str) -> bool:
+        """True when another session holds the job's lock: it is being written right now."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            return bool(await conn.fetchval(_LOCKED_SQL, job_id))
 
     async def ingested_since(self, job_id: str, at_ms: int) -> bool:
         """True when the job was completely ingested at or after ``at_ms`` (a duplicate notification)."""
