@@ -40,6 +40,8 @@ fuzz: $(TEST_STAMP)
 # pip-audit needs PyPI's JSON API; where the index serves none (as in this project's sandbox) the
 # audit reports that it could not run instead of failing the build. AUDIT_ALLOW_UNAVAILABLE=0 enforces it.
 lint: $(LINT_STAMP)
+	@command -v promtool >/dev/null || { echo "installing promtool (Debian package prometheus)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	$(VENV)/bin/ruff check worker tests migrations bench
 	$(VENV)/bin/mypy
 	bash scripts/lint-deploy.sh

@@ -113,6 +113,17 @@ for dir in "${KUSTOMIZATIONS[@]}"; do
 done
 [[ $failed -eq 0 ]] || die "deploy manifests failed validation"
 
+# The alerting rules: promtool (Debian package `prometheus`; `make lint` installs it) checks the
+# PrometheusRule's groups as a Prometheus rules file, and runs the alert unit tests beside it.
+PROMTOOL="$(tool promtool)"
+[[ -n "$PROMTOOL" ]] || die "promtool not found: apt-get install prometheus (make lint does)"
+echo "== $("$PROMTOOL" --version 2>&1 | head -1)"
+"$PYTHON" -c 'import sys, yaml; doc = yaml.safe_load(open(sys.argv[1])); yaml.safe_dump({"groups": doc["spec"]["groups"]}, open(sys.argv[2], "w"))' \
+  deploy/monitoring/prometheusrule.yaml "$WORK/rules.yaml"
+"$PROMTOOL" check rules "$WORK/rules.yaml"
+cp deploy/monitoring/alerts-test.yaml "$WORK/alerts-test.yaml"
+(cd "$WORK" && "$PROMTOOL" test rules alerts-test.yaml)
+
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
   echo "== pytest $HELPER"
   "$PYTHON" -m pytest -q -p no:cacheprovider "$HELPER"

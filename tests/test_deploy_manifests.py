@@ -290,6 +290,7 @@ def check_crd(doc: dict[str, Any]) -> list[str]:
         ("keda.sh/v1alpha1", "ScaledObject"): _check_scaled_object,
         ("keda.sh/v1alpha1", "TriggerAuthentication"): _check_trigger_authentication,
         ("monitoring.coreos.com/v1", "ServiceMonitor"): _check_service_monitor,
+        ("monitoring.coreos.com/v1", "PrometheusRule"): _check_prometheus_rule,
     }.get((doc.get("apiVersion"), kind))
     if checker is None:
         return [*problems, f"no structural check for {doc.get('apiVersion')} {kind}"]
@@ -331,6 +332,23 @@ def _check_trigger_authentication(spec: dict[str, Any]) -> Iterator[str]:
         yield "podIdentity.identityOwner must be keda or workload"
     if "roleArn" in identity and "identityOwner" in identity:
         yield "podIdentity.roleArn and podIdentity.identityOwner are mutually exclusive"
+
+
+def _check_prometheus_rule(spec: dict[str, Any]) -> Iterator[str]:
+    groups = spec.get("groups")
+    if not isinstance(groups, list) or not groups:
+        yield "spec.groups must be a non-empty list"
+        return
+    for g, group in enumerate(groups):
+        if not isinstance(group.get("name"), str):
+            yield f"groups[{g}].name is required"
+        for r, rule in enumerate(group.get("rules") or []):
+            if not isinstance(rule.get("expr"), str | int):
+                yield f"groups[{g}].rules[{r}].expr is required"
+            if ("alert" in rule) == ("record" in rule):
+                yield f"groups[{g}].rules[{r}] needs exactly one of alert and record"
+            if "for" in rule and not DURATION.match(str(rule["for"])):
+                yield f"groups[{g}].rules[{r}].for is not a duration"
 
 
 def _check_service_monitor(spec: dict[str, Any]) -> Iterator[str]:
@@ -417,6 +435,9 @@ def test_every_file_in_deploy_parses() -> None:
     yaml_files = sorted(DEPLOY.rglob("*.y*ml"))
     assert yaml_files, "deploy/ has no YAML"
     for path in yaml_files:
+        if path.name == "alerts-test.yaml":  # promtool's unit tests of the alerts, not a Kubernetes object
+            assert {"rule_files", "tests"} <= set(yaml.safe_load(path.read_text(encoding="utf-8"))), path
+            continue
         for doc in load_yaml_docs(path):
             if isinstance(doc, list):  # a JSON 6902 patch
                 assert all({"op", "path"} <= set(op) for op in doc), path
@@ -647,7 +668,7 @@ def test_custom_resources_are_structurally_valid() -> None:
             if is_crd_object(doc):
                 seen.add(doc["kind"])
                 assert check_crd(doc) == [], where
-    assert seen == {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+    assert seen == {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
     broken = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"}, "spec": {}}
     assert check_crd(broken), "the structural check must reject an empty ScaledObject"
 

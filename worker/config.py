@@ -119,6 +119,8 @@ class Settings:
     # probes Rekognition to resume.
     credentials_pause_after: int = 3
     credentials_probe_interval_s: float = 30.0
+    # How often `run` reads its queue's and dead-letter queue's depth into the metrics.
+    queue_depth_interval_s: float = 60.0
     retry_base_s: float = 0.25
     retry_cap_s: float = 20.0
     # SQS worker
@@ -179,6 +181,7 @@ class Settings:
             max_identical_failures=_int(env, "MAX_IDENTICAL_FAILURES", 5, minimum=1),
             credentials_pause_after=_int(env, "CREDENTIALS_PAUSE_AFTER", 3, minimum=1),
             credentials_probe_interval_s=_float(env, "CREDENTIALS_PROBE_INTERVAL_S", 30.0, minimum=0.1),
+            queue_depth_interval_s=_float(env, "QUEUE_DEPTH_INTERVAL_S", 60.0, minimum=1.0),
             retry_base_s=_float(env, "RETRY_BASE_S", 0.25),
             retry_cap_s=_float(env, "RETRY_CAP_S", 20.0),
             poll_wait_s=_int(env, "POLL_WAIT_S", 20, minimum=0),

@@ -31,6 +31,7 @@ from worker.config import Settings
 from worker.errors import ConfigError, InvalidInput
 from worker.logs import get_logger, redact
 from worker.messages import JobRef, parse_message_body
+from worker.queue import queue_url_from_arn
 
 log = get_logger(__name__)
 
@@ -69,11 +70,10 @@ async def locate(sqs: Any, queue_url: str) -> DeadLetterTopology:
         raise ConfigError(f"queue {queue_url} has no redrive policy: it has no dead-letter queue")
     policy = orjson.loads(raw_policy)
     dlq_arn = policy.get("deadLetterTargetArn")
-    parts = str(dlq_arn or "").split(":")
-    if len(parts) != 6 or parts[2] != "sqs":
-        raise ConfigError(f"redrive policy of {queue_url} names no SQS queue: {dlq_arn!r}")
-    account, name = parts[4], parts[5]
-    dlq_url = (await sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account))["QueueUrl"]
+    try:
+        dlq_url = await queue_url_from_arn(sqs, str(dlq_arn or ""))
+    except ValueError:
+        raise ConfigError(f"redrive policy of {queue_url} names no SQS queue: {dlq_arn!r}") from None
     max_receive = int(policy.get("maxReceiveCount") or 0) or None
     return DeadLetterTopology(queue_url, values.get("QueueArn", ""), dlq_url, str(dlq_arn), max_receive)
 

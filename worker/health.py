@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from worker import metrics
 from worker.watchdog import Watchdog
 
 Check = Callable[[], Awaitable[tuple[bool, str]]]
@@ -59,6 +60,7 @@ class HealthServer:
         answers = await asyncio.gather(*(self._run_check(self.ready_checks[n]) for n in names))
         results = {name: "ok" if ok else detail for name, (ok, detail) in zip(names, answers, strict=True)}
         ready = all(ok for ok, _ in answers)
+        metrics.READY.set(1 if ready else 0)
         return web.json_response({"ready": ready, "checks": results}, status=200 if ready else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:

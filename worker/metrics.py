@@ -1,12 +1,22 @@
-"""Prometheus metrics of the worker, registered once per process."""
+"""Prometheus metrics of the worker, registered once per process.
+
+Units are in the names (``_seconds``, ``_per_second``, ``_total`` for counters). Every metric about a
+job's API labels it ``api`` with the notification's spelling (``FACE_DETECTION``, ``FACE_SEARCH``);
+metrics about one AWS call label it ``operation`` (``GetFaceDetection``). deploy/monitoring/ reads only
+these names, and tests/test_monitoring.py checks that against a running service.
+"""
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from worker import __version__
 
 MESSAGES = Counter("worker_messages_total", "SQS messages handled, by outcome", ["outcome"])
 JOBS = Counter("worker_jobs_total", "Jobs finished, by API and outcome", ["api", "outcome"])
-PAGES = Counter("worker_pages_fetched_total", "Result pages fetched", ["api"])
+PAGES = Counter("worker_pages_fetched_total", "Result pages fetched, by API (FACE_DETECTION, FACE_SEARCH)", ["api"])
 ROWS = Counter("worker_rows_written_total", "Rows written, by table", ["table"])
 CALLS = Counter("worker_rekognition_calls_total", "Rekognition Get* calls, by outcome", ["operation", "outcome"])
 IN_FLIGHT = Gauge("worker_jobs_in_flight", "Jobs being ingested now")
@@ -28,3 +38,31 @@ CREDENTIALS_FAILURES = Counter("worker_credentials_failures_total",
                                "Jobs handed back because AWS refused the worker's credentials or permissions")
 CREDENTIALS_PAUSED = Gauge("worker_credentials_paused",
                            "1 while the worker takes no messages because AWS refuses its credentials")
+
+# Latencies. Buckets span a fast local call to a page under heavy throttling.
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+CALL_SECONDS = Histogram("worker_rekognition_call_duration_seconds",
+                         "Wall time of one Rekognition Get* call, whatever it answered", ["operation"],
+                         buckets=_LATENCY_BUCKETS_S)
+LIMITER_WAIT_SECONDS = Histogram("worker_rate_limiter_wait_seconds",
+                                 "Time one Get* call waited for the rate limiter before it was sent",
+                                 buckets=(0.001, *_LATENCY_BUCKETS_S))
+DB_WRITE_SECONDS = Histogram("worker_db_write_duration_seconds",
+                             "Wall time of one database write step: a page's rows (page) or a job's end (finish)",
+                             ["step"], buckets=_LATENCY_BUCKETS_S)
+RATE_CEILING = Gauge("worker_rekognition_rate_ceiling_per_second",
+                     "The configured Get* ceiling (REKOGNITION_TPS); the limiter's rate stays at or below it")
+# Queue depth as SQS approximates it, read by the worker every QUEUE_DEPTH_INTERVAL_S.
+QUEUE_MESSAGES = Gauge("worker_queue_messages", "Messages in the worker's queue by state (visible, in_flight, "
+                       "delayed), as SQS approximates them", ["state"])
+DLQ_MESSAGES = Gauge("worker_dead_letter_queue_messages",
+                     "Messages in the dead-letter queue named by the queue's redrive policy")
+OLDEST_PENDING_NOTIFICATION_AGE = Gauge(
+    "worker_oldest_pending_notification_age_seconds",
+    "Age of the oldest completion notification this process received and has not yet settled as done, from "
+    "Rekognition's Timestamp: results expire 7 days (604800 s) after it; re-sent copies keep it")
+READY = Gauge("worker_ready", "1 when the last /readyz evaluation found every check ok, else 0")
+JOBS_STALLED = Gauge("worker_jobs_stalled", "Jobs without a page fetched or written for JOB_STALL_TIMEOUT_S, "
+                     "still running")
+BUILD_INFO = Gauge("worker_build_info", "Always 1; the labels say which build is running", ["version", "python"])
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)

@@ -178,6 +178,40 @@ async def describe_queue(sqs: Any, queue_url: str) -> QueueInfo:
     return info
 
 
+async def queue_url_from_arn(sqs: Any, arn: str) -> str:
+    """The URL of the queue ``arn`` names (a redrive policy names its dead-letter queue by ARN)."""
+    parts = arn.split(":")
+    if len(parts) != 6 or parts[2] != "sqs":
+        raise ValueError(f"not an SQS queue ARN: {arn!r}")
+    return str((await sqs.get_queue_url(QueueName=parts[5], QueueOwnerAWSAccountId=parts[4]))["QueueUrl"])
+
+
+_DEPTH_ATTRIBUTES = {"ApproximateNumberOfMessages": "visible", "ApproximateNumberOfMessagesNotVisible": "in_flight",
+                     "ApproximateNumberOfMessagesDelayed": "delayed"}
+
+
+async def watch_depth(sqs: Any, info: QueueInfo, interval_s: float, stopping: asyncio.Event) -> None:
+    """Until ``stopping``: the queue's depth by state and its dead-letter queue's depth into gauges, every
+    ``interval_s``. The alerts and the dashboard read them; SQS reports them as approximations."""
+    dlq_url: str | None = None
+    while not stopping.is_set():
+        try:
+            attrs = (await sqs.get_queue_attributes(QueueUrl=info.url,
+                                                    AttributeNames=list(_DEPTH_ATTRIBUTES)))["Attributes"]
+            for name, state in _DEPTH_ATTRIBUTES.items():
+                metrics.QUEUE_MESSAGES.labels(state).set(int(attrs.get(name, 0)))
+            if info.dead_letter_arn is not None:
+                dlq_url = dlq_url or await queue_url_from_arn(sqs, info.dead_letter_arn)
+                dlq = (await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=[
+                    "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]))["Attributes"]
+                metrics.DLQ_MESSAGES.set(sum(int(v) for v in dlq.values()))
+        except (*SQS_ERRORS, ValueError, KeyError) as exc:
+            # The gauges keep their last reading: an alert on them stays as it was until SQS answers.
+            log.warning("queue depth unavailable", error=str(exc)[:300])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=interval_s)
+
+
 @dataclass
 class _Requeue:
     """One requeue in progress: the original, the copy's SendMessage arguments, and how far it got."""

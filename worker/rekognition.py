@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -187,13 +188,17 @@ class Fetcher:
         tries = _Tries()
         while True:
             # Every attempt, first or retry, takes a slot from the limiter: retries never bypass it.
+            waiting_since = time.monotonic()
             async with self.limiter as permit:
+                sent_at = time.monotonic()
+                metrics.LIMITER_WAIT_SECONDS.observe(sent_at - waiting_since)
                 try:
                     response = await self._request(api, job_id, token, max_results)
                 except _CALL_ERRORS as exc:
                     failure: BaseException | None = exc
                 else:
                     failure = None
+                metrics.CALL_SECONDS.labels(api.operation).observe(time.monotonic() - sent_at)
             if failure is None:
                 metrics.CALLS.labels(api.operation, "ok").inc()
                 self.limiter.record_success(permit)
@@ -275,7 +280,7 @@ class Fetcher:
             del response
             if number == 0 and status == "IN_PROGRESS":
                 raise JobNotReady(f"job {job_id} is still IN_PROGRESS")
-            metrics.PAGES.labels(api.operation).inc()
+            metrics.PAGES.labels(api.value).inc()
             yield item
             if not next_token or status != "SUCCEEDED":
                 return

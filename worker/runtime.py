@@ -64,6 +64,7 @@ async def open_runtime(settings: Settings, *, limiter: Limiter | None = None) ->
                 create_client(region=settings.aws_region, max_pool_connections=pool_connections))
             limiter = limiter or await _open_limiter(settings, stack, client.meta.region_name)
             metrics.RATE_LIMIT.set(limiter.rate_per_s)
+            metrics.RATE_CEILING.set(settings.rekognition_tps)
             fetcher = Fetcher(client, limiter, page_size=settings.page_size, max_attempts=settings.max_call_attempts,
                               retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s)
             store = Store(engine, archive_raw_pages=settings.archive_raw_pages)

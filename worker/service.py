@@ -30,6 +30,7 @@ from worker.config import Settings
 from worker.credentials import CredentialsGate, rekognition_probe
 from worker.db.migrate import head_revision
 from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerError
+from worker.expiry import NotificationClock
 from worker.health import HealthServer
 from worker.ingest import JobOutcome
 from worker.logs import get_logger
@@ -38,6 +39,7 @@ from worker.normalize import JobMeta, parse_meta
 from worker.queue import (
     DEFAULT_REQUEUE_RETRY,
     DEFAULT_RETRY_POLICY,
+    DONE_OUTCOMES,
     MAX_SEND_DELAY_S,
     MAX_VISIBILITY_S,
     Action,
@@ -49,6 +51,7 @@ from worker.queue import (
     decide,
     describe_queue,
     retry_delay_s,
+    watch_depth,
 )
 from worker.queue import earlier_receives as _earlier_receives
 from worker.queue import receive_count as _receive_count
@@ -89,6 +92,7 @@ class SqsWorker:
         self._jobs_in_flight: set[str] = set()
         self._slot_freed = asyncio.Event()
         self.counters = Counters()
+        self.notifications = NotificationClock()
         self.sqs_queue = SqsQueue(sqs, queue, settings, self.counters, retry=requeue_retry, clock=clock)
         # Paused after a run of credential failures; probes through the runtime's fetcher (None in unit tests).
         self.credentials = CredentialsGate(
@@ -111,9 +115,13 @@ class SqsWorker:
 
     async def run(self, *, exit_when_idle: bool = False) -> int:
         started = self._clock()
+        depth = asyncio.create_task(
+            watch_depth(self.sqs, self.queue, self.settings.queue_depth_interval_s, self.stopping), name="queue-depth")
         try:
             await self._poll_loop(exit_when_idle)
         finally:
+            depth.cancel()
+            await asyncio.gather(depth, return_exceptions=True)
             await self.credentials.close()
             await self._drain()
             await self.sqs_queue.close()
@@ -128,6 +136,7 @@ class SqsWorker:
         while not self.stopping.is_set():
             if self.health is not None:
                 self.health.beat()
+            self.notifications.publish()
             if self.credentials.paused:
                 # Running jobs finish; no new message is taken (and so none nears its redrive limit).
                 await self.credentials.wait_until_open(self.stopping)
@@ -206,6 +215,7 @@ class SqsWorker:
                 await self._settle(message, "invalid", receive_count, earlier, reason=str(exc))
                 return
             structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
+            self.notifications.seen(ref.job_id, ref.notified_at_ms)
             if ref.job_id in self._jobs_in_flight:
                 # Another copy of this notification is running here: by the time this one returns it is
                 # a duplicate. Settled without a Get* call, which would only find the job's lock taken.
@@ -226,6 +236,8 @@ class SqsWorker:
                 # The ingestor unbinds job_id and api when it returns; this message's lines still need them.
                 structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
             self.credentials.record(outcome)
+            if outcome.outcome in DONE_OUTCOMES:
+                self.notifications.done(ref.job_id)
             await self._settle(message, outcome.outcome, receive_count, earlier, reason=outcome.reason)
         except asyncio.CancelledError:
             # Shutdown deadline: the job's transaction rolled back; let another replica take it now.

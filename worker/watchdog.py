@@ -16,6 +16,7 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
 
+from worker import metrics
 from worker.errors import JobStalled
 from worker.logs import get_logger
 
@@ -125,6 +126,7 @@ class Watchdog:
                             stall_timeout_s=self.stall_timeout_s)
                 w.cancel()
                 cancelled.append(Stall(w.job_id, round(age_s, 1)))
+        metrics.JOBS_STALLED.set(len(self.stalled()))
         return cancelled
 
     async def _run(self) -> None:

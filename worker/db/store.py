@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from worker import metrics
 from worker.archive import ArchivedPage
 from worker.errors import TransientError, WorkerError
 from worker.messages import JobRef
@@ -155,6 +156,10 @@ class JobWriter:
         self.counts = WriteCounts()
 
     async def write_page(self, rows: PageRows, archived: ArchivedPage | None = None) -> None:
+        with metrics.DB_WRITE_SECONDS.labels("page").time():
+            await self._write_page(rows, archived)
+
+    async def _write_page(self, rows: PageRows, archived: ArchivedPage | None) -> None:
         conn, c = self._conn, self.counts
         if rows.faces:
             await conn.copy_records_to_table("faces", records=rows.faces, columns=FACE_COLUMNS)
@@ -198,12 +203,13 @@ class JobWriter:
     async def finish(self, meta: JobMeta) -> None:
         """Derive persons and write the job row; the caller's context commits."""
         conn, c, ref = self._conn, self.counts, self._ref
-        await conn.execute(_DERIVE_PERSONS, ref.job_id)
-        c.persons = await conn.fetchval(
-            _UPSERT_INGESTED, ref.job_id, ref.api.value, *_meta_values(meta),
-            c.pages, c.faces, c.face_matches, c.collection_faces, c.landmarks, c.emotions,
-            _ms_to_dt(ref.notified_at_ms), self._started_at,
-        )
+        with metrics.DB_WRITE_SECONDS.labels("finish").time():
+            await conn.execute(_DERIVE_PERSONS, ref.job_id)
+            c.persons = await conn.fetchval(
+                _UPSERT_INGESTED, ref.job_id, ref.api.value, *_meta_values(meta),
+                c.pages, c.faces, c.face_matches, c.collection_faces, c.landmarks, c.emotions,
+                _ms_to_dt(ref.notified_at_ms), self._started_at,
+            )
 
 
 class Store:

@@ -1,0 +1,107 @@
+"""deploy/monitoring/ reads only what the service exposes: every alert and every dashboard query, checked
+against the /metrics of a running `python -m worker run` that has ingested jobs of both kinds.
+
+PromQL is parsed with a real parser (promql-parser), so a metric name inside a function, a binary
+operation or a subquery is found, and label names or function names are never mistaken for metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from test_service_process import emu, get, queues, start_worker  # noqa: F401 - fixtures used below
+from test_service_support import Queues, enveloped, send, unique_id
+
+from worker.local import synth
+
+MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
+
+
+def metric_names(expr: str) -> set[str]:
+    """Every metric name a PromQL expression selects."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            names.add(node.name)
+            return
+        for attr in ("lhs", "rhs", "expr", "args", "param", "vector_selector"):
+            child = getattr(node, attr, None)
+            for item in child if isinstance(child, list) else [child]:
+                if item is not None and hasattr(item, "prettify"):
+                    walk(item)
+
+    walk(promql_parser.parse(expr))
+    return names
+
+
+def alert_expressions() -> dict[str, str]:
+    rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text(encoding="utf-8"))
+    return {r["alert"]: r["expr"] for group in rule["spec"]["groups"] for r in group["rules"] if "alert" in r}
+
+
+def panel_expressions() -> dict[str, str]:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text(encoding="utf-8"))
+    return {f"{p['title']} [{t['refId']}]": t["expr"] for p in dashboard["panels"] for t in p["targets"]}
+
+
+def exposed_samples(metrics_text: str) -> set[str]:
+    """Names of the samples on a /metrics page (histograms expose _bucket, _sum and _count)."""
+    return {sample.name for family in text_string_to_metric_families(metrics_text) for sample in family.samples}
+
+
+def unexposed(expressions: dict[str, str], exposed: set[str]) -> dict[str, set[str]]:
+    return {where: missing for where, expr in expressions.items() if (missing := metric_names(expr) - exposed)}
+
+
+def test_metric_names_are_found_wherever_promql_puts_them() -> None:
+    expr = ('histogram_quantile(0.9, sum by (le, operation) (rate(worker_a_bucket{operation="x"}[5m]))) '
+            '/ on() group_left clamp_min(-worker_b offset 5m, 1) and max_over_time(worker_c[1h:1m]) or absent(d)')
+    assert metric_names(expr) == {"worker_a_bucket", "worker_b", "worker_c", "d"}
+    assert unexposed({"x": "sum(rate(worker_nope_total[5m]))"}, {"worker_jobs_total"}) == {
+        "x": {"worker_nope_total"}}
+
+
+def test_shipped_monitoring_has_the_alerts_and_panels_operators_need() -> None:
+    alerts = alert_expressions()
+    assert len(alerts) >= 4
+    for needed in ("DeadLetterQueueNotEmpty", "JobsNearExpiry", "Throttled", "JobsFailing", "NoProgress",
+                   "CredentialsFailing", "NotReady"):
+        assert any(needed in name for name in alerts), needed
+    panels = " ".join(panel_expressions().values())
+    for needed in ("worker_queue_messages", "worker_oldest_message_age_seconds", "worker_jobs_in_flight",
+                   "worker_jobs_total", "worker_pages_fetched_total", "worker_rows_written_total",
+                   "worker_rekognition_rate_ceiling_per_second", "worker_rekognition_call_duration_seconds_bucket",
+                   "worker_db_write_duration_seconds_bucket", "worker_rate_limiter_wait_seconds_bucket"):
+        assert needed in panels, needed
+
+
+async def test_every_alert_and_panel_reads_a_metric_the_running_service_exposes(
+        start_worker: Any, queues: Queues, sqs: Any, emu: Any) -> None:  # noqa: F811
+    detection = synth.with_future_values(synth.detection_job(unique_id("mon-det"), faces=60, attributes="ALL"))
+    search = synth.search_job(unique_id("mon-search"), persons_elements=40, persons=4)
+    emu.add_jobs([detection, search])
+    await send(sqs, queues.url, enveloped(detection), enveloped(search))
+    worker = start_worker(QUEUE_DEPTH_INTERVAL_S="1")
+    port = worker.health_port()
+    worker.wait_for("both jobs ingested",
+                    lambda _: len([e for e in worker.events("job finished") if e.get("outcome") == "ingested"]) >= 2,
+                    timeout_s=60)
+    assert get(port, "/readyz")[0] == 200
+    deadline = time.monotonic() + 20
+    while True:  # the queue-depth reader runs every second
+        status, text = get(port, "/metrics")
+        exposed = exposed_samples(text)
+        if (status == 200 and "worker_queue_messages" in exposed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {"worker_build_info", "worker_ready", "worker_queue_messages", "worker_dead_letter_queue_messages",
+            "worker_unknown_enum_values_total"} <= exposed
+    assert unexposed(alert_expressions(), exposed) == {}
+    assert unexposed(panel_expressions(), exposed) == {}
