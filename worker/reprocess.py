@@ -46,6 +46,9 @@ async def reprocess_job(store: Store, ref: JobRef) -> JobOutcome:
                 last = rows.meta
                 await writer.write_page(rows)
             assert first is not None and last is not None
+            if last.next_token is not None:
+                # Quarantined pages of a token loop, or of a fetch that stopped early: not the whole job.
+                raise LookupError(f"the archive of job {ref.job_id} is incomplete: its last page has a NextToken")
             await writer.finish(merge_meta(first, last))
             counts = writer.counts
     except (LookupError, MalformedPage, JobBusy, orjson.JSONDecodeError, ValueError) as exc:
