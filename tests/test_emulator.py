@@ -415,6 +415,27 @@ async def test_expire_tokens_once_forces_a_restart(emu: RekognitionEmulator, cli
     assert second["Faces"] == DET.results[100:200]
 
 
+async def test_rejected_looping_and_later_in_progress_tokens(emu: RekognitionEmulator, client: Any) -> None:
+    emu.reject_tokens(DET.job_id)  # every token, however often the job restarts
+    for _ in range(3):
+        first = await client.get_face_detection(JobId=DET.job_id, MaxResults=100)
+        err = await _error_of(client.get_face_detection(JobId=DET.job_id, NextToken=first["NextToken"]))
+        assert _code(err) == "InvalidPaginationTokenException"
+    emu.reject_tokens(DET.job_id, 0)
+    emu.in_progress_on_later_pages(DET.job_id, 1)
+    first = await client.get_face_detection(JobId=DET.job_id, MaxResults=100)
+    later = await client.get_face_detection(JobId=DET.job_id, NextToken=first["NextToken"], MaxResults=100)
+    assert later["JobStatus"] == "IN_PROGRESS" and not later.get("Faces")
+    emu.loop_tokens(DET.job_id, 1)  # 3 pages of 100: tokens A, B, A, B, ...
+    tokens, token = [], None
+    for _ in range(4):
+        page = await client.get_face_detection(JobId=DET.job_id, MaxResults=100,
+                                               **({"NextToken": token} if token else {}))
+        token = page["NextToken"]
+        tokens.append(token)
+    assert tokens[0] == tokens[2] and tokens[1] == tokens[3] and tokens[0] != tokens[1]
+
+
 # --- wire details and control endpoints --------------------------------------------------------------------
 
 

@@ -178,7 +178,8 @@ async def test_concurrent_duplicate_ingest_ends_with_one_ingest(emulator: Any, s
     assert await dump_job(db, fx.job_id) == before
 
 
-async def test_failure_mid_job_leaves_no_trace(emulator: Any, settings: Settings, db: asyncpg.Connection) -> None:
+async def test_failure_mid_job_leaves_no_rows_only_its_quarantined_pages(emulator: Any, settings: Settings,
+                                                                         db: asyncpg.Connection) -> None:
     fx = synth.detection_job(unique_job_id("midfail"), faces=2500, attributes="ALL")
     fx.results[2100]["Timestamp"] = "later"  # third page violates the model
     emulator.add_job(fx)
@@ -187,7 +188,8 @@ async def test_failure_mid_job_leaves_no_trace(emulator: Any, settings: Settings
     assert outcome.outcome == "failed"
     assert "Faces[2100].Timestamp" in (outcome.reason or "")
     counts = await count_rows(db, fx.job_id)
-    assert counts == {**{t: 0 for t in counts}, "jobs": 1}
+    # No row of the failed ingest; what Rekognition returned is kept (tests/test_quarantine.py).
+    assert counts == {**{t: 0 for t in counts}, "jobs": 1, "raw_pages": 3}
     job = await db.fetchrow("SELECT ingest_state, failure_code, failure_reason FROM jobs WHERE job_id = $1", fx.job_id)
     assert job["ingest_state"] == "failed" and job["failure_code"] == "MalformedPage"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
@@ -15,12 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 
 from worker import metrics, unknown_values
-from worker.db.store import AlreadyIngested, JobBusy, Store, WriteCounts
+from worker.archive import ArchivedPage
+from worker.db.store import AlreadyIngested, JobBusy, Quarantine, Store, WriteCounts
 from worker.errors import (
     CredentialsError,
+    InfrastructureError,
     InvalidInput,
     JobNotReady,
     JobStalled,
@@ -63,7 +67,12 @@ class JobOutcome:
         return self.outcome in ("ingested", "duplicate")
 
 
-OUTCOMES = ("ingested", "duplicate", "failed", "not_ready", "busy", "transient", "invalid")
+OUTCOMES = ("ingested", "duplicate", "failed", "not_ready", "busy", "transient", "invalid", "error")
+
+# Failures after which the job's raw pages are fetched again and archived (quarantined) with the failed
+# job: Rekognition returned results, this version could not store them. Not for jobs that have none
+# (Rekognition said FAILED, no such job, a bad request).
+QUARANTINE_CODES = frozenset({"MalformedPage", "UnstorableValue", "PaginationLoop", "RepeatedFailure"})
 
 
 async def _chain(first: DecodedPage, rest: AsyncIterator[DecodedPage]) -> AsyncGenerator[DecodedPage]:
@@ -117,10 +126,11 @@ class Ingestor:
 
     def __init__(self, fetcher: Fetcher, store: Store, *, prefetch_pages: int = 2,
                  decoder: PageDecoder | None = None, clock: Callable[[], float] = time.monotonic,
-                 watchdog: Watchdog | None = None) -> None:
+                 watchdog: Watchdog | None = None, max_identical_failures: int = 5) -> None:
         self.fetcher = fetcher
         self.store = store
         self.prefetch_pages = prefetch_pages
+        self.max_identical_failures = max_identical_failures
         # Inline by default; the runtime hands in a process pool (and closes it) when a core is spare.
         self.decoder = decoder or PageDecoder(0)
         self._clock = clock
@@ -253,11 +263,12 @@ class Ingestor:
             return await self._record_permanent(ref, exc)
         except InvalidInput as exc:
             return JobOutcome(ref.job_id, name, "invalid", reason=str(exc))
+        except (InfrastructureError, TimeoutError, OSError) as exc:
+            return await self._outage(ref, str(exc) if isinstance(exc, InfrastructureError)
+                                      else f"{type(exc).__name__}: {exc}",
+                                      credentials_error=isinstance(exc, CredentialsError))
         except TransientError as exc:
-            return JobOutcome(ref.job_id, name, "transient", reason=str(exc),
-                              credentials_error=isinstance(exc, CredentialsError))
-        except (TimeoutError, OSError) as exc:
-            return JobOutcome(ref.job_id, name, "transient", reason=f"{type(exc).__name__}: {exc}")
+            return await self.count_failure(ref, exc, "transient")
         except Exception as exc:
             # asyncpg/SQLAlchemy errors: database unreachable or restarted (retry later), or data the
             # database refuses every time (record the job as failed rather than retry it forever).
@@ -265,16 +276,107 @@ class Ingestor:
                 return await self._record_permanent(
                     ref, PermanentJobError(f"database refused the job's rows: {exc}"[:500], code="UnstorableValue"))
             if _is_database_error(exc):
+                # Not noted in job_retries: that is the database that is down.
                 return JobOutcome(ref.job_id, name, "transient", reason=f"database: {type(exc).__name__}: {exc}")
-            raise
+            log.exception("unexpected error while ingesting a job")
+            return await self.count_failure(ref, exc, "error")
+
+    async def _outage(self, ref: JobRef, reason: str, *, credentials_error: bool = False) -> JobOutcome:
+        """An outage (throttling, faults, network, credentials): retried without end, never held against the job."""
+        try:
+            await self.store.note_outage(ref, reason[:500])
+        except Exception as db_exc:  # only shown in job_retries; the outcome is the same either way
+            log.debug("could not note the outage in job_retries", error=f"{type(db_exc).__name__}: {db_exc}")
+        return JobOutcome(ref.job_id, ref.api.value, "transient", reason=reason, credentials_error=credentials_error)
+
+    async def count_failure(self, ref: JobRef, exc: BaseException, outcome: str = "error") -> JobOutcome:
+        """Count an attempt of ``ref`` that ended with the job's own ``exc`` (not an outage).
+
+        The same error on ``max_identical_failures`` attempts in a row records the job failed
+        (``RepeatedFailure``, its pages quarantined where Rekognition still returns them); before that
+        the outcome is ``outcome`` and job_retries shows the streak. The SQS worker calls this for
+        unexpected errors outside the ingestor, so both paths count alike.
+        """
+        reason = (str(exc) if isinstance(exc, TransientError) else f"{type(exc).__name__}: {exc}")[:500]
+        try:
+            streak = await self.store.count_failure(ref, fingerprint=failure_fingerprint(exc), reason=reason)
+        except Exception as db_exc:  # the database is unreachable: not counted, retried like any outage
+            if not (_is_database_error(db_exc) or isinstance(db_exc, OSError)):
+                raise
+            return JobOutcome(ref.job_id, ref.api.value, "transient",
+                              reason=f"{reason}; counting it failed: {type(db_exc).__name__}: {db_exc}"[:1000])
+        if streak >= self.max_identical_failures:
+            log.warning("the same error on every attempt: giving up on the job", identical_failures=streak,
+                        error=reason)
+            return await self._record_permanent(ref, PermanentJobError(
+                f"the same error on {streak} attempts in a row: {reason}", code="RepeatedFailure"))
+        return JobOutcome(ref.job_id, ref.api.value, outcome, reason=reason, extra={"identical_failures": streak})
 
     async def _record_permanent(self, ref: JobRef, exc: PermanentJobError) -> JobOutcome:
         name = ref.api.value
+        if exc.code in QUARANTINE_CODES and self.store.archive_raw_pages:
+            return await self._quarantine(ref, exc)
         try:
             await self.store.record_failure(ref, code=exc.code, reason=exc.reason)
         except Exception as db_exc:  # the database itself is unreachable: retry the job later
             return JobOutcome(ref.job_id, name, "transient", reason=f"{exc.reason}; recording it failed: {db_exc}")
         return JobOutcome(ref.job_id, name, "failed", reason=exc.reason)
+
+    async def _quarantine(self, ref: JobRef, exc: PermanentJobError) -> JobOutcome:
+        """Record ``ref`` failed with its raw pages archived, in a transaction of its own.
+
+        The row transaction is gone (rolled back), and keeping its pages in memory until then would
+        not be bounded (thousands of ~3.5 MB pages), so the pages are fetched again, through the
+        limiter, without normalizing, compressed one at a time and inserted as they come. An outage
+        meanwhile leaves nothing and hands the job back (``transient``): Rekognition still has it.
+        """
+        name = ref.api.value
+        try:
+            async with self.store.quarantine(ref) as quarantine:
+                stopped = None if quarantine.keeps_earlier_ingest else await self._archive_raw(ref, quarantine)
+                reason = exc.reason
+                if quarantine.pages:
+                    reason += f" [{quarantine.pages} raw pages kept for reprocess"
+                    reason += f"; archive incomplete: {stopped}]" if stopped else "]"
+                await quarantine.finish(code=exc.code, reason=reason)
+        except JobBusy as busy:
+            return JobOutcome(ref.job_id, name, "busy", reason=f"{exc.reason}; {busy}")
+        except JobNotReady as not_ready:
+            return JobOutcome(ref.job_id, name, "not_ready", reason=f"{exc.reason}; {not_ready}")
+        except (InfrastructureError, TimeoutError, OSError) as outage:
+            return JobOutcome(ref.job_id, name, "transient",
+                              reason=f"{exc.reason}; archiving its pages met an outage: {outage}"[:1000])
+        except Exception as db_exc:
+            if not _is_database_error(db_exc):
+                raise
+            return JobOutcome(ref.job_id, name, "transient", reason=f"{exc.reason}; recording it failed: {db_exc}")
+        log.warning("job failed; its raw pages are kept for reprocess", code=exc.code, raw_pages=quarantine.pages,
+                    archive_incomplete=stopped)
+        return JobOutcome(ref.job_id, name, "failed", pages=quarantine.pages, reason=reason)
+
+    async def _archive_raw(self, ref: JobRef, quarantine: Quarantine) -> str | None:
+        """Fetch and archive the job's raw pages; None when the last one had no NextToken, else why it stopped.
+
+        The pages are not normalized (that is what failed). A token loop or page cap stops at the page
+        that showed it; so does the job's own error (the reason it is being given up, perhaps).
+        """
+
+        async def archive(raw: bytes, _number: int) -> tuple[ArchivedPage, str | None, str | None]:
+            status, token = page_links(raw)
+            # zstd releases the GIL: compressing a 3.5 MB page off the loop keeps it free for the others.
+            return await asyncio.to_thread(ArchivedPage.compress, raw), status, token
+
+        try:
+            async with aclosing(self.fetcher.decoded_pages(ref.api, ref.job_id, archive)) as pages:
+                async for page in pages:
+                    await quarantine.add_page(page)
+        except (PermanentJobError, RestartJob) as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+        except TransientError as exc:
+            if isinstance(exc, InfrastructureError):
+                raise
+            return f"{type(exc).__name__}: {exc}"[:300]
+        return None
 
     async def ingest_many(self, refs: Iterable[JobRef], *, concurrency: int,
                           on_done: Callable[[JobOutcome], None] | None = None) -> list[JobOutcome]:
@@ -291,6 +393,24 @@ class Ingestor:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(one(ref)) for ref in refs]
         return [t.result() for t in tasks]
+
+
+def page_links(raw: bytes) -> tuple[str | None, str | None]:
+    """JobStatus and NextToken of a raw page, without validating the rest (None where unreadable)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    status, token = body.get("JobStatus"), body.get("NextToken")
+    return (status if isinstance(status, str) else None), (token if isinstance(token, str) and token else None)
+
+
+def failure_fingerprint(exc: BaseException) -> str:
+    """What makes two failures "the same error": the type and the message, numbers and ids blanked."""
+    message = re.sub(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}|\d+", "#", str(exc))
+    return f"{type(exc).__name__}: {message}"[:300]
 
 
 def merge_meta(first: JobMeta, last: JobMeta) -> JobMeta:

@@ -7,6 +7,7 @@ including retries of throttled calls, passes through the process's rate limiter 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -38,6 +39,7 @@ from worker.errors import (
     CredentialsError,
     InfrastructureError,
     JobNotReady,
+    PaginationLoop,
     PermanentJobError,
     RestartJob,
     TransientError,
@@ -156,10 +158,11 @@ class Fetcher:
 
     def __init__(self, client: Any, limiter: Limiter, *, page_size: int = 1000, max_attempts: int = 8,
                  retry_base_s: float = 0.25, retry_cap_s: float = 20.0, sleep: Sleep = asyncio.sleep,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, max_pages: int = 100_000) -> None:
         self._client = client
         self.limiter = limiter
         self.page_size = page_size
+        self.max_pages = max_pages
         self.max_attempts = max_attempts
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
@@ -270,21 +273,33 @@ class Fetcher:
         """All pages of a job as ``decode`` makes them, chained by NextToken.
 
         Decoding is the caller's so that it can happen off the event loop; the next page is
-        requested only after ``decode`` has found its NextToken.
+        requested only after ``decode`` has found its NextToken. IN_PROGRESS on any page raises
+        JobNotReady; a NextToken seen before in this job (A, B, A: not only back to back) or more
+        than ``max_pages`` pages raise PaginationLoop after the page that showed it was yielded.
         """
         token: str | None = None
+        # 16-byte digests: a 20,000-page job remembers ~1 MB, not 20,000 tokens of up to 255 characters.
+        seen: set[bytes] = set()
         number = 0
         while True:
             response = await self.fetch_response(api, job_id, token)
             item, status, next_token = await decode(raw_body(response), number)
             del response
-            if number == 0 and status == "IN_PROGRESS":
-                raise JobNotReady(f"job {job_id} is still IN_PROGRESS")
+            if status == "IN_PROGRESS":
+                # On a later page too: the job is not readable as a whole yet, so try it again later.
+                raise JobNotReady(f"job {job_id} is still IN_PROGRESS" + (f" (page {number + 1})" if number else ""))
             metrics.PAGES.labels(api.value).inc()
             yield item
-            if not next_token or status != "SUCCEEDED":
+            # A status this version does not know is followed as long as it carries a NextToken.
+            if not next_token or status == "FAILED":
                 return
-            if next_token == token:
-                raise PermanentJobError(f"{api.operation} returned the same NextToken twice", code="PaginationLoop")
+            digest = hashlib.blake2b(str(next_token).encode(), digest_size=16).digest()
+            if digest in seen:
+                raise PaginationLoop(f"{api.operation} returned a NextToken already seen in this job "
+                                     f"(after page {number + 1})")
+            if number + 1 >= self.max_pages:
+                raise PaginationLoop(f"{api.operation} still had a NextToken after {number + 1} pages "
+                                     f"(MAX_PAGES_PER_JOB={self.max_pages})")
+            seen.add(digest)
             token = next_token
             number += 1

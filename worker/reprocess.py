@@ -57,6 +57,9 @@ async def _rebuild(store: Store, ref: JobRef) -> WriteCounts:
                 raise PermanentJobError(f"rows of archived page {page_no} cannot be stored: "
                                         f"{type(exc).__name__}: {str(exc)[:300]}", code="UnstorableValue") from exc
         assert first is not None and last is not None
+        if last.next_token is not None:
+            # Quarantined pages of a token loop, or of a fetch that stopped early: not the whole job.
+            raise LookupError(f"the archive of job {ref.job_id} is incomplete: its last page has a NextToken")
         await writer.finish(merge_meta(first, last))
         return writer.counts
 

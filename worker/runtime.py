@@ -66,14 +66,15 @@ async def open_runtime(settings: Settings, *, limiter: Limiter | None = None) ->
             metrics.RATE_LIMIT.set(limiter.rate_per_s)
             metrics.RATE_CEILING.set(settings.rekognition_tps)
             fetcher = Fetcher(client, limiter, page_size=settings.page_size, max_attempts=settings.max_call_attempts,
-                              retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s)
+                              retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s,
+                              max_pages=settings.max_pages_per_job)
             store = Store(engine, archive_raw_pages=settings.archive_raw_pages)
             decoder = PageDecoder(settings.decode_processes if settings.decode_processes >= 0
                                   else default_processes())
             stack.callback(decoder.close)
             watchdog = await stack.enter_async_context(Watchdog(settings.job_stall_timeout_s))
             ingestor = Ingestor(fetcher, store, prefetch_pages=settings.prefetch_pages, decoder=decoder,
-                                watchdog=watchdog)
+                                watchdog=watchdog, max_identical_failures=settings.max_identical_failures)
             yield Runtime(settings, engine, store, client, fetcher, ingestor, watchdog)
     finally:
         await engine.dispose()

@@ -208,6 +208,7 @@ class SqsWorker:
         structlog.contextvars.bind_contextvars(message_id=message.get("MessageId"), receive_count=receive_count)
         if earlier:
             structlog.contextvars.bind_contextvars(earlier_receives=earlier)
+        ref: JobRef | None = None
         try:
             try:
                 ref = parse_message_body(message.get("Body") or "")
@@ -248,9 +249,20 @@ class SqsWorker:
             kind = "transient" if _is_transient_exception(exc) else "error"
             log.error("message handling failed; it will be retried", outcome=kind,
                       error=f"{type(exc).__name__}: {exc}"[:500], exc_info=kind == "error")
+            if kind == "error" and ref is not None:
+                # Counted as the ingestor counts its own: the same error every time ends the job as failed.
+                kind = await self._count_failure(ref, exc)
             await self._settle(message, kind, receive_count, earlier, reason=str(exc)[:500])
         finally:
             structlog.contextvars.unbind_contextvars("message_id", "receive_count", "earlier_receives", "job_id", "api")
+
+    async def _count_failure(self, ref: JobRef, exc: Exception) -> str:
+        """The outcome of an unexpected error once counted toward MAX_IDENTICAL_FAILURES ("error" or "failed")."""
+        try:
+            return (await self.rt.ingestor.count_failure(ref, exc)).outcome
+        except Exception as count_exc:  # counting is best effort here: the message is retried regardless
+            log.warning("could not count the failure", error=f"{type(count_exc).__name__}: {count_exc}"[:300])
+            return "error"
 
     async def _record_notified_failure(self, ref: JobRef) -> JobOutcome:
         """Status FAILED or ERROR in the notification: record the job as failed, with Rekognition's reason."""

@@ -139,6 +139,31 @@ GROUP BY job_id, person_index
 """
 
 
+# The job is finished (ingested or recorded failed): it is no longer being retried.
+_CLEAR_RETRIES = "DELETE FROM job_retries WHERE job_id = $1"
+
+# One more attempt ended with the job's own error: the streak grows if it is the same error as last time.
+_COUNT_FAILURE = """
+INSERT INTO job_retries (job_id, api, fingerprint, last_error, streak, streak_started_at, failures)
+VALUES ($1, $2, $3, $4, 1, now(), 1)
+ON CONFLICT (job_id) DO UPDATE SET
+    api = EXCLUDED.api,
+    streak = CASE WHEN job_retries.fingerprint = EXCLUDED.fingerprint THEN job_retries.streak + 1 ELSE 1 END,
+    streak_started_at = CASE WHEN job_retries.fingerprint = EXCLUDED.fingerprint
+                             THEN job_retries.streak_started_at ELSE now() END,
+    fingerprint = EXCLUDED.fingerprint, last_error = EXCLUDED.last_error,
+    failures = job_retries.failures + 1, last_failed_at = now()
+RETURNING streak
+"""
+
+# An outage met by one attempt: shown, never held against the job (the streak is left as it is).
+_NOTE_OUTAGE = """
+INSERT INTO job_retries (job_id, api, outages, last_outage) VALUES ($1, $2, 1, $3)
+ON CONFLICT (job_id) DO UPDATE SET
+    outages = job_retries.outages + 1, last_outage = EXCLUDED.last_outage, last_failed_at = now()
+"""
+
+
 async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
     raw = await conn.get_raw_connection()
     return raw.driver_connection
@@ -205,11 +230,67 @@ class JobWriter:
         conn, c, ref = self._conn, self.counts, self._ref
         with metrics.DB_WRITE_SECONDS.labels("finish").time():
             await conn.execute(_DERIVE_PERSONS, ref.job_id)
+            await conn.execute(_CLEAR_RETRIES, ref.job_id)
             c.persons = await conn.fetchval(
                 _UPSERT_INGESTED, ref.job_id, ref.api.value, *_meta_values(meta),
                 c.pages, c.faces, c.face_matches, c.collection_faces, c.landmarks, c.emotions,
                 _ms_to_dt(ref.notified_at_ms), self._started_at,
             )
+
+
+class Quarantine:
+    """Archives the raw pages of a job that cannot be ingested, in the transaction opened by
+    :meth:`Store.quarantine`, and records the job failed with them: the rows are lost, what
+    Rekognition returned is not, and ``reprocess`` rebuilds the job once the cause is fixed."""
+
+    def __init__(self, conn: asyncpg.Connection, ref: JobRef, keeps_earlier_ingest: bool) -> None:
+        self._conn = conn
+        self._ref = ref
+        # A complete earlier ingest (rows and archive) is kept as it is: no pages are taken.
+        self.keeps_earlier_ingest = keeps_earlier_ingest
+        self.pages = 0
+
+    async def add_page(self, archived: ArchivedPage) -> None:
+        if self.keeps_earlier_ingest:
+            return
+        await self._conn.execute(
+            "INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) VALUES ($1, $2, $3, $4, $5)",
+            self._ref.job_id, self.pages, archived.encoding, archived.body, archived.raw_bytes,
+        )
+        self.pages += 1
+
+    async def finish(self, *, code: str, reason: str, meta: JobMeta | None = None) -> bool:
+        """Record the job failed; the caller's context commits. False when an earlier ingest was kept."""
+        return await _record_failed(self._conn, self._ref, code=code, reason=reason, meta=meta,
+                                    rekognition_failed=False, keep_archive=True)
+
+
+async def _record_failed(conn: asyncpg.Connection, ref: JobRef, *, code: str, reason: str, meta: JobMeta | None,
+                         rekognition_failed: bool, keep_archive: bool) -> bool:
+    """The body of :meth:`Store.record_failure`, on a connection that holds the job's lock."""
+    await conn.execute(_CLEAR_RETRIES, ref.job_id)
+    state = await conn.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", ref.job_id)
+    if state == "ingested" and not rekognition_failed:
+        await conn.execute(
+            "UPDATE jobs SET failure_code = $2, failure_reason = $3, updated_at = now() "
+            "WHERE job_id = $1", ref.job_id, code, reason,
+        )
+        return False
+    for table in RESULT_TABLES:
+        if not (keep_archive and table == "raw_pages"):
+            await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
+    if meta is None:
+        # Only the notification is known: keep what it says about the job and its video.
+        meta = JobMeta(job_status="FAILED" if rekognition_failed else None, status_message=None,
+                       job_tag=ref.job_tag, video_bucket=ref.video_bucket, video_name=ref.video_name,
+                       video_version=None, codec=None, duration_ms=None, video_format=None,
+                       frame_rate=None, frame_height=None, frame_width=None, color_range=None,
+                       next_token=None, response_job_id=None)
+    await conn.execute(
+        _UPSERT_FAILED, ref.job_id, ref.api.value, *_meta_values(meta), code, reason,
+        _ms_to_dt(ref.notified_at_ms), datetime.now(tz=UTC),
+    )
+    return True
 
 
 class Store:
@@ -243,12 +324,13 @@ class Store:
                 yield JobWriter(conn, ref, started_at, self.archive_raw_pages and not from_archive)
 
     async def archived_jobs(self) -> list[tuple[str, str]]:
-        """(job_id, api) of every ingested job that has raw pages archived."""
+        """(job_id, api) of every job that has raw pages archived: ingested ones, and failed ones whose
+        pages were quarantined (a fix to the normalizer or the schema lets ``reprocess`` recover them)."""
         async with self.engine.connect() as sa_conn:
             conn = await _driver(sa_conn)
             rows = await conn.fetch(
-                "SELECT j.job_id, j.api::text AS api FROM jobs j WHERE j.ingest_state = 'ingested' "
-                "AND EXISTS (SELECT 1 FROM raw_pages r WHERE r.job_id = j.job_id) ORDER BY j.job_id"
+                "SELECT j.job_id, j.api::text AS api FROM jobs j WHERE "
+                "EXISTS (SELECT 1 FROM raw_pages r WHERE r.job_id = j.job_id) ORDER BY j.job_id"
             )
             return [(r["job_id"], r["api"]) for r in rows]
 
@@ -263,28 +345,47 @@ class Store:
             conn = await _driver(sa_conn)
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", ref.job_id)
+                return await _record_failed(conn, ref, code=code, reason=reason, meta=meta,
+                                            rekognition_failed=rekognition_failed, keep_archive=keep_archive)
+
+    @asynccontextmanager
+    async def quarantine(self, ref: JobRef) -> AsyncIterator[Quarantine]:
+        """A transaction that replaces the job's rows and raw pages with the pages given to the
+        :class:`Quarantine`, which records the job failed; committed when the block exits cleanly.
+
+        Raises JobBusy when another process holds the job. A job with a complete earlier ingest keeps
+        it (``keeps_earlier_ingest``): its archive already holds what Rekognition returns.
+        """
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            async with conn.transaction():
+                if not await conn.fetchval(_LOCK_SQL, ref.job_id):
+                    raise JobBusy(f"job {ref.job_id} is being written by another process")
                 state = await conn.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", ref.job_id)
-                if state == "ingested" and not rekognition_failed:
-                    await conn.execute(
-                        "UPDATE jobs SET failure_code = $2, failure_reason = $3, updated_at = now() "
-                        "WHERE job_id = $1", ref.job_id, code, reason,
-                    )
-                    return False
-                for table in RESULT_TABLES:
-                    if not (keep_archive and table == "raw_pages"):
+                if state != "ingested":
+                    for table in RESULT_TABLES:
                         await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
-                if meta is None:
-                    # Only the notification is known: keep what it says about the job and its video.
-                    meta = JobMeta(job_status="FAILED" if rekognition_failed else None, status_message=None,
-                                   job_tag=ref.job_tag, video_bucket=ref.video_bucket, video_name=ref.video_name,
-                                   video_version=None, codec=None, duration_ms=None, video_format=None,
-                                   frame_rate=None, frame_height=None, frame_width=None, color_range=None,
-                                   next_token=None, response_job_id=None)
-                await conn.execute(
-                    _UPSERT_FAILED, ref.job_id, ref.api.value, *_meta_values(meta), code, reason,
-                    _ms_to_dt(ref.notified_at_ms), datetime.now(tz=UTC),
-                )
-        return True
+                yield Quarantine(conn, ref, keeps_earlier_ingest=state == "ingested")
+
+    async def count_failure(self, ref: JobRef, *, fingerprint: str, reason: str) -> int:
+        """Note that an attempt of ``ref`` ended with the job's own error ``fingerprint``; returns how many
+        attempts in a row (outages aside) ended with that same error."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            return int(await conn.fetchval(_COUNT_FAILURE, ref.job_id, ref.api.value, fingerprint, reason))
+
+    async def note_outage(self, ref: JobRef, reason: str) -> None:
+        """Note that an attempt of ``ref`` met an outage (shown in job_retries, not counted against the job)."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            await conn.execute(_NOTE_OUTAGE, ref.job_id, ref.api.value, reason)
+
+    async def retries(self, job_id: str) -> Mapping[str, Any] | None:
+        """The job's row in job_retries: why it is being retried (None: it is not)."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            row = await conn.fetchrow("SELECT * FROM job_retries WHERE job_id = $1", job_id)
+            return dict(row) if row is not None else None
 
     async def locked_elsewhere(self, job_id: str) -> bool:
         """True when another session holds the job's lock: it is being written right now."""

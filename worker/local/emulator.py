@@ -5,7 +5,8 @@ unmodified botocore/aiobotocore ``rekognition`` client works against it through 
 ``AWS_ENDPOINT_URL_REKOGNITION``. Errors are the seven modeled ones, as ``{"__type", "Message"}`` bodies.
 
 On top of the API it offers what tests and benchmarks need: an account quota (token bucket on an injected
-clock), injected faults and latency, job state changes (IN_PROGRESS -> SUCCEEDED, expiring tokens), and
+clock), injected faults and latency, job state changes (IN_PROGRESS -> SUCCEEDED, expiring or rejected tokens, tokens
+that loop, IN_PROGRESS on a later page), and
 counters with a per-call record. Three ways to run it: :class:`RekognitionEmulator` in your event loop,
 :class:`EmulatorThread` for synchronous code, or ``python -m worker.local.emulator`` as a process.
 
@@ -145,7 +146,12 @@ class _Job:
     fixture: JobFixture
     epoch: int
     in_progress_calls_left: int = 0
-    expire_next_token: bool = False
+    # Calls presenting a NextToken still to answer InvalidPaginationTokenException (-1: every one).
+    reject_tokens_left: int = 0
+    # Calls presenting a NextToken still to answer IN_PROGRESS (a job that regressed mid-read).
+    later_in_progress_left: int = 0
+    # The last page's NextToken leads back to this page instead of ending the job (a token loop).
+    loop_to_page: int | None = None
     by_index: list[Json] | None = None
     # Rendered pages keyed by (max_results, sort_by, offset); the job id is the outer key.
     pages: dict[tuple[int, str, int], bytes] = field(default_factory=dict)
@@ -323,8 +329,33 @@ class RekognitionEmulator:
 
     def expire_tokens_once(self, job_id: str) -> None:
         """The next call presenting a NextToken for this job gets InvalidPaginationTokenException."""
+        self.reject_tokens(job_id, 1)
+
+    def reject_tokens(self, job_id: str, calls: int | None = None) -> None:
+        """The next ``calls`` calls presenting a NextToken (None: all of them) get InvalidPaginationTokenException."""
+        if calls is not None and calls < 0:
+            raise ValueError("calls must be >= 0 or None")
         with self._lock:
-            self._job(job_id).expire_next_token = True
+            self._job(job_id).reject_tokens_left = -1 if calls is None else calls
+
+    def in_progress_on_later_pages(self, job_id: str, calls: int) -> None:
+        """Answer IN_PROGRESS to the next ``calls`` calls that present a NextToken (the first page still succeeds)."""
+        if calls < 0:
+            raise ValueError("calls must be >= 0")
+        with self._lock:
+            self._job(job_id).later_in_progress_left = calls
+
+    def loop_tokens(self, job_id: str, back_to_page: int) -> None:
+        """Make the last page's NextToken lead back to page ``back_to_page`` (>= 1), so tokens cycle forever.
+
+        With 3 pages and ``back_to_page=1`` the tokens run A, B, A, B, ...: not a token repeated back to back.
+        """
+        if back_to_page < 1:
+            raise ValueError(f"back_to_page must name a page after the first (got {back_to_page})")
+        with self._lock:
+            job = self._job(job_id)
+            job.loop_to_page = back_to_page
+            job.reset_views()
 
     def _job(self, job_id: str) -> _Job:
         try:
@@ -468,13 +499,22 @@ class RekognitionEmulator:
             return orjson.dumps(_status_body(replace(job.fixture, job_status="IN_PROGRESS"))), True
         if job.fixture.job_status != "SUCCEEDED":
             return orjson.dumps(_status_body(job.fixture)), job.fixture.job_status == "IN_PROGRESS"
-        offset = 0
-        if token is not None:
-            if job.expire_next_token:
-                job.expire_next_token = False
-                raise ServiceError("InvalidPaginationTokenException", "Pagination token has expired")
-            offset = self._decode_token(token, job, sort_by)
+        offset = 0 if token is None else self._token_offset(job, token, sort_by)
+        if offset is None:
+            return orjson.dumps(_status_body(replace(job.fixture, job_status="IN_PROGRESS"))), True
         return self._page(job, max_results, sort_by, offset), False
+
+    def _token_offset(self, job: _Job, token: str, sort_by: str) -> int | None:
+        """Where a NextToken leads, None for an IN_PROGRESS answer; raises for a rejected token."""
+        if job.reject_tokens_left != 0:
+            if job.reject_tokens_left > 0:
+                job.reject_tokens_left -= 1
+            raise ServiceError("InvalidPaginationTokenException", "Pagination token has expired")
+        offset = self._decode_token(token, job, sort_by)
+        if job.later_in_progress_left > 0:
+            job.later_in_progress_left -= 1
+            return None
+        return offset
 
     def _page(self, job: _Job, max_results: int, sort_by: str, offset: int) -> bytes:
         key = (max_results, sort_by, offset)
@@ -483,6 +523,8 @@ class RekognitionEmulator:
             items = job.ordered(sort_by)
             stop = min(len(items), offset + max_results)
             token = self._encode_token(job, stop, sort_by) if stop < len(items) else None
+            if token is None and job.loop_to_page is not None and job.loop_to_page * max_results < len(items):
+                token = self._encode_token(job, job.loop_to_page * max_results, sort_by)
             cached = orjson.dumps(page_body(job.fixture, offset, stop, token, results=items))
             job.pages[key] = cached
         return cached
@@ -690,6 +732,15 @@ class EmulatorThread:
 
     def expire_tokens_once(self, job_id: str) -> None:
         self.emulator.expire_tokens_once(job_id)
+
+    def reject_tokens(self, job_id: str, calls: int | None = None) -> None:
+        self.emulator.reject_tokens(job_id, calls)
+
+    def in_progress_on_later_pages(self, job_id: str, calls: int) -> None:
+        self.emulator.in_progress_on_later_pages(job_id, calls)
+
+    def loop_tokens(self, job_id: str, back_to_page: int) -> None:
+        self.emulator.loop_tokens(job_id, back_to_page)
 
     def prerender(self, max_results: int = MAX_RESULTS_CAP, sort_by: str = "TIMESTAMP") -> int:
         return self.emulator.prerender(max_results, sort_by)
