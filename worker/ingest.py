@@ -34,7 +34,7 @@ from worker.errors import (
 )
 from worker.logs import get_logger
 from worker.messages import JobRef
-from worker.normalize import JOB_STATUSES, JobMeta
+from worker.normalize import JobMeta
 from worker.pagecodec import DecodedPage, PageDecoder
 from worker.rekognition import Fetcher
 from worker.watchdog import Watchdog, progress
@@ -168,12 +168,6 @@ class Ingestor:
                 raise PermanentJobError(
                     f"response JobId {meta.response_job_id!r} differs from the requested job", code="MalformedPage"
                 )
-            if meta.job_status is not None and meta.job_status not in JOB_STATUSES:
-                # A status newer than this version: no telling whether the page holds results. The
-                # status is stored as sent, with a reason that says what happened.
-                reason = f"Rekognition reported JobStatus {meta.job_status[:64]!r}, unknown to this version"
-                await self.store.record_failure(ref, code="UnknownJobStatus", reason=reason, meta=meta)
-                return JobOutcome(ref.job_id, ref.api.value, "failed", pages=1, reason=reason)
             held = [first]
             del first  # the writer drops the page once written: memory stays bounded by the prefetch depth
             try:

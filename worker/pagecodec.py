@@ -78,7 +78,10 @@ def decode_page(raw: bytes, api: Api, job_id: str, seq_start: int, archive: bool
         raise MalformedPage(f"malformed result page: not JSON: {exc}") from None
     unknown: UnknownValues = {}
     meta = parse_meta(body, unknown)
-    rows = normalize_page(body, api, job_id, seq_start) if meta.job_status == "SUCCEEDED" else None
+    # SUCCEEDED, or a status newer than this version (stored as sent): the page's results are rows. A job
+    # still running, failed, or without a status has none to store.
+    has_results = meta.job_status not in (None, "IN_PROGRESS", "FAILED")
+    rows = normalize_page(body, api, job_id, seq_start) if has_results else None
     del body
     archived = ArchivedPage.compress(raw) if archive and rows is not None else None
     # normalize_page parses the job-level members again and reports their values with the rows'.

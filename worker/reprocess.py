@@ -14,6 +14,7 @@ import time
 import orjson
 import structlog
 
+from worker import unknown_values
 from worker.archive import CorruptArchive
 from worker.config import Settings
 from worker.db.engine import create_engine
@@ -48,6 +49,8 @@ async def _rebuild(store: Store, ref: JobRef) -> WriteCounts:
             if first is None:
                 first = parse_meta(body)
             rows = normalize_page(body, ref.api, ref.job_id, seq)
+            if rows.unknown:
+                unknown_values.report(rows.unknown)
             del body
             seq += rows.elements
             last = rows.meta

@@ -497,8 +497,9 @@ class RekognitionEmulator:
         if job.in_progress_calls_left > 0:
             job.in_progress_calls_left -= 1
             return orjson.dumps(_status_body(replace(job.fixture, job_status="IN_PROGRESS"))), True
-        if job.fixture.job_status != "SUCCEEDED":
+        if job.fixture.job_status in ("IN_PROGRESS", "FAILED"):
             return orjson.dumps(_status_body(job.fixture)), job.fixture.job_status == "IN_PROGRESS"
+        # SUCCEEDED, or a status newer than the published model: served with its results.
         offset = 0 if token is None else self._token_offset(job, token, sort_by)
         if offset is None:
             return orjson.dumps(_status_body(replace(job.fixture, job_status="IN_PROGRESS"))), True
