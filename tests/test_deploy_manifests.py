@@ -732,10 +732,15 @@ def test_worker_iam_policy_is_least_privilege() -> None:
         "sqs:ChangeMessageVisibility",
         "sqs:GetQueueAttributes",
         "sqs:SendMessage",
+        "sqs:GetQueueUrl",
     }
     for action, resources in granted.items():
         if action.startswith("rekognition:"):
             assert resources == {"*"}, "Rekognition Get* actions support no resource-level scoping"
+        elif action == "sqs:GetQueueAttributes":  # the queue and the depth of its dead-letter queue
+            assert resources == {"arn:aws:sqs:REGION:ACCOUNT:QUEUE", "arn:aws:sqs:REGION:ACCOUNT:QUEUE-dlq"}
+        elif action == "sqs:GetQueueUrl":  # the redrive policy names the dead-letter queue by ARN
+            assert resources == {"arn:aws:sqs:REGION:ACCOUNT:QUEUE-dlq"}
         else:
             assert resources == {"arn:aws:sqs:REGION:ACCOUNT:QUEUE"}, action
 
