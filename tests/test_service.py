@@ -45,6 +45,7 @@ from worker.config import Settings
 from worker.errors import ConfigError
 from worker.health import HealthServer
 from worker.local import synth
+from worker.local.sqs import sns_envelope
 from worker.runtime import open_runtime
 from worker.service import (
     MAX_SEND_DELAY_S,
@@ -743,3 +744,31 @@ async def test_done_when_mix_of_formats_duplicates_failed_in_progress_and_poison
     assert worker.counters.by_outcome["invalid"] == 2 * len(poison)
     assert worker.counters.by_outcome["not_ready"] >= 1
 
+
+
+@pytest.mark.parametrize("setting", ["dead-letter", "delete"])
+async def test_notifications_of_other_rekognition_apis_follow_the_setting(
+    setting: str, wsettings: Settings, sqs: Any, queues: Queues, emu: Any, db_url: str,
+) -> None:
+    """A shared topic also carries label or text jobs: dead-lettered by default (never deleted unseen), or
+    dropped and counted with OTHER_API_NOTIFICATIONS=delete. A face job beside them is ingested either way."""
+    good = detection(emu, faces=10)
+    others = [sns_envelope({"JobId": unique_id("labels"), "Status": "SUCCEEDED", "API": api, "Timestamp": 1,
+                            "Video": {"S3ObjectName": "v.mp4", "S3Bucket": "b"}})
+              for api in ("StartLabelDetection", "TEXT_DETECTION")]
+    await send(sqs, queues.url, *others, enveloped(good))
+    worker = await drain(wsettings.with_(other_api_notifications=setting), sqs)
+    dead = [m["Body"] for m in await take_all(sqs, queues.dlq_url)]
+    if setting == "delete":
+        assert dead == [] and worker.counters.by_outcome == {"other_api": 2, "ingested": 1}
+    else:
+        assert sorted(dead) == sorted(others) and worker.counters.by_outcome == {"invalid": 4, "ingested": 1}
+    assert await queue_counts(sqs, queues.url) == (0, 0, 0)
+    assert (await job_row(db_url, good.job_id) or {}).get("ingest_state") == "ingested"
+
+
+def test_other_api_setting_is_validated() -> None:
+    assert Settings.from_env({"OTHER_API_NOTIFICATIONS": "DELETE"}).other_api_notifications == "delete"
+    assert Settings.from_env({}).other_api_notifications == "dead-letter"
+    with pytest.raises(ConfigError, match="OTHER_API_NOTIFICATIONS"):
+        Settings.from_env({"OTHER_API_NOTIFICATIONS": "ignore"})

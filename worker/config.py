@@ -121,6 +121,9 @@ class Settings:
     credentials_probe_interval_s: float = 30.0
     # How often `run` reads its queue's and dead-letter queue's depth into the metrics.
     queue_depth_interval_s: float = 60.0
+    # Completion notifications of other Rekognition APIs on a shared topic: "dead-letter" (never deleted
+    # unseen: they go to the DLQ like any unusable message) or "delete" (dropped, counted as "other_api").
+    other_api_notifications: Literal["dead-letter", "delete"] = "dead-letter"
     retry_base_s: float = 0.25
     retry_cap_s: float = 20.0
     # SQS worker
@@ -160,6 +163,9 @@ class Settings:
         log_format = (env.get("LOG_FORMAT") or "auto").strip().lower()
         if log_format not in ("auto", "json", "console"):
             raise ConfigError(f"LOG_FORMAT must be auto, json or console (got {log_format!r})")
+        other_api = (env.get("OTHER_API_NOTIFICATIONS") or "dead-letter").strip().lower()
+        if other_api not in ("dead-letter", "delete"):
+            raise ConfigError(f"OTHER_API_NOTIFICATIONS must be dead-letter or delete (got {other_api!r})")
         page_size = _int(env, "PAGE_SIZE", 1000, minimum=1)
         if page_size > 1000:
             raise ConfigError(f"PAGE_SIZE must be 1..1000 (got {page_size})")
@@ -182,6 +188,7 @@ class Settings:
             credentials_pause_after=_int(env, "CREDENTIALS_PAUSE_AFTER", 3, minimum=1),
             credentials_probe_interval_s=_float(env, "CREDENTIALS_PROBE_INTERVAL_S", 30.0, minimum=0.1),
             queue_depth_interval_s=_float(env, "QUEUE_DEPTH_INTERVAL_S", 60.0, minimum=1.0),
+            other_api_notifications=other_api,  # type: ignore[arg-type]
             retry_base_s=_float(env, "RETRY_BASE_S", 0.25),
             retry_cap_s=_float(env, "RETRY_CAP_S", 20.0),
             poll_wait_s=_int(env, "POLL_WAIT_S", 20, minimum=0),

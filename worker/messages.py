@@ -88,6 +88,20 @@ class JobRef:
         return cls(job_id=validate_job_id(job_id), api=parse_api(api), **kw)
 
 
+class OtherApiNotification(InvalidInput):
+    """A well-formed completion notification of another Rekognition API (labels, text, persons...) that
+    shares the topic: not this worker's to ingest. OTHER_API_NOTIFICATIONS decides what becomes of it."""
+
+    def __init__(self, api: str, job_id: str) -> None:
+        super().__init__(f"unsupported API {api[:80]!r}: a notification of another Rekognition API (job {job_id}); "
+                         "this worker ingests only GetFaceDetection and GetFaceSearch results")
+        self.api = api
+
+
+# Rekognition's API names, in both documented spellings (StartLabelDetection, LABEL_DETECTION).
+_REKOGNITION_API_RE = re.compile(r"^(Start[A-Z][A-Za-z]{1,60}|[A-Z][A-Z_]{1,60})$")
+
+
 class ApiMissing(InvalidInput):
     """A backfill line names a valid JobId but no API (and no --api was given)."""
 
@@ -161,6 +175,9 @@ def parse_message_body(body: str | bytes) -> JobRef:
     notified_at_ms = ts if type(ts) is int and 0 < ts <= _MAX_TIMESTAMP_MS else None
     video_raw = doc.get("Video")
     video: dict[str, Any] = video_raw if isinstance(video_raw, dict) else {}
+    api = doc["API"]
+    if isinstance(api, str) and api.strip().lower() not in _API_NAMES and _REKOGNITION_API_RE.fullmatch(api):
+        raise OtherApiNotification(api, validate_job_id(doc["JobId"]))
     return JobRef.create(
         doc["JobId"],
         doc["API"],

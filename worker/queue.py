@@ -45,7 +45,8 @@ HOLD_MARGIN_S = 60
 # but without a fresh copy, so a message that keeps crashing the handler ends in the DLQ. "released":
 # handed back unfinished at shutdown, for another replica to take at once.
 RETRY_OUTCOMES = frozenset({"not_ready", "busy", "transient", "released"})
-DONE_OUTCOMES = frozenset({"ingested", "duplicate", "failed"})
+# "other_api": a notification of another Rekognition API, dropped because OTHER_API_NOTIFICATIONS=delete.
+DONE_OUTCOMES = frozenset({"ingested", "duplicate", "failed", "other_api"})
 
 
 def retry_delay_s(receive_count: int, *, base_s: int, cap_s: int) -> int:

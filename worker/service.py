@@ -34,7 +34,7 @@ from worker.expiry import NotificationClock
 from worker.health import HealthServer
 from worker.ingest import JobOutcome
 from worker.logs import get_logger
-from worker.messages import JobRef, parse_message_body
+from worker.messages import JobRef, OtherApiNotification, parse_message_body
 from worker.normalize import JobMeta, parse_meta
 from worker.queue import (
     DEFAULT_REQUEUE_RETRY,
@@ -212,6 +212,14 @@ class SqsWorker:
         try:
             try:
                 ref = parse_message_body(message.get("Body") or "")
+            except OtherApiNotification as exc:
+                # Another API's job on a shared topic: a subscription filter policy keeps these out
+                # (docs/runbook.md); without one, the operator chooses their fate.
+                fate = "other_api" if self.settings.other_api_notifications == "delete" else "invalid"
+                if fate == "other_api":
+                    log.info("notification of another Rekognition API dropped", api=exc.api)
+                await self._settle(message, fate, receive_count, earlier, reason=str(exc))
+                return
             except InvalidInput as exc:
                 await self._settle(message, "invalid", receive_count, earlier, reason=str(exc))
                 return
