@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from typing import Any
 
@@ -349,3 +350,30 @@ async def test_data_errors_are_permanent_and_outages_are_not(db: asyncpg.Connect
     outage = asyncpg.exceptions.AdminShutdownError("terminating connection")  # 57P01: retry later
     assert not _is_permanent_data_error(outage) and _is_database_error(outage)
     assert not _is_permanent_data_error(ConnectionRefusedError())
+
+
+async def test_error_lines_carry_the_aws_request_id_and_job_lines_the_job_tag(
+    emulator: Any, settings: Settings, db: asyncpg.Connection,
+) -> None:
+    """What AWS Support asks for (the request id) and the user's own key (the JobTag, which a backfill only
+    learns from the first page) are on the lines an operator reads."""
+    import structlog
+    from structlog.testing import capture_logs
+
+    tagged = dataclasses.replace(synth.detection_job(unique_job_id("tagged"), faces=3), job_tag="campaign-42")
+    refused = synth.detection_job(unique_job_id("refused"), faces=3)
+    refused.error = "InvalidParameterException"
+    emulator.add_jobs([tagged, refused])
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+        async with runtime(settings) as rt:
+            ok = await rt.ingestor.ingest(_ref(tagged))
+            failed = await rt.ingestor.ingest(_ref(refused))
+    assert ok.outcome == "ingested" and failed.outcome == "failed"
+    finished = {e["job_id"]: e for e in events if e["event"] == "job finished"}
+    assert finished[tagged.job_id]["job_tag"] == "campaign-42"
+    (call,) = [e for e in events if e["event"] == "rekognition call failed"]
+    assert call["aws_error_code"] == "InvalidParameterException"
+    assert re.fullmatch(r"[0-9a-f-]{36}", call["aws_request_id"]), call
+    assert call["aws_request_id"] in (failed.reason or "")
+    row = await db.fetchrow("SELECT failure_reason FROM jobs WHERE job_id = $1", refused.job_id)
+    assert call["aws_request_id"] in row["failure_reason"]

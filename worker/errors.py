@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class WorkerError(Exception):
     """Base class of the worker's own errors."""
@@ -70,3 +72,25 @@ class PaginationLoop(PermanentJobError):
 
 class RestartJob(WorkerError):
     """The pagination token was rejected: fetch the job again from its first page."""
+
+
+def aws_request_id(exc: BaseException) -> str | None:
+    """The request id AWS gave a failed call (what AWS Support asks for), when it answered at all."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    meta = response.get("ResponseMetadata") or {}
+    headers = meta.get("HTTPHeaders") or {}
+    rid = meta.get("RequestId") or headers.get("x-amzn-requestid") or headers.get("x-amz-request-id")
+    return str(rid) if rid else None
+
+
+def aws_error(exc: BaseException, limit: int = 300) -> dict[str, Any]:
+    """Log fields for a failed AWS call: the error text, and the AWS error code and request id if any."""
+    fields: dict[str, Any] = {"error": str(exc)[:limit]}
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and (code := (response.get("Error") or {}).get("Code")):
+        fields["aws_error_code"] = str(code)
+    if (rid := aws_request_id(exc)) is not None:
+        fields["aws_request_id"] = rid
+    return fields

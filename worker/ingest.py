@@ -159,6 +159,8 @@ class Ingestor:
         try:
             first = await anext(pages)
             meta = first.meta
+            if meta.job_tag is not None and ref.job_tag is None:
+                structlog.contextvars.bind_contextvars(job_tag=meta.job_tag[:256])
             if meta.job_status == "FAILED":
                 reason = meta.status_message or "Rekognition reported the job FAILED"
                 await self.store.record_failure(ref, code="JobFailed", reason=reason, meta=meta,
@@ -213,8 +215,9 @@ class Ingestor:
         outcome ``transient``/``busy`` and leave nothing behind; the caller decides when to retry.
         """
         started = self._clock()
-        # bound_contextvars restores the caller's bindings afterwards (unbind would erase them).
-        with structlog.contextvars.bound_contextvars(job_id=ref.job_id, api=ref.api.value):
+        # bound_contextvars restores the caller's bindings afterwards (unbind would erase them). The
+        # JobTag (the user's own key) comes from the notification, or from the first page of a backfill.
+        with structlog.contextvars.bound_contextvars(job_id=ref.job_id, api=ref.api.value, job_tag=ref.job_tag):
             metrics.IN_FLIGHT.inc()
             watch = self.watchdog.watch(ref.job_id) if self.watchdog is not None else None
             try:

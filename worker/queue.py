@@ -23,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from worker import metrics
 from worker.config import Settings
+from worker.errors import aws_error
 from worker.logs import get_logger
 from worker.ratelimit import Sleep, full_jitter_backoff_s
 
@@ -208,7 +209,7 @@ async def watch_depth(sqs: Any, info: QueueInfo, interval_s: float, stopping: as
                 metrics.DLQ_MESSAGES.set(sum(int(v) for v in dlq.values()))
         except (*SQS_ERRORS, ValueError, KeyError) as exc:
             # The gauges keep their last reading: an alert on them stays as it was until SQS answers.
-            log.warning("queue depth unavailable", error=str(exc)[:300])
+            log.warning("queue depth unavailable", **aws_error(exc))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=interval_s)
 
@@ -266,7 +267,7 @@ class SqsQueue:
                 MessageAttributeNames=["All"],
             )
         except SQS_ERRORS as exc:
-            log.warning("receive failed; retrying", error=str(exc)[:300])
+            log.warning("receive failed; retrying", **aws_error(exc))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=2.0)
             return []
@@ -289,7 +290,7 @@ class SqsQueue:
                                 "ApproximateNumberOfMessagesDelayed"],
             ))["Attributes"]
         except SQS_ERRORS as exc:
-            log.warning("queue attributes unavailable", error=str(exc)[:300])
+            log.warning("queue attributes unavailable", **aws_error(exc))
             return False
         return all(int(v) == 0 for v in attrs.values())
 
@@ -315,7 +316,7 @@ class SqsQueue:
                 self.counters.visibility_extension_failures += 1
                 metrics.HEARTBEAT_FAILURES.inc()
                 log.warning("visibility extension failed; the message may be delivered again before the job ends",
-                            error=str(exc)[:300])
+                            **aws_error(exc))
             else:
                 self.counters.visibility_extensions += 1
                 log.debug("visibility extended", visibility_timeout_s=self.settings.visibility_timeout_s)
@@ -393,7 +394,7 @@ class SqsQueue:
                 return await call()
             except SQS_ERRORS as exc:
                 gone = _is_gone(exc)
-                log.warning(f"{what} failed", attempt=attempt + 1, attempts=attempts, error=str(exc)[:300])
+                log.warning(f"{what} failed", attempt=attempt + 1, attempts=attempts, **aws_error(exc))
                 if gone:
                     return _GONE
                 if on_failure is not None:
@@ -414,7 +415,7 @@ class SqsQueue:
             log.info("message returned to the queue", why=why, visible_in_s=timeout_s)
         except SQS_ERRORS as exc:
             log.warning("visibility change failed; the message returns when its timeout lapses",
-                        why=why, error=str(exc)[:300])
+                        why=why, **aws_error(exc))
 
     async def requeue(self, message: dict[str, Any], delay_s: int, receives: int, why: str) -> None:
         """Send a fresh copy of a message on its last receive, then delete the original.
@@ -476,7 +477,7 @@ class SqsQueue:
                                                      ReceiptHandle=job.message["ReceiptHandle"],
                                                      VisibilityTimeout=hold_s)
         except SQS_ERRORS as exc:
-            log.warning("requeue: could not hold the original invisible", error=str(exc)[:300])
+            log.warning("requeue: could not hold the original invisible", **aws_error(exc))
             return
         job.held = True
         log.warning("requeue not finished: the original is held invisible while it goes on", hidden_for_s=hold_s,

@@ -43,6 +43,9 @@ from worker.errors import (
     PermanentJobError,
     RestartJob,
     TransientError,
+    WorkerError,
+    aws_error,
+    aws_request_id,
 )
 from worker.logs import get_logger
 from worker.messages import Api
@@ -206,7 +209,13 @@ class Fetcher:
                 metrics.CALLS.labels(api.operation, "ok").inc()
                 self.limiter.record_success(permit)
                 return response
-            await self._sleep(await self._retry_delay_s(api.operation, failure, permit, tries))
+            try:
+                delay_s = await self._retry_delay_s(api.operation, failure, permit, tries)
+            except WorkerError:
+                # The error that ends this page's tries: with the request id AWS Support asks for.
+                log.warning("rekognition call failed", operation=api.operation, **aws_error(failure))
+                raise
+            await self._sleep(delay_s)
 
     async def _retry_delay_s(self, op: str, failure: BaseException, permit: Permit, tries: _Tries) -> float:
         """How long to wait before retrying ``failure``, or raise the error that ends the page's tries."""
@@ -223,6 +232,8 @@ class Fetcher:
         code = error_code(failure)
         status = int(failure.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         message = str(failure.response.get("Error", {}).get("Message", ""))[:500]
+        if (rid := aws_request_id(failure)) is not None:
+            message = f"{message} (request id {rid})"
         if code in THROTTLE_CODES:
             metrics.CALLS.labels(op, "throttled").inc()
             await self.limiter.record_throttle(permit)

@@ -224,6 +224,8 @@ class SqsWorker:
                 await self._settle(message, "invalid", receive_count, earlier, reason=str(exc))
                 return
             structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
+            if ref.job_tag is not None:
+                structlog.contextvars.bind_contextvars(job_tag=ref.job_tag)
             self.notifications.seen(ref.job_id, ref.notified_at_ms)
             if ref.job_id in self._jobs_in_flight:
                 # Another copy of this notification is running here: by the time this one returns it is
@@ -262,7 +264,8 @@ class SqsWorker:
                 kind = await self._count_failure(ref, exc)
             await self._settle(message, kind, receive_count, earlier, reason=str(exc)[:500])
         finally:
-            structlog.contextvars.unbind_contextvars("message_id", "receive_count", "earlier_receives", "job_id", "api")
+            structlog.contextvars.unbind_contextvars("message_id", "receive_count", "earlier_receives", "job_id", "api",
+                                                     "job_tag")
 
     async def _count_failure(self, ref: JobRef, exc: Exception) -> str:
         """The outcome of an unexpected error once counted toward MAX_IDENTICAL_FAILURES ("error" or "failed")."""
