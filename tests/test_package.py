@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout_s: float = 600) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout_s, check=False)
+    proc = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
     assert proc.returncode == 0, (args, proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     return proc.stdout
 
