@@ -40,9 +40,11 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN pip wheel --require-hashes --wheel-dir /wheels -r requirements.lock
 
-# The project itself, without dependencies (they are all in /wheels already).
+# The project itself, without dependencies (they are all in /wheels already). The wheel carries the
+# migrations (as worker/migrations), so `migrate` works from any directory.
 COPY pyproject.toml README.md ./
 COPY worker/ ./worker/
+COPY migrations/ ./migrations/
 RUN pip wheel --no-deps --wheel-dir /wheels/app .
 
 ########################################################################################
@@ -75,10 +77,8 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && pip install --no-index --no-deps /wheels/app/*.whl \
     && pip check
 
-# `migrate` runs `alembic upgrade head` from here: alembic.ini + migrations/ must sit in the CWD.
-WORKDIR /app
-COPY alembic.ini ./
-COPY migrations/ ./migrations/
+# Nothing to read from the working directory: migrations are inside the installed package.
+WORKDIR /tmp
 
 # Run-time environment: nothing may be written outside /tmp (mount an emptyDir/tmpfs there).
 ENV PYTHONDONTWRITEBYTECODE=1 \
