@@ -188,7 +188,10 @@ async def test_soak(sqs: Any, moto_url: str, db_url: str, db: asyncpg.Connection
             if done >= len(plan.ingested) + len(plan.failed) and counts == (0, 0, 0):
                 break
             assert proc.proc.poll() is None, proc.output()[-3000:]
-            assert time.monotonic() < deadline, f"soak not done: {done} jobs stored, queue {counts}"
+            if time.monotonic() >= deadline:
+                unfinished = [e for e in proc.events("job finished") if e.get("outcome") not in ("ingested", "failed")]
+                raise AssertionError(f"soak not done: {done} jobs stored, queue {counts}; last outcomes other than "
+                                     f"ingested/failed: {unfinished[-12:]}")
             await asyncio.sleep(0.25)
         elapsed = time.monotonic() - started
         await asyncio.sleep(1.0)  # idle: the last job's tasks and connections are released
