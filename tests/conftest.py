@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -128,6 +129,24 @@ def rekognition_endpoint(emulator: object, monkeypatch: pytest.MonkeyPatch) -> o
     emulator.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0)  # type: ignore[attr-defined]
     monkeypatch.setenv("AWS_ENDPOINT_URL_REKOGNITION", emulator.url)  # type: ignore[attr-defined]
     return emulator
+
+
+@pytest.fixture
+def emu(rekognition_endpoint: Any) -> Iterator[Any]:
+    """The session's emulator with fresh call statistics; whatever a test configures is undone after it."""
+    rekognition_endpoint.reset_stats()
+    try:
+        yield rekognition_endpoint
+    finally:
+        rekognition_endpoint.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0, access_denied=False)
+
+
+@pytest.fixture
+async def queues(sqs: Any) -> Any:
+    """A fresh SQS queue (visibility 2 s) with a dead-letter queue after two receives."""
+    from test_service_support import make_queues
+
+    return await make_queues(sqs, visibility_timeout_s=2, max_receive_count=2)
 
 
 def unique_job_id(prefix: str = "job") -> str:

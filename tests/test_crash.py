@@ -64,13 +64,6 @@ def unseen_job(kind: str) -> tuple[synth.JobFixture, str]:
     return fx, f"{job_id} (seed {seed}, {len(fx.results)} elements)"
 
 
-@pytest.fixture
-def emu(rekognition_endpoint: Any) -> Iterator[Any]:
-    try:
-        yield rekognition_endpoint
-    finally:
-        rekognition_endpoint.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0)
-
 
 @pytest.fixture
 async def reference(pg_server_url: str, template_db: str) -> AsyncIterator[Callable[[JobRef], Awaitable[Any]]]:

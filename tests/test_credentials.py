@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from test_service_support import (
     detection,
     enveloped,
     job_row,
-    make_queues,
     queue_counts,
     send,
     unique_id,
@@ -37,19 +35,6 @@ from worker.credentials import CredentialsGate
 from worker.ingest import JobOutcome
 from worker.local import synth
 from worker.service import SqsWorker, run_service
-
-
-@pytest.fixture
-async def queues(sqs: Any) -> Queues:
-    return await make_queues(sqs, visibility_timeout_s=2, max_receive_count=2)
-
-
-@pytest.fixture
-def emu(rekognition_endpoint: Any) -> Iterator[Any]:
-    try:
-        yield rekognition_endpoint
-    finally:
-        rekognition_endpoint.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0, access_denied=False)
 
 
 @pytest.fixture

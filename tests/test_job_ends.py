@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -45,15 +45,6 @@ from worker.config import Settings
 from worker.local import synth
 from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope
 from worker.messages import JobRef
-
-
-@pytest.fixture
-def emu(rekognition_endpoint: Any) -> Iterator[Any]:
-    rekognition_endpoint.reset_stats()
-    try:
-        yield rekognition_endpoint
-    finally:
-        rekognition_endpoint.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0)
 
 
 @pytest.fixture

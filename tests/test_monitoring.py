@@ -15,7 +15,7 @@ from typing import Any
 import promql_parser
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from test_service_process import emu, get, queues, start_worker  # noqa: F401 - fixtures used below
+from test_service_process import get, start_worker  # noqa: F401 - start_worker is a fixture
 from test_service_support import Queues, enveloped, send, unique_id
 
 from worker.local import synth

@@ -9,7 +9,7 @@ policy allows 2 receives: the job below is IN_PROGRESS on both, so the second en
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from test_service import FAST, events, logs_with_context, metric, wait_until
-from test_service_support import Queues, detection, enveloped, job_row, make_queues, queue_counts, send, take_all
+from test_service_support import Queues, detection, enveloped, job_row, queue_counts, send, take_all
 
 from tests.faulty_proxy import FaultyProxy
 from worker.config import Settings
@@ -29,17 +29,6 @@ from worker.service import Action, RequeueRetry, SqsWorker, decide, describe_que
 FAST_REQUEUE = RequeueRetry(attempts=3, base_s=0.05, cap_s=0.2, background_cap_s=0.3, shutdown_deadline_s=4.0)
 
 
-@pytest.fixture
-async def queues(sqs: Any) -> Queues:
-    return await make_queues(sqs, visibility_timeout_s=2, max_receive_count=2)
-
-
-@pytest.fixture
-def emu(rekognition_endpoint: Any) -> Iterator[Any]:
-    try:
-        yield rekognition_endpoint
-    finally:
-        rekognition_endpoint.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import asyncio
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -28,7 +28,6 @@ from test_service_support import (
     drop_database,
     enveloped,
     job_row,
-    make_queues,
     plain,
     plain_backfill,
     queue_counts,
@@ -67,18 +66,6 @@ FAST = RetryPolicy(busy_base_s=1, busy_cap_s=2, transient_base_s=1, transient_ca
 # --- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def queues(sqs: Any) -> Queues:
-    return await make_queues(sqs, visibility_timeout_s=2, max_receive_count=2)
-
-
-@pytest.fixture
-def emu(rekognition_endpoint: Any) -> Iterator[Any]:
-    """The session's emulator; whatever a test configures is undone after it."""
-    try:
-        yield rekognition_endpoint
-    finally:
-        rekognition_endpoint.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0)
 
 
 @pytest.fixture

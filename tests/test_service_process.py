@@ -27,7 +27,6 @@ from test_service_support import (
     drop_database,
     enveloped,
     job_row,
-    make_queues,
     plain,
     plain_backfill,
     queue_counts,
@@ -46,17 +45,6 @@ from worker.local import synth
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-async def queues(sqs: Any) -> Queues:
-    return await make_queues(sqs, visibility_timeout_s=2, max_receive_count=2)
-
-
-@pytest.fixture
-def emu(rekognition_endpoint: Any) -> Iterator[Any]:
-    try:
-        yield rekognition_endpoint
-    finally:
-        rekognition_endpoint.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0)
 
 
 class WorkerProcess:

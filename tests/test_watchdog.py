@@ -5,7 +5,7 @@ with ``/livez`` failing while a job is past its deadline and passing once it has
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -27,15 +27,6 @@ from worker.errors import JobStalled
 from worker.health import HealthServer
 from worker.ingest import Ingestor
 from worker.watchdog import Stall, Watchdog, progress
-
-
-@pytest.fixture
-def emu(rekognition_endpoint: Any) -> Iterator[Any]:
-    rekognition_endpoint.reset_stats()
-    try:
-        yield rekognition_endpoint
-    finally:
-        rekognition_endpoint.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0)
 
 
 @pytest.fixture
