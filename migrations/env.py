@@ -29,7 +29,8 @@ def _settings() -> Settings:
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=metadata, transaction_per_migration=True,
                       version_table_schema="public", include_schemas=True,
-                      include_name=compared_names(connection.dialect.default_schema_name), compare_type=compare_type)
+                      include_name=compared_names(connection.dialect.default_schema_name), compare_type=compare_type,
+                      compare_server_default=True)
     with context.begin_transaction():
         context.run_migrations()
 
