@@ -1,4 +1,10 @@
-"""Alembic environment: async, URL from worker.config (never from alembic.ini)."""
+"""Alembic environment: async, URL from worker.config (never from alembic.ini).
+
+The migration connection resolves unqualified names in schema `rekognition` first (the engine's
+search_path), so a migration's `CREATE TABLE x` lands beside the worker's other tables; the version
+table stays `public.alembic_version`. target_metadata is worker/db/schema.py, for autogenerate and
+`alembic check`: only schema `rekognition` is compared (the reporting views are SQL, in migrations).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from sqlalchemy.engine import Connection
 
 from worker.config import Settings
 from worker.db.engine import create_engine
+from worker.db.schema import SEARCH_PATH, compare_type, compared_names, metadata
 
 config = context.config
 
@@ -20,7 +27,10 @@ def _settings() -> Settings:
 
 
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=None, transaction_per_migration=True)
+    context.configure(connection=connection, target_metadata=metadata, transaction_per_migration=True,
+                      version_table_schema="public", include_schemas=True,
+                      include_name=compared_names(connection.dialect.default_schema_name), compare_type=compare_type,
+                      compare_server_default=True)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -38,13 +48,15 @@ async def _run_async() -> None:
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
+        # A caller's connection (in its own transaction) gets the search_path the engine's connections have.
+        connection.exec_driver_sql(f"SET search_path = {SEARCH_PATH}")
         _run(connection)
     else:
         asyncio.run(_run_async())
 
 
 if context.is_offline_mode():
-    context.configure(url="postgresql://", literal_binds=True, target_metadata=None)
+    context.configure(url="postgresql://", literal_binds=True, target_metadata=metadata, version_table_schema="public")
     with context.begin_transaction():
         context.run_migrations()
 else:

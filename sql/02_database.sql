@@ -7,6 +7,9 @@ BEGIN
     EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
     EXECUTE format('GRANT CONNECT, CREATE ON DATABASE %I TO rekognition_migrator', current_database());
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO rekognition_worker', current_database());
+    -- The worker's tables are in schema rekognition (the worker sets this on its own connections):
+    -- psql sessions of anyone connecting here find them by their unqualified names too.
+    EXECUTE format('ALTER DATABASE %I SET search_path = rekognition, public', current_database());
 END
 $database$;
 

@@ -7,6 +7,22 @@ GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO rekognition_worker;
 -- The schema version is the migration role's business: the worker only reads it (readiness probe).
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE public.alembic_version FROM rekognition_worker;
 
+-- The worker's tables live in schema rekognition (revision 0007 onwards): rows of every table there, now
+-- and of tables later migrations create.
+DO $rekognition$
+BEGIN
+    IF EXISTS (SELECT FROM pg_namespace WHERE nspname = 'rekognition') THEN
+        GRANT USAGE ON SCHEMA rekognition TO rekognition_worker;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA rekognition TO rekognition_worker;
+        GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA rekognition TO rekognition_worker;
+        ALTER DEFAULT PRIVILEGES FOR ROLE rekognition_migrator IN SCHEMA rekognition
+            GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO rekognition_worker;
+        ALTER DEFAULT PRIVILEGES FOR ROLE rekognition_migrator IN SCHEMA rekognition
+            GRANT USAGE, SELECT ON SEQUENCES TO rekognition_worker;
+    END IF;
+END
+$rekognition$;
+
 DO $reporting$
 BEGIN
     IF EXISTS (SELECT FROM pg_namespace WHERE nspname = 'reporting') THEN

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 from worker.config import Settings, normalize_database_url
+from worker.db.schema import SEARCH_PATH
 
 # `make test` must give the same verdict on every run, so its property tests draw from a fixed seed
 # (Hypothesis's advice for CI). `make fuzz` (HYPOTHESIS_PROFILE=explore) draws fresh examples each run;
@@ -41,6 +42,17 @@ def _no_real_aws(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+async def create_database(admin: asyncpg.Connection, name: str, template: str | None = None) -> None:
+    """CREATE DATABASE (cloned from ``template``), where plain connections resolve the worker's tables.
+
+    The worker sets its search_path on every connection it opens; the tests' own connections (and psql)
+    get it from the database. CREATE DATABASE ... TEMPLATE does not copy per-database settings, so
+    every database a test creates comes through here.
+    """
+    await admin.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    await admin.execute(f'ALTER DATABASE "{name}" SET search_path = {SEARCH_PATH}')
 
 
 def with_database(url: str, name: str) -> str:
@@ -74,7 +86,7 @@ def template_db(pg_server_url: str) -> str:
     async def create() -> None:
         conn = await asyncpg.connect(pg_server_url)
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            await create_database(conn, name)
         finally:
             await conn.close()
 
@@ -89,7 +101,7 @@ async def db_url(pg_server_url: str, template_db: str) -> AsyncIterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(pg_server_url)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        await create_database(conn, name, template_db)
     finally:
         await conn.close()
     yield with_database(pg_server_url, name)

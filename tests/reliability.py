@@ -24,6 +24,7 @@ import asyncpg
 import psutil
 from rich.console import Console
 
+from tests.conftest import create_database as create_database_as
 from tests.helpers import dump_job
 from worker.backfill import run_backfill
 from worker.config import Settings
@@ -151,7 +152,7 @@ async def create_database(server_url: str, template: str | None = None) -> str:
     name = f"rel_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(server_url)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        await create_database_as(conn, name, template)
     finally:
         await conn.close()
     return with_database(server_url, name)

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tests.conftest import with_database
+from tests.conftest import create_database, with_database
 from tests.test_cli import run_cli
 
 ROLE = "rekognition_worker"
@@ -25,7 +25,7 @@ async def test_migrate_grants_dml_but_no_ddl_to_the_worker_role(pg_server_url: s
     if created:
         await admin.execute(f"CREATE ROLE {ROLE} LOGIN")
     name = f"grants_{uuid.uuid4().hex[:8]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    await create_database(admin, name)
     url = with_database(pg_server_url, name)
     try:
         result = run_cli("migrate", env={"DATABASE_URL": url})
@@ -36,6 +36,16 @@ async def test_migrate_grants_dml_but_no_ddl_to_the_worker_role(pg_server_url: s
             await conn.execute("INSERT INTO jobs (job_id, api, ingest_state) VALUES ('g-1', 'FACE_SEARCH', 'failed')")
             await conn.execute("DELETE FROM jobs WHERE job_id = 'g-1'")
             assert await conn.fetchval("SELECT version_num FROM alembic_version")
+            # The tables live in schema rekognition (0007); a table a later migration creates there
+            # (unqualified, as the migration connection's search_path puts it there) is writable too.
+            assert await conn.fetchval("SELECT to_regclass('rekognition.jobs')::text") == "jobs"
+            owner = await asyncpg.connect(url)
+            try:
+                await owner.execute("CREATE TABLE later_table (x int)")
+                assert await owner.fetchval("SELECT to_regclass('rekognition.later_table')::text") == "later_table"
+            finally:
+                await owner.close()
+            await conn.execute("INSERT INTO later_table VALUES (1)")
             for ddl in ("CREATE TABLE sneaky (x int)", "DROP TABLE faces", "TRUNCATE faces",
                         "UPDATE alembic_version SET version_num = '0001'", "ALTER TABLE jobs ADD COLUMN x int"):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):

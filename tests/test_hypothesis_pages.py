@@ -282,7 +282,7 @@ def column_types(pg_server_url: str, template_db: str) -> dict[str, dict[str, tu
                 "SELECT c.table_name, c.column_name, c.data_type, c.is_nullable = 'YES' AS nullable, "
                 "  coalesce((SELECT array_agg(e.enumlabel) FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid "
                 "            WHERE t.typname = c.udt_name), '{}') AS labels "
-                "FROM information_schema.columns c WHERE c.table_schema = 'public' AND c.table_name = ANY($1)",
+                "FROM information_schema.columns c WHERE c.table_schema = 'rekognition' AND c.table_name = ANY($1)",
                 list(TABLE_COLUMNS))
         finally:
             await conn.close()

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.conftest import unique_job_id, with_database
+from tests.conftest import create_database, unique_job_id, with_database
 from worker import __version__
 from worker.db.migrate import head_revision
 from worker.local import synth
@@ -77,7 +77,7 @@ async def test_installed_console_script_prints_its_version_migrates_and_backfill
     assert _run([script, "--version"], cwd=tmp_path).split()[-1] == __version__
     name = f"pkg_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    await create_database(admin, name)
     url = with_database(pg_server_url, name)
     env = _env(DATABASE_URL=url, AWS_ENDPOINT_URL_REKOGNITION=rekognition_endpoint.url)
     try:

@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 from rich.console import Console
 
-from tests.conftest import unique_job_id, with_database
+from tests.conftest import create_database, unique_job_id, with_database
 from tests.helpers import runtime
 from worker.config import Settings
 from worker.errors import InvalidInput
@@ -317,7 +317,7 @@ def _settings(db_url: str) -> Settings:
 async def corpus(pg_server_url: str, template_db: str, emulator: Any) -> AsyncIterator[Corpus]:
     name = f"t_reporting_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(pg_server_url)
-    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    await create_database(admin, name, template_db)
     db_url = with_database(pg_server_url, name)
     # The demo's jobs (docs/queries.md names them), then the awkward ones.
     demo = synth.demo_jobs()

@@ -134,7 +134,9 @@ async def test_per_job_and_per_face_questions_use_indexes(db: asyncpg.Connection
 
 
 async def _print_plans(url: str) -> None:
-    conn = await asyncpg.connect(url)
+    from worker.db.engine import connect  # any database: the worker's search_path, not the database's
+
+    conn = await connect(url)
     try:
         if not await conn.fetchval("SELECT count(*) FROM faces"):
             await generate(conn)

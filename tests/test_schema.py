@@ -7,15 +7,22 @@ import uuid
 
 import asyncpg
 import pytest
+import sqlalchemy as sa
 from alembic import command
 
 from worker import normalize
 from worker.config import Settings
+from worker.db import schema, store
 from worker.db.migrate import alembic_config, head_revision
 
 COLUMNS = {
     "faces": normalize.FACE_COLUMNS, "landmarks": normalize.LANDMARK_COLUMNS, "emotions": normalize.EMOTION_COLUMNS,
     "face_matches": normalize.MATCH_COLUMNS, "collection_faces": normalize.COLLECTION_FACE_COLUMNS,
+}
+# The store's COPY column lists, derived from worker/db/schema.py.
+COPY_COLUMNS = {
+    "faces": store.FACE_COLUMNS, "landmarks": store.LANDMARK_COLUMNS, "emotions": store.EMOTION_COLUMNS,
+    "face_matches": store.MATCH_COLUMNS, "collection_faces": store.COLLECTION_FACE_COLUMNS,
 }
 # Columns that hold Rekognition's enumeration values: text since 0005, so newer values are stored as sent.
 ENUM_COLUMNS = {("landmarks", "type"), ("emotions", "type"), ("faces", "gender_value"), ("jobs", "color_range"),
@@ -25,15 +32,43 @@ OLD_ENUM_TYPES = ("landmark_type", "emotion_type", "gender", "color_range", "job
 
 async def test_copy_columns_match_the_tables(db: asyncpg.Connection) -> None:
     for table, columns in COLUMNS.items():
-        rows = await db.fetch("SELECT column_name FROM information_schema.columns WHERE table_name = $1 "
-                              "ORDER BY ordinal_position", table)
+        rows = await db.fetch("SELECT column_name FROM information_schema.columns WHERE table_schema = 'rekognition' "
+                              "AND table_name = $1 ORDER BY ordinal_position", table)
         assert tuple(r["column_name"] for r in rows) == columns, table
+
+
+def test_normalizer_rows_are_in_the_column_order_of_schema_py() -> None:
+    # The normalizer's tuples are positional: COPY writes value i into column i of the store's list.
+    for table, columns in COLUMNS.items():
+        assert columns == schema.columns(schema.metadata.tables[f"rekognition.{table}"]), table
+        assert COPY_COLUMNS[table] == columns, table
+
+
+def test_the_normalizer_does_not_import_sqlalchemy() -> None:
+    # It runs in the decoding processes: importing SQLAlchemy there would cost each one its start-up time.
+    import subprocess
+    import sys
+
+    code = "import sys, worker.normalize; print(any(m.split('.')[0] == 'sqlalchemy' for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"
+
+
+async def test_check_constraints_are_declared_in_schema_py(db: asyncpg.Connection) -> None:
+    # Autogenerate does not compare CHECK constraints: their names and tables are compared here.
+    rows = await db.fetch("SELECT c.conrelid::regclass::text AS tbl, c.conname FROM pg_constraint c "
+                          "JOIN pg_namespace n ON n.oid = c.connamespace "
+                          "WHERE n.nspname = 'rekognition' AND c.contype = 'c'")
+    declared = {(t.name, c.name) for t in schema.metadata.tables.values()
+                for c in (*t.constraints, *(k for col in t.c for k in col.constraints))
+                if isinstance(c, sa.CheckConstraint)}
+    assert {(r["tbl"], r["conname"]) for r in rows} == declared
 
 
 async def test_enumeration_columns_are_text_and_the_old_types_are_gone(db: asyncpg.Connection) -> None:
     for table, column in ENUM_COLUMNS:
         data_type = await db.fetchval("SELECT data_type FROM information_schema.columns "
-                                      "WHERE table_schema = 'public' AND table_name = $1 AND column_name = $2",
+                                      "WHERE table_schema = 'rekognition' AND table_name = $1 AND column_name = $2",
                                       table, column)
         assert data_type == "text", (table, column)
     assert await db.fetch("SELECT typname FROM pg_type WHERE typname = ANY($1)", list(OLD_ENUM_TYPES)) == []
@@ -57,7 +92,8 @@ async def test_downgrade_and_upgrade_round_trip(db_url: str, db: asyncpg.Connect
     await asyncio.to_thread(command.downgrade, cfg, "base")
     assert await db.fetchval("SELECT to_regclass('public.faces')") is None
     await asyncio.to_thread(command.upgrade, cfg, "head")
-    assert await db.fetchval("SELECT to_regclass('public.faces')") == "faces"
+    assert await db.fetchval("SELECT to_regclass('public.faces')") is None
+    assert await db.fetchval("SELECT to_regclass('rekognition.faces')") == "faces"
     assert await db.fetchval("SELECT to_regclass('reporting.job_summary')") == "reporting.job_summary"
 
 

@@ -19,6 +19,7 @@ import orjson
 from aiobotocore.session import get_session
 from rich.console import Console
 
+from tests.conftest import create_database as create_database_as
 from worker.backfill import run_backfill
 from worker.config import Settings
 from worker.db.store import ArchivedPage
@@ -119,7 +120,7 @@ async def create_database(pg_server_url: str, template_db: str, name: str | None
     name = name or f"ref_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(pg_server_url)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        await create_database_as(conn, name, template_db)
     finally:
         await conn.close()
     parts = urlsplit(pg_server_url)

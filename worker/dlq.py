@@ -28,6 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from worker.config import Settings
+from worker.db.engine import connect
 from worker.errors import ConfigError, InvalidInput
 from worker.logs import get_logger, redact
 from worker.messages import JobRef, parse_message_body
@@ -480,7 +481,7 @@ async def _database(settings: Settings, *, required: bool) -> AsyncIterator[asyn
     if settings.database_url is None and not required:
         yield None
         return
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    conn = await connect(settings.asyncpg_dsn)
     try:
         yield conn
     finally:

@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncpg
 
+from worker.db.engine import connect
 from worker.errors import InfrastructureError
 from worker.logs import get_logger
 from worker.ratelimit import AimdParams, Clock, OnRateChange, Permit, Sleep
@@ -189,9 +190,9 @@ class FleetRateLimiter:
         async with self._conn_lock:
             try:
                 if self._conn is None or self._conn.is_closed():
-                    self._conn = await asyncpg.connect(
-                        self.dsn, timeout=self._timeout_s, command_timeout=self._timeout_s,
-                        server_settings={"application_name": "rekognition-worker-limiter"},
+                    self._conn = await connect(
+                        self.dsn, application_name="rekognition-worker-limiter",
+                        timeout=self._timeout_s, command_timeout=self._timeout_s,
                     )
                 return await self._conn.fetchrow(sql, *args)
             except _DB_ERRORS as exc:

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from worker.config import Settings
+from worker.db.engine import connect
 from worker.errors import InvalidInput
 from worker.ingest import JobOutcome
 from worker.logs import redact
@@ -95,7 +96,7 @@ async def run_list(settings: Settings, *, state: str | None, since: str | None, 
                    console: Console) -> int:
     """The `jobs list` command."""
     since_at = parse_since(since)
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    conn = await connect(settings.asyncpg_dsn)
     try:
         rows = await list_jobs(conn, state=state, since=since_at, limit=limit)
     finally:
@@ -169,7 +170,7 @@ async def run_retry(settings: Settings, *, state: str, since: str | None, job_id
     from worker.backfill import run_backfill, summary_table
 
     since_at = parse_since(since)
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    conn = await connect(settings.asyncpg_dsn)
     try:
         plan = await plan_retry(conn, state=state, since=since_at, job_ids=job_ids,
                                 include_rekognition_failed=include_rekognition_failed, limit=limit)

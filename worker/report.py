@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker.config import Settings
+from worker.db.engine import connect
 from worker.errors import InvalidInput
 from worker.messages import validate_job_id
 
@@ -282,7 +283,7 @@ def render_chart(report: Mapping[str, Any], timeline: Timeline, path: str) -> No
 
 async def run_report(settings: Settings, job_id: str, *, fmt: str, chart: str | None, console: Console) -> int:
     validate_job_id(job_id)
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    conn = await connect(settings.asyncpg_dsn)
     try:
         # One snapshot for every query: a re-ingest committing between them cannot mix two ingests.
         async with conn.transaction(isolation="repeatable_read", readonly=True):

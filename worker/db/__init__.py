@@ -1,1 +1,1 @@
-"""Database access: the engine factory and the store (atomic, idempotent writes)."""
+"""Database access: the tables (schema.py, declared once), the engine factory and connect helper, the store."""

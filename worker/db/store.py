@@ -19,19 +19,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker import metrics
 from worker.archive import ArchivedPage
+from worker.db import schema
 from worker.errors import TransientError, WorkerError
 from worker.messages import JobRef
-from worker.normalize import (
-    COLLECTION_FACE_COLUMNS,
-    EMOTION_COLUMNS,
-    FACE_COLUMNS,
-    LANDMARK_COLUMNS,
-    MATCH_COLUMNS,
-    JobMeta,
-    PageRows,
-)
+from worker.normalize import JobMeta, PageRows
 
-RESULT_TABLES = ("faces", "landmarks", "emotions", "face_matches", "collection_faces", "persons", "raw_pages")
+RESULT_TABLES = tuple(t.name for t in (schema.faces, schema.landmarks, schema.emotions, schema.face_matches,
+                                       schema.collection_faces, schema.persons, schema.raw_pages))
+# COPY column lists, from the tables' declarations; the normalizer builds its row tuples in this order
+# (tests/test_schema.py holds normalize's *_COLUMNS to it; normalize stays free of SQLAlchemy).
+FACE_COLUMNS = schema.columns(schema.faces)
+LANDMARK_COLUMNS = schema.columns(schema.landmarks)
+EMOTION_COLUMNS = schema.columns(schema.emotions)
+MATCH_COLUMNS = schema.columns(schema.face_matches)
+COLLECTION_FACE_COLUMNS = schema.columns(schema.collection_faces)
 _LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
 # Read-only: is the job's lock (above) held by some session? A 64-bit advisory key shows in pg_locks
 # as classid (high 32 bits), objid (low 32 bits) and objsubid 1. Looking, not trying, so the check

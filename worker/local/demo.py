@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from aiobotocore.session import get_session
 from rich.console import Console
 from rich.table import Table
 
 from worker.config import Settings, redact_url
+from worker.db.engine import connect
 from worker.db.migrate import upgrade_to_head
 from worker.ingest import JobOutcome
 from worker.local import synth
@@ -72,7 +72,7 @@ async def _backfill_path(settings: Settings, fixtures: list[synth.JobFixture]) -
 
 
 async def _summary(settings: Settings) -> list[dict[str, Any]]:
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    conn = await connect(settings.asyncpg_dsn)
     try:
         rows = await conn.fetch(
             "SELECT job_id, api, job_status, ingest_state, pages, faces, persons, collection_matches, "

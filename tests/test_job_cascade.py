@@ -1,0 +1,90 @@
+"""Deleting a jobs row deletes that job's rows in every table (0007's statement-level trigger), and
+every connection the worker opens resolves unqualified names in schema rekognition."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from worker.db import schema
+from worker.db.engine import connect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One row per job table, minimal: the columns without defaults that must be given.
+_ROWS = {
+    "faces": "INSERT INTO faces (job_id, face_seq, timestamp_ms, has_face) VALUES ($1, 0, 0, true)",
+    "landmarks": "INSERT INTO landmarks (job_id, face_seq, ordinal, type) VALUES ($1, 0, 0, 'nose')",
+    "emotions": "INSERT INTO emotions (job_id, face_seq, ordinal, type) VALUES ($1, 0, 0, 'CALM')",
+    "face_matches": "INSERT INTO face_matches (job_id, face_seq, ordinal, face_id) VALUES ($1, 0, 0, 'f-1')",
+    "collection_faces": "INSERT INTO collection_faces (job_id, face_id) VALUES ($1, 'f-1')",
+    "persons": "INSERT INTO persons VALUES ($1, 0, 0, 0, 1)",
+    "raw_pages": "INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) VALUES ($1, 0, 'json', '', 0)",
+    "job_retries": "INSERT INTO job_retries (job_id, api) VALUES ($1, 'FACE_SEARCH')",
+}
+
+
+async def _job(conn: asyncpg.Connection, job_id: str) -> None:
+    await conn.execute("INSERT INTO jobs (job_id, api, ingest_state) VALUES ($1, 'FACE_SEARCH', 'ingested')", job_id)
+    for sql in _ROWS.values():
+        await conn.execute(sql, job_id)
+
+
+async def _counts(conn: asyncpg.Connection, job_id: str) -> dict[str, int]:
+    return {t: await conn.fetchval(f"SELECT count(*) FROM rekognition.{t} WHERE job_id = $1", job_id)
+            for t in ("jobs", *_ROWS)}
+
+
+def test_every_job_table_is_covered() -> None:
+    assert set(_ROWS) == {t.name for t in schema.JOB_TABLES}
+
+
+async def test_deleting_jobs_deletes_their_rows_everywhere_and_nothing_else(
+        db: asyncpg.Connection, db_url: str) -> None:
+    for job_id in ("gone-1", "gone-2", "kept-1"):
+        await _job(db, job_id)
+    # One statement deleting two jobs, from a session that does not know the schema (psql's default).
+    other = await asyncpg.connect(db_url, server_settings={"search_path": "public"})
+    try:
+        assert await other.execute("DELETE FROM rekognition.jobs WHERE job_id LIKE 'gone-%'") == "DELETE 2"
+    finally:
+        await other.close()
+    for job_id in ("gone-1", "gone-2"):
+        assert set((await _counts(db, job_id)).values()) == {0}, job_id
+    assert set((await _counts(db, "kept-1")).values()) == {1}
+
+
+async def test_the_worker_connection_finds_its_tables_without_the_database_setting(
+        pg_server_url: str, db_url: str) -> None:
+    # Without the per-database search_path the tests give their databases (what a DBA's database has).
+    admin = await asyncpg.connect(pg_server_url)
+    name = urlsplit(db_url).path.lstrip("/")
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" RESET search_path')
+    finally:
+        await admin.close()
+    plain = await asyncpg.connect(db_url)
+    try:
+        assert await plain.fetchval("SELECT to_regclass('jobs')") is None
+    finally:
+        await plain.close()
+    conn = await connect(db_url)
+    try:
+        assert await conn.fetchval("SELECT current_schema()") == "rekognition"
+        assert await conn.fetchval("SELECT count(*) FROM jobs") == 0
+    finally:
+        await conn.close()
+
+
+def test_no_module_of_the_worker_connects_around_the_helper() -> None:
+    # Only worker/db/engine.py calls asyncpg.connect: every other connection gets the search_path from it.
+    offenders = []
+    for path in (ROOT / "worker").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in ("connect", "create_pool")
+                    and isinstance(node.value, ast.Name) and node.value.id == "asyncpg"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert [o.split(":")[0] for o in offenders] == ["worker/db/engine.py"], offenders

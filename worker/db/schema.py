@@ -1,0 +1,267 @@
+"""The worker's tables, declared once (SQLAlchemy Core), in PostgreSQL schema ``rekognition``.
+
+This module is the one description of the tables: the store takes its COPY column lists from it,
+migrations are checked against it (tests/test_schema_drift.py runs alembic's autogenerate comparison
+against a migrated database and fails on any difference), and analysts may import it to write queries.
+The reporting views are not here: they are SQL in migrations (0002), the public surface.
+
+Migrations stay plain SQL, frozen as they ran; a change to a table is a new migration plus the same
+change here, and the drift test says when the two disagree. Rekognition's enumeration-like values
+are text (0005: values newer than this version are stored as sent); ``face_api`` and ``ingest_state``
+are PostgreSQL enums, written by the worker only.
+
+Deleting a ``jobs`` row deletes that job's rows in every other table (``job_cascade`` below, 0007).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+SCHEMA = "rekognition"
+# What every connection of the worker sets, so unqualified names resolve to the worker's tables
+# (alembic_version and anything an operator keeps in public stay reachable after them).
+SEARCH_PATH = f"{SCHEMA}, public"
+
+metadata = sa.MetaData(schema=SCHEMA)
+
+_JOB_ID_CHECK = "job_id ~ '^[a-zA-Z0-9_-]{1,64}$'"
+
+face_api = postgresql.ENUM("FACE_DETECTION", "FACE_SEARCH", name="face_api", schema=SCHEMA,
+                           metadata=metadata, create_type=False)
+ingest_state = postgresql.ENUM("ingested", "failed", name="ingest_state", schema=SCHEMA,
+                               metadata=metadata, create_type=False)
+
+_now = sa.text("now()")
+_zero = sa.text("0")
+
+
+def _float(name: str) -> sa.Column[float]:
+    return sa.Column(name, postgresql.DOUBLE_PRECISION)
+
+
+def _attr(name: str, value_type: type[sa.types.TypeEngine] = sa.Boolean) -> tuple[sa.Column, sa.Column]:
+    """A FaceDetail attribute: its value and Rekognition's confidence in it."""
+    return sa.Column(f"{name}_value", value_type), _float(f"{name}_confidence")
+
+
+def _counter(name: str) -> sa.Column[int]:
+    return sa.Column(name, sa.Integer, nullable=False, server_default=_zero)
+
+
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("job_id", sa.Text, sa.CheckConstraint(_JOB_ID_CHECK, name="jobs_job_id_check"), primary_key=True),
+    sa.Column("api", face_api, nullable=False),
+    sa.Column("job_status", sa.Text),
+    sa.Column("status_message", sa.Text),
+    sa.Column("job_tag", sa.Text),
+    sa.Column("video_bucket", sa.Text),
+    sa.Column("video_name", sa.Text),
+    sa.Column("video_version", sa.Text),
+    sa.Column("video_codec", sa.Text),
+    sa.Column("duration_ms", sa.BigInteger),
+    sa.Column("video_format", sa.Text),
+    _float("frame_rate"),
+    sa.Column("frame_height", sa.BigInteger),
+    sa.Column("frame_width", sa.BigInteger),
+    sa.Column("color_range", sa.Text),
+    sa.Column("ingest_state", ingest_state, nullable=False),
+    sa.Column("failure_code", sa.Text),
+    sa.Column("failure_reason", sa.Text),
+    *(_counter(name) for name in ("pages", "faces", "persons", "face_matches", "collection_faces", "landmarks",
+                                  "emotions", "attempts")),
+    sa.Column("notified_at", sa.TIMESTAMP(timezone=True)),
+    sa.Column("ingest_started_at", sa.TIMESTAMP(timezone=True)),
+    sa.Column("ingested_at", sa.TIMESTAMP(timezone=True)),
+    sa.Column("updated_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    sa.Index("jobs_state_idx", "ingest_state", "updated_at"),
+    # 0002: which jobs looked at this video.
+    sa.Index("jobs_video_idx", "video_bucket", "video_name"),
+)
+
+# One row per element of Faces (detection) or Persons (search), keyed by its position in the result
+# stream: face detection results carry no identifier of their own.
+faces = sa.Table(
+    "faces", metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("face_seq", sa.Integer, primary_key=True),
+    sa.Column("timestamp_ms", sa.BigInteger, nullable=False),
+    sa.Column("person_index", sa.BigInteger),
+    *(_float(f"person_bbox_{side}") for side in ("width", "height", "left", "top")),
+    sa.Column("has_face", sa.Boolean, nullable=False),
+    *(_float(f"bbox_{side}") for side in ("width", "height", "left", "top")),
+    _float("confidence"),
+    sa.Column("age_low", sa.BigInteger),
+    sa.Column("age_high", sa.BigInteger),
+    *_attr("smile"), *_attr("eyeglasses"), *_attr("sunglasses"), *_attr("gender", sa.Text),
+    *_attr("beard"), *_attr("mustache"), *_attr("eyes_open"), *_attr("mouth_open"),
+    _float("pose_roll"), _float("pose_yaw"), _float("pose_pitch"),
+    _float("quality_brightness"), _float("quality_sharpness"),
+    *_attr("face_occluded"),
+    _float("eye_direction_yaw"), _float("eye_direction_pitch"), _float("eye_direction_confidence"),
+    sa.Index("faces_job_time_idx", "job_id", "timestamp_ms"),
+    sa.Index("faces_job_person_idx", "job_id", "person_index", "timestamp_ms",
+             postgresql_where=sa.text("person_index IS NOT NULL")),
+)
+
+landmarks = sa.Table(
+    "landmarks", metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("face_seq", sa.Integer, primary_key=True),
+    sa.Column("ordinal", sa.SmallInteger, primary_key=True),
+    sa.Column("type", sa.Text, nullable=False),
+    _float("x"),
+    _float("y"),
+)
+
+emotions = sa.Table(
+    "emotions", metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("face_seq", sa.Integer, primary_key=True),
+    sa.Column("ordinal", sa.SmallInteger, primary_key=True),
+    sa.Column("type", sa.Text, nullable=False),
+    _float("confidence"),
+)
+
+# Every FaceMatch of every person element is kept, not only the best one.
+face_matches = sa.Table(
+    "face_matches", metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("face_seq", sa.Integer, primary_key=True),
+    sa.Column("ordinal", sa.SmallInteger, primary_key=True),
+    sa.Column("face_id", sa.Text, nullable=False),
+    _float("similarity"),
+    sa.Index("face_matches_face_idx", "face_id", "job_id"),
+)
+
+# Collection faces as seen by a job (FaceMatch.Face), keyed per job so each job's rows are replaced
+# atomically with no lock shared between jobs; the FaceId indexes serve cross-video questions.
+collection_faces = sa.Table(
+    "collection_faces", metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("face_id", sa.Text, primary_key=True),
+    sa.Column("image_id", sa.Text),
+    sa.Column("external_image_id", sa.Text),
+    sa.Column("user_id", sa.Text),
+    sa.Column("index_faces_model_version", sa.Text),
+    *(_float(f"bbox_{side}") for side in ("width", "height", "left", "top")),
+    _float("confidence"),
+    sa.Index("collection_faces_face_idx", "face_id"),
+    sa.Index("collection_faces_external_idx", "external_image_id",
+             postgresql_where=sa.text("external_image_id IS NOT NULL")),
+)
+
+# Face search persons, derived from faces when a job is written.
+persons = sa.Table(
+    "persons", metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("person_index", sa.BigInteger, primary_key=True),
+    sa.Column("first_seen_ms", sa.BigInteger, nullable=False),
+    sa.Column("last_seen_ms", sa.BigInteger, nullable=False),
+    sa.Column("detections", sa.Integer, nullable=False),
+)
+
+# The raw result pages, compressed (encoding names the codec, e.g. zstd+json), kept as long as the rows.
+raw_pages = sa.Table(
+    "raw_pages", metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("page_no", sa.Integer, primary_key=True),
+    sa.Column("encoding", sa.Text, nullable=False),
+    sa.Column("body", postgresql.BYTEA, nullable=False),
+    sa.Column("body_bytes", sa.Integer, nullable=False),
+    sa.Column("fetched_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+)
+
+# The fleet rate limit (worker/fleet.py): one row per shared bucket, updated a few times a second
+# (fillfactor 50 keeps the updates HOT).
+_epoch = sa.text("'epoch'::timestamp with time zone")
+_clock = sa.text("clock_timestamp()")
+rate_limit_buckets = sa.Table(
+    "rate_limit_buckets", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("ceiling_per_s", postgresql.DOUBLE_PRECISION,
+              sa.CheckConstraint("ceiling_per_s > 0", name="rate_limit_buckets_ceiling_per_s_check"), nullable=False),
+    sa.Column("rate_per_s", postgresql.DOUBLE_PRECISION,
+              sa.CheckConstraint("rate_per_s > 0", name="rate_limit_buckets_rate_per_s_check"), nullable=False),
+    # At most 1 (no bursts); below 0 it counts slots already promised to callers.
+    sa.Column("tokens", postgresql.DOUBLE_PRECISION,
+              sa.CheckConstraint("tokens <= 1", name="rate_limit_buckets_tokens_check"),
+              nullable=False, server_default=sa.text("1")),
+    sa.Column("refilled_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_clock),
+    _float("cut_rate_per_s"),
+    sa.Column("cut_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_epoch),
+    sa.Column("increased_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_epoch),
+    sa.Column("waited_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_epoch),
+    sa.Column("grants", sa.BigInteger, nullable=False, server_default=_zero),
+    sa.Column("cuts", sa.BigInteger, nullable=False, server_default=_zero),
+    sa.Column("updated_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_clock),
+    postgresql_with={"fillfactor": "50"},
+)
+
+
+def _nonnegative(name: str) -> sa.Column[int]:
+    return sa.Column(name, sa.Integer, sa.CheckConstraint(f"{name} >= 0", name=f"job_retries_{name}_check"),
+                     nullable=False, server_default=_zero)
+
+
+# Jobs being retried, and why (0006): one row per unfinished job that has failed an attempt.
+job_retries = sa.Table(
+    "job_retries", metadata,
+    sa.Column("job_id", sa.Text, sa.CheckConstraint(_JOB_ID_CHECK, name="job_retries_job_id_check"),
+              primary_key=True),
+    sa.Column("api", sa.Text, nullable=False),
+    sa.Column("fingerprint", sa.Text),
+    sa.Column("last_error", sa.Text),
+    _nonnegative("streak"),
+    sa.Column("streak_started_at", sa.TIMESTAMP(timezone=True)),
+    _nonnegative("failures"),
+    _nonnegative("outages"),
+    sa.Column("last_outage", sa.Text),
+    sa.Column("first_failed_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    sa.Column("last_failed_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    sa.Index("job_retries_streak_idx", sa.text("streak DESC"), "last_failed_at"),
+)
+
+# Tables whose rows belong to one job (job_id leads their primary key); deleting the job deletes them.
+JOB_TABLES: tuple[sa.Table, ...] = (faces, landmarks, emotions, face_matches, collection_faces, persons, raw_pages,
+                                    job_retries)
+
+
+def columns(table: sa.Table) -> tuple[str, ...]:
+    """The table's column names in declaration order: the column order of the table in the database."""
+    return tuple(c.name for c in table.c)
+
+
+def compared_names(default_schema: str | None) -> Callable[[str | None, str, Any], bool]:
+    """alembic's ``include_name`` for autogenerate: schema rekognition only, without alembic's own table.
+
+    alembic names the connection's default schema (the first of its search_path that exists) None;
+    with the worker's search_path that is rekognition itself.
+    """
+    def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+        if type_ == "schema":
+            return (default_schema if name is None else name) == SCHEMA
+        return not (type_ == "table" and name == "alembic_version")
+
+    return include_name
+
+
+def compare_type(context: Any, inspected_column: Any, metadata_column: Any, inspected_type: Any,
+                 metadata_type: Any) -> bool | None:
+    """alembic's ``compare_type`` for autogenerate: enums compared by schema, name and labels.
+
+    alembic compares an enum by its rendered name only, which names the default schema's types without
+    their schema (a false difference) and ignores the labels (a missed one). None: alembic's own check.
+    """
+    if isinstance(metadata_type, sa.Enum) and isinstance(inspected_type, sa.Enum):
+        default = context.dialect.default_schema_name
+
+        def key(t: sa.Enum) -> tuple[str | None, str | None, tuple[str, ...]]:
+            return t.schema or default, t.name, tuple(t.enums)
+
+        return key(inspected_type) != key(metadata_type)
+    return None
