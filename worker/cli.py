@@ -259,8 +259,10 @@ def _cmd_delete(settings: Settings, args: argparse.Namespace, console: Console) 
     job_ids = [validate_job_id(j) for j in args.job_ids]
     before = _instant(args.ingested_before) if args.ingested_before is not None else None
     removals = _arun(run_delete(settings, job_ids, ingested_before=before, dry_run=args.dry_run))
-    table = Table("job", "api", "state", "outcome", *JOB_TABLES,
-                  title="would delete (dry run)" if args.dry_run else "deleted")
+    table = Table(title="would delete (dry run)" if args.dry_run else "deleted")
+    table.add_column("job", no_wrap=True)
+    for name in ("api", "state", "outcome", *JOB_TABLES):
+        table.add_column(name, justify="left" if name in ("api", "state", "outcome") else "right")
     for r in removals:
         table.add_row(r.job_id, r.api or "", r.state or "", r.outcome, *(str(r.rows.get(t, 0)) for t in JOB_TABLES))
     console.print(table)
