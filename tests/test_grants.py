@@ -36,6 +36,11 @@ async def test_migrate_grants_dml_but_no_ddl_to_the_worker_role(pg_server_url: s
             await conn.execute("INSERT INTO jobs (job_id, api, ingest_state) VALUES ('g-1', 'FACE_SEARCH', 'failed')")
             await conn.execute("DELETE FROM jobs WHERE job_id = 'g-1'")
             assert await conn.fetchval("SELECT version_num FROM alembic_version")
+            # The erasure audit is append-only for the worker.
+            await conn.execute("INSERT INTO erasures (selector_kind, selector_hash) VALUES ('face_id', $1)", "0" * 64)
+            for change in ("UPDATE erasures SET jobs = 1", "DELETE FROM erasures", "TRUNCATE erasures"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute(change)
             for ddl in ("CREATE TABLE sneaky (x int)", "DROP TABLE faces", "TRUNCATE faces",
                         "UPDATE alembic_version SET version_num = '0001'", "ALTER TABLE jobs ADD COLUMN x int"):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):

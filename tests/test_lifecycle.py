@@ -329,3 +329,27 @@ def test_page_rewrite_keeps_other_members() -> None:
     assert body == {"JobStatus": "SUCCEEDED", "NextToken": "t", "Persons": [
         {"Timestamp": 1, "Person": {"Index": 0}, "FaceMatches": [{"Face": {"FaceId": "b"}}]},
         {"Timestamp": 3, "Person": {"Index": 2}, "FaceMatches": []}]}
+
+
+async def test_run_purges_with_retention_days_set(settings: Settings, sqs: Any, db: asyncpg.Connection) -> None:
+    from tests.test_service import make_queues
+    from worker.service import SqsWorker, run_service
+
+    async with asyncio.timeout(60):
+        queues = await make_queues(sqs, visibility_timeout_s=2, max_receive_count=2)
+        for job_id, days in (("ret-run-old", 40), ("ret-run-new", 1)):
+            await db.execute("INSERT INTO jobs (job_id, api, ingest_state, updated_at) VALUES "
+                             "($1, 'FACE_SEARCH', 'failed', now() - make_interval(days => $2))", job_id, days)
+            await db.execute("INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) "
+                             "VALUES ($1, 0, 'zstd+json', '\\x00', 1)", job_id)
+        passes = REGISTRY.get_sample_value("worker_retention_passes_total", {"outcome": "done"}) or 0.0
+        workers: list[SqsWorker] = []
+        service = asyncio.create_task(run_service(settings.with_(
+            queue_url=queues.url, poll_wait_s=1, health_port=0, retention_days=30.0, retention_interval_s=0.05),
+            ready=workers.append))
+        while await db.fetchval("SELECT count(*) FROM jobs WHERE job_id = 'ret-run-old'"):
+            await asyncio.sleep(0.05)
+        workers[0].request_stop()
+        assert await service == 0
+        assert [r["job_id"] for r in await db.fetch("SELECT job_id FROM raw_pages")] == ["ret-run-new"]
+        assert (REGISTRY.get_sample_value("worker_retention_passes_total", {"outcome": "done"}) or 0.0) > passes
