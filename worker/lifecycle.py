@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -323,26 +323,23 @@ def _face_matches_selector(face: Any, member: str, value: str) -> bool:
     return isinstance(face, dict) and face.get(member) == value
 
 
-def _scan_page(body: Any, member: str, value: str, face_ids: set[str]) -> None:
-    """Add the FaceIds whose Face carries the identifier on this page."""
-    for element in body.get("Persons") or () if isinstance(body, dict) else ():
-        for match in (element.get("FaceMatches") or ()) if isinstance(element, dict) else ():
-            face = match.get("Face") if isinstance(match, dict) else None
-            if isinstance(face, dict) and face.get(member) == value and isinstance(face.get("FaceId"), str):
-                face_ids.add(face["FaceId"])
-
-
-def _page_persons(body: Any, face_ids: set[str]) -> set[int]:
-    """Person indexes of the page's elements that match one of ``face_ids``."""
-    found: set[int] = set()
+def _scan_page(body: Any, member: str, value: str, face_ids: set[str], matched: dict[int, set[str]]) -> None:
+    """Add the FaceIds whose Face carries the identifier on this page to ``face_ids``, and each person's
+    matched FaceIds to ``matched`` (person index -> FaceIds)."""
     for element in body.get("Persons") or () if isinstance(body, dict) else ():
         if not isinstance(element, dict):
             continue
         person = element.get("Person")
         index = person.get("Index") if isinstance(person, dict) else None
-        if type(index) is int and any(_match_face_id(m) in face_ids for m in element.get("FaceMatches") or ()):
-            found.add(index)
-    return found
+        for match in element.get("FaceMatches") or ():
+            face = match.get("Face") if isinstance(match, dict) else None
+            face_id = face.get("FaceId") if isinstance(face, dict) else None
+            if not isinstance(face_id, str):
+                continue
+            if face.get(member) == value:  # type: ignore[union-attr]
+                face_ids.add(face_id)
+            if type(index) is int:
+                matched.setdefault(index, set()).add(face_id)
 
 
 def _match_face_id(match: Any) -> str | None:
@@ -352,7 +349,7 @@ def _match_face_id(match: Any) -> str | None:
 
 def _rewrite_page(body: dict[str, Any], member: str, value: str, face_ids: set[str], persons: set[int]) -> bool:
     """Drop the erased persons' elements and every FaceMatch naming an erased face; True when it changed."""
-    elements = body.get("Persons")
+    elements = body.get("Persons") if isinstance(body, dict) else None
     if not isinstance(elements, list):
         return False
     kept: list[Any] = []
@@ -376,15 +373,10 @@ def _rewrite_page(body: dict[str, Any], member: str, value: str, face_ids: set[s
     return changed
 
 
-async def _pages(conn: asyncpg.Connection, job_id: str) -> Iterable[tuple[int, ArchivedPage]]:
-    rows = await conn.fetch("SELECT page_no FROM raw_pages WHERE job_id = $1 ORDER BY page_no", job_id)
-
-    async def one(page_no: int) -> ArchivedPage:
-        row = await conn.fetchrow("SELECT encoding, body, body_bytes FROM raw_pages WHERE job_id = $1 AND "
-                                  "page_no = $2", job_id, page_no)
-        return ArchivedPage(bytes(row["body"]), row["body_bytes"], row["encoding"])
-
-    return [(r["page_no"], await one(r["page_no"])) for r in rows]
+async def _page(conn: asyncpg.Connection, job_id: str, page_no: int) -> Any:
+    row = await conn.fetchrow("SELECT encoding, body, body_bytes FROM raw_pages WHERE job_id = $1 AND page_no = $2",
+                              job_id, page_no)
+    return orjson.loads(ArchivedPage(bytes(row["body"]), row["body_bytes"], row["encoding"]).decompress())
 
 
 async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKind, value: str,
@@ -396,18 +388,17 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
         f"SELECT face_id FROM collection_faces WHERE job_id = $1 AND {kind} = $2", job_id, value))
     if kind == "face_id":
         face_ids.add(value)
-    pages = await _pages(conn, job_id)
-    bodies: list[tuple[int, dict[str, Any]]] = []
-    for page_no, archived in pages:
-        body = orjson.loads(archived.decompress())
-        _scan_page(body, member, value, face_ids)
-        bodies.append((page_no, body))
+    # Two passes over the archive, one decoded page at a time: which faces and persons go, then the rewrite.
+    page_numbers = [r["page_no"] for r in await conn.fetch(
+        "SELECT page_no FROM raw_pages WHERE job_id = $1 ORDER BY page_no", job_id)]
+    matched: dict[int, set[str]] = {}
+    for page_no in page_numbers:
+        _scan_page(await _page(conn, job_id, page_no), member, value, face_ids, matched)
     persons = {r["person_index"] for r in await conn.fetch(
         "SELECT DISTINCT f.person_index FROM face_matches m JOIN faces f ON f.job_id = m.job_id "
         "AND f.face_seq = m.face_seq WHERE m.job_id = $1 AND m.face_id = ANY($2::text[]) "
         "AND f.person_index IS NOT NULL", job_id, list(face_ids))}
-    for _, body in bodies:
-        persons |= _page_persons(body, face_ids)
+    persons |= {index for index, ids in matched.items() if ids & face_ids}
     seqs = [r["face_seq"] for r in await conn.fetch(
         "SELECT face_seq FROM faces WHERE job_id = $1 AND person_index = ANY($2::bigint[])", job_id, list(persons))]
     removed = dict.fromkeys(("landmarks", "emotions", "face_matches", "faces", "persons", "collection_faces"), 0)
@@ -428,7 +419,8 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
         "(SELECT 1 FROM face_matches m WHERE m.face_id = c.face_id AND m.job_id = c.job_id))",
         job_id, list(face_ids)))
     pages_rewritten = 0
-    for page_no, body in bodies:
+    for page_no in page_numbers:
+        body = await _page(conn, job_id, page_no)
         if _rewrite_page(body, member, value, face_ids, persons):
             new = ArchivedPage.compress(orjson.dumps(body))
             await conn.execute("UPDATE raw_pages SET encoding = $3, body = $4, body_bytes = $5 "
