@@ -46,6 +46,11 @@ async def test_migrate_grants_dml_but_no_ddl_to_the_worker_role(pg_server_url: s
             finally:
                 await owner.close()
             await conn.execute("INSERT INTO later_table VALUES (1)")
+            # The erasure audit is append-only for the worker.
+            await conn.execute("INSERT INTO erasures (selector_kind, selector_hash) VALUES ('face_id', $1)", "0" * 64)
+            for change in ("UPDATE erasures SET jobs = 1", "DELETE FROM erasures", "TRUNCATE erasures"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute(change)
             for ddl in ("CREATE TABLE sneaky (x int)", "DROP TABLE faces", "TRUNCATE faces",
                         "UPDATE alembic_version SET version_num = '0001'", "ALTER TABLE jobs ADD COLUMN x int"):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -80,7 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--chart", metavar="PATH", help="write a timeline PNG of who is on screen when")
     _add_dlq_parser(sub)
     _add_jobs_parser(sub)
+    _add_lifecycle_parsers(sub)
     return p
+
+
+def _add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dl = sub.add_parser("delete", help="remove jobs with every row and raw page (one job per short transaction)")
+    dl.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    dl.add_argument("--ingested-before", metavar="ISO8601",
+                    help="every job with ingested_at before this time (UTC unless a zone is given); "
+                         "failed jobs have no ingested_at and are not included")
+    dl.add_argument("--dry-run", action="store_true", help="print the jobs and rows per table; delete nothing")
+    er = sub.add_parser("erase", help="remove a collection face, its matches and the persons that matched it "
+                                      "from every job, raw pages included (needs ERASURE_HASH_KEY)")
+    which = er.add_mutually_exclusive_group(required=True)
+    which.add_argument("--external-image-id", metavar="ID")
+    which.add_argument("--face-id", metavar="ID")
+    which.add_argument("--user-id", metavar="ID")
+    er.add_argument("--dry-run", action="store_true", help="print what would be removed; change nothing")
 
 
 def _add_dlq_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -230,6 +248,54 @@ def _cmd_jobs(settings: Settings, args: argparse.Namespace, console: Console) ->
         return 1
 
 
+def _cmd_delete(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from worker.lifecycle import JOB_TABLES, run_delete
+    from worker.messages import validate_job_id
+
+    if bool(args.job_ids) == (args.ingested_before is not None):
+        raise InvalidInput("delete needs JOB_ID arguments or --ingested-before ISO8601 (not both)")
+    job_ids = [validate_job_id(j) for j in args.job_ids]
+    before = _instant(args.ingested_before) if args.ingested_before is not None else None
+    removals = _arun(run_delete(settings, job_ids, ingested_before=before, dry_run=args.dry_run))
+    table = Table(title="would delete (dry run)" if args.dry_run else "deleted")
+    table.add_column("job", no_wrap=True)
+    for name in ("api", "state", "outcome", *JOB_TABLES):
+        table.add_column(name, justify="left" if name in ("api", "state", "outcome") else "right")
+    for r in removals:
+        table.add_row(r.job_id, r.api or "", r.state or "", r.outcome, *(str(r.rows.get(t, 0)) for t in JOB_TABLES))
+    console.print(table)
+    console.print(f"{sum(r.outcome in ('deleted', 'would delete') for r in removals)} job(s), "
+                  f"{sum(r.total for r in removals)} row(s)" + (" would be deleted" if args.dry_run else " deleted"))
+    for r in removals:
+        if r.outcome in ("missing", "reingested"):
+            _job_error(r.job_id, "no such job" if r.outcome == "missing" else "re-ingested while being deleted")
+    return 0 if all(r.outcome in ("deleted", "would delete") for r in removals) else 1
+
+
+def _instant(text: str) -> datetime:
+    """ISO 8601 (``2026-11-30``, ``2026-11-30T12:00:00Z``, with an offset); no zone means UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidInput(f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-30T12:00:00Z)") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _cmd_erase(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    from worker.lifecycle import ERASE_COUNTS, run_erase
+
+    kind, value = next((k, getattr(args, k)) for k in ("external_image_id", "face_id", "user_id")
+                       if getattr(args, k) is not None)
+    result = _arun(run_erase(settings, kind, value, dry_run=args.dry_run))  # type: ignore[arg-type]
+    verb = "would remove (dry run)" if args.dry_run else "removed"
+    console.print(f"erase --{kind.replace('_', '-')}: {verb}: "
+                  + ", ".join(f"{name} {result.counts[name]}" for name in ERASE_COUNTS)
+                  + ("" if result.audit_id is None else f"; audit row {result.audit_id}"))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tune_gc()
@@ -250,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_demo(settings, args, console)
         if args.command == "reprocess":
             return _cmd_reprocess(settings, args, console)
+        if args.command == "delete":
+            return _cmd_delete(settings, args, console)
+        if args.command == "erase":
+            return _cmd_erase(settings, args, console)
         if args.command in ("dlq", "jobs"):
             return (_cmd_dlq if args.command == "dlq" else _cmd_jobs)(settings, args, console)
         return _cmd_report(settings, args, console)

@@ -91,6 +91,16 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false (got {raw!r})")
 
 
+def _retention_days(env: Mapping[str, str]) -> float | None:
+    raw = env.get("RETENTION_DAYS")
+    if raw is None or raw.strip() == "":
+        return None
+    days = _float(env, "RETENTION_DAYS", 0.0)
+    if not days > 0:
+        raise ConfigError(f"RETENTION_DAYS must be a number of days > 0, or unset to keep forever (got {raw!r})")
+    return days
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every tunable of the worker. Build with :meth:`from_env`; tests build their own."""
@@ -139,6 +149,12 @@ class Settings:
     # AWS_REGION as the AWS SDKs define it (it wins over AWS_DEFAULT_REGION); None leaves the
     # region entirely to botocore (AWS_DEFAULT_REGION, the profile).
     aws_region: str | None = None
+    # Retention: `run` purges jobs ingested (failed jobs: last updated) more than this many days ago;
+    # None keeps everything forever. Checked every RETENTION_INTERVAL_S by one replica at a time.
+    retention_days: float | None = None
+    retention_interval_s: float = 3600.0
+    # The key of the erasure audit's HMAC (`erase` refuses to run without it); never printed.
+    erasure_hash_key: str | None = field(default=None, repr=False)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -201,4 +217,7 @@ class Settings:
             log_format=log_format,  # type: ignore[arg-type]
             log_level=(env.get("LOG_LEVEL") or "info").strip().lower(),
             aws_region=env.get("AWS_REGION") or None,
+            retention_days=_retention_days(env),
+            retention_interval_s=_float(env, "RETENTION_INTERVAL_S", 3600.0, minimum=1.0),
+            erasure_hash_key=env.get("ERASURE_HASH_KEY") or None,
         )

@@ -66,3 +66,8 @@ JOBS_STALLED = Gauge("worker_jobs_stalled", "Jobs without a page fetched or writ
                      "still running")
 BUILD_INFO = Gauge("worker_build_info", "Always 1; the labels say which build is running", ["version", "python"])
 BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+RETENTION_ROWS_PURGED = Counter("worker_retention_rows_purged_total",
+                                "Rows removed by the retention purge of `run` (RETENTION_DAYS), by table", ["table"])
+RETENTION_PASSES = Counter("worker_retention_passes_total",
+                           "Retention passes, by outcome: done, skipped (another replica held the lock), error",
+                           ["outcome"])

@@ -33,6 +33,7 @@ from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerErr
 from worker.expiry import NotificationClock
 from worker.health import HealthServer
 from worker.ingest import JobOutcome
+from worker.lifecycle import retention_loop
 from worker.logs import get_logger
 from worker.messages import JobRef, OtherApiNotification, parse_message_body
 from worker.normalize import JobMeta, parse_meta
@@ -406,6 +407,14 @@ async def run_service(settings: Settings, *, exit_when_idle: bool = False,
                          rekognition_tps=settings.rekognition_tps, health_port=health.bound_port)
                 if ready is not None:
                     ready(worker)
-                return await worker.run(exit_when_idle=exit_when_idle)
+                retention = (asyncio.create_task(retention_loop(rt.engine, settings, worker.stopping),
+                                                 name="retention") if settings.retention_days is not None else None)
+                try:
+                    return await worker.run(exit_when_idle=exit_when_idle)
+                finally:
+                    if retention is not None:
+                        # A pass in progress rolls back its current job's transaction; the next run resumes.
+                        retention.cancel()
+                        await asyncio.gather(retention, return_exceptions=True)
             finally:
                 await health.stop()

@@ -226,6 +226,27 @@ job_retries = sa.Table(
     sa.Index("job_retries_streak_idx", sa.text("streak DESC"), "last_failed_at"),
 )
 
+def _count(name: str) -> sa.Column[int]:
+    return sa.Column(name, sa.Integer, sa.CheckConstraint(f"{name} >= 0", name=f"erasures_{name}_check"),
+                     nullable=False, server_default=_zero)
+
+
+# The erasure audit (0008): when, what kind of selector, a keyed hash of it (never the identifier itself)
+# and what was removed. Append-only for the worker role; it belongs to no job, so deleting jobs keeps it.
+erasures = sa.Table(
+    "erasures", metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+    sa.Column("erased_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    sa.Column("selector_kind", sa.Text, sa.CheckConstraint(
+        "selector_kind = ANY (ARRAY['external_image_id'::text, 'face_id'::text, 'user_id'::text])",
+        name="erasures_selector_kind_check"), nullable=False),
+    sa.Column("selector_hash", sa.Text, sa.CheckConstraint(
+        "selector_hash ~ '^[0-9a-f]{64}$'::text", name="erasures_selector_hash_check"), nullable=False),
+    *(_count(name) for name in ("jobs", "collection_faces", "face_matches", "persons", "faces", "landmarks",
+                                "emotions", "pages_rewritten")),
+    sa.Index("erasures_hash_idx", "selector_hash"),
+)
+
 # Tables whose rows belong to one job (job_id leads their primary key); deleting the job deletes them.
 JOB_TABLES: tuple[sa.Table, ...] = (faces, landmarks, emotions, face_matches, collection_faces, persons, raw_pages,
                                     job_retries)

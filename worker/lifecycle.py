@@ -1,0 +1,519 @@
+"""The end of a job's data: `delete`, the retention purge of `run`, `erase` of one person, the erasure audit.
+
+Every change to a job happens under the job's transaction-scoped advisory lock (the store's key,
+``hashtextextended(job_id, 0)``), so it never interleaves with an ingest or a reprocess of that job, and
+other jobs are never locked at all. A job with more faces than ``chunk_faces`` is deleted in several short
+transactions: the first hides it (state failed, failure_code ``Deleting``, counters 0: out of every
+reporting view but job_summary) and drops its raw pages, persons and collection faces; the next ones
+delete ``chunk_faces`` faces with their landmarks, emotions and matches each; the last removes the jobs
+row. A run cut short leaves a hidden job that the next `delete` (or retention pass) finishes, since
+``ingested_at`` and ``updated_at`` are kept.
+
+`erase` rewrites the archived raw pages as well as the rows, so `reprocess` cannot bring erased entries
+back; ERASURE_HASH_KEY keys the audit's hash, so the audit never names the person it is about.
+
+All SQL is unqualified (the search_path picks the schema) and children are deleted explicitly: nothing
+here relies on foreign keys or cascades.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import asyncpg
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from worker import metrics
+from worker.archive import ArchivedPage
+from worker.config import Settings
+from worker.errors import ConfigError, InvalidInput
+from worker.logs import get_logger
+
+log = get_logger(__name__)
+
+# Children first, the jobs row last. Every table that holds a job's data is here.
+FACE_CHILD_TABLES = ("landmarks", "emotions", "face_matches")
+JOB_TABLES = ("landmarks", "emotions", "face_matches", "faces", "persons", "collection_faces", "raw_pages",
+              "job_retries", "jobs")
+# Faces (with their ~40 landmarks, emotions and matches each) per delete transaction: 5000 full-attribute
+# faces are ~200,000 rows, well under a second of work.
+DEFAULT_CHUNK_FACES = 5000
+# Jobs listed per retention query; each is then deleted on its own.
+RETENTION_BATCH_JOBS = 50
+# One replica purges at a time: a session-level advisory lock on a fixed key. JobIds cannot contain '.',
+# so no job's lock (hashtextextended(job_id, 0)) can be this one.
+RETENTION_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('worker.retention', 0))"
+RETENTION_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('worker.retention', 0))"
+_DELETING = "Deleting"
+
+SelectorKind = Literal["external_image_id", "face_id", "user_id"]
+SELECTOR_KINDS: tuple[SelectorKind, ...] = ("external_image_id", "face_id", "user_id")
+# The member of FaceMatch.Face that each selector names, in the raw pages.
+_PAGE_MEMBER = {"external_image_id": "ExternalImageId", "face_id": "FaceId", "user_id": "UserId"}
+
+
+async def _driver(sa_conn: Any) -> asyncpg.Connection:
+    raw = await sa_conn.get_raw_connection()
+    return raw.driver_connection
+
+
+def _affected(status: str) -> int:
+    """Rows affected, from a command tag such as ``DELETE 12``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def _lock(conn: asyncpg.Connection, job_id: str, *, wait: bool) -> bool:
+    if wait:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", job_id)
+        return True
+    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", job_id))
+
+
+# --- delete ------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class JobRemoval:
+    """What deleting one job removed (or, in a dry run, would remove): rows per table."""
+
+    job_id: str
+    api: str | None
+    state: str | None
+    rows: dict[str, int] = field(default_factory=dict)
+    outcome: Literal["deleted", "would delete", "busy", "missing", "reingested"] = "deleted"
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+
+async def count_job_rows(conn: asyncpg.Connection, job_id: str) -> dict[str, int]:
+    """Rows of ``job_id`` in every table that holds job data."""
+    return {t: int(await conn.fetchval(f"SELECT count(*) FROM {t} WHERE job_id = $1", job_id)) for t in JOB_TABLES}
+
+
+async def _delete_all(conn: asyncpg.Connection, job_id: str, rows: dict[str, int]) -> None:
+    for table in JOB_TABLES:
+        rows[table] = rows.get(table, 0) + _affected(await conn.execute(f"DELETE FROM {table} WHERE job_id = $1",
+                                                                       job_id))
+
+
+async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True,
+                     chunk_faces: int = DEFAULT_CHUNK_FACES) -> JobRemoval:
+    """Delete every row and raw page of ``job_id``, in short transactions under the job's lock.
+
+    ``wait=False`` (retention) gives up with outcome ``busy`` when the job is being written right now.
+    """
+    started = time.monotonic()
+    removal = JobRemoval(job_id, None, None)
+    rows = removal.rows
+    async with conn.transaction():
+        if not await _lock(conn, job_id, wait=wait):
+            removal.outcome = "busy"
+            return removal
+        job = await conn.fetchrow("SELECT api::text AS api, ingest_state::text AS state, failure_code "
+                                  "FROM jobs WHERE job_id = $1", job_id)
+        removal.api, removal.state = (job["api"], job["state"]) if job is not None else (None, None)
+        top = await conn.fetchval("SELECT max(face_seq) FROM faces WHERE job_id = $1", job_id)
+        if top is None or top < chunk_faces:
+            await _delete_all(conn, job_id, rows)
+            if removal.total == 0:
+                removal.outcome = "missing"
+            removal.seconds = round(time.monotonic() - started, 3)
+            return removal
+        # Too large for one short transaction: hide it first, and drop the archive (the biometric source).
+        await conn.execute(
+            "UPDATE jobs SET ingest_state = 'failed', failure_code = $2, "
+            "failure_reason = 'being deleted: rows are removed in batches', pages = 0, faces = 0, persons = 0, "
+            "face_matches = 0, collection_faces = 0, landmarks = 0, emotions = 0 WHERE job_id = $1",
+            job_id, _DELETING)
+        for table in ("raw_pages", "persons", "collection_faces", "job_retries"):
+            rows[table] = _affected(await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", job_id))
+    for low in range(0, top + 1, chunk_faces):
+        async with conn.transaction():
+            await _lock(conn, job_id, wait=True)
+            if not await _still_deleting(conn, job_id):
+                removal.outcome = "reingested"
+                return removal
+            for table in (*FACE_CHILD_TABLES, "faces"):
+                rows[table] = rows.get(table, 0) + _affected(await conn.execute(
+                    f"DELETE FROM {table} WHERE job_id = $1 AND face_seq >= $2 AND face_seq < $3",
+                    job_id, low, low + chunk_faces))
+    async with conn.transaction():
+        await _lock(conn, job_id, wait=True)
+        if not await _still_deleting(conn, job_id):
+            removal.outcome = "reingested"
+            return removal
+        await _delete_all(conn, job_id, rows)
+    removal.seconds = round(time.monotonic() - started, 3)
+    return removal
+
+
+async def _still_deleting(conn: asyncpg.Connection, job_id: str) -> bool:
+    """False when an ingest rewrote the job between two batches: its new rows are not ours to delete."""
+    code = await conn.fetchrow("SELECT failure_code FROM jobs WHERE job_id = $1", job_id)
+    return code is None or code["failure_code"] == _DELETING
+
+
+async def jobs_ingested_before(conn: asyncpg.Connection, before: datetime) -> list[str]:
+    """Exactly the jobs with ``ingested_at < before``. Failed jobs have no ingested_at and are not among them
+    (retention purges those by updated_at); a job hidden by an interrupted delete keeps its ingested_at."""
+    return [r["job_id"] for r in await conn.fetch(
+        "SELECT job_id FROM jobs WHERE ingested_at < $1 ORDER BY ingested_at, job_id", before)]
+
+
+async def run_delete(settings: Settings, job_ids: list[str], *, ingested_before: datetime | None = None,
+                     dry_run: bool = False, chunk_faces: int = DEFAULT_CHUNK_FACES) -> list[JobRemoval]:
+    """The `delete` command: the named jobs, or every job ingested before ``ingested_before``."""
+    from worker.db.engine import create_engine
+
+    engine = create_engine(settings, pool_size=1)
+    try:
+        async with engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            if ingested_before is not None:
+                job_ids = await jobs_ingested_before(conn, ingested_before)
+            out: list[JobRemoval] = []
+            for job_id in job_ids:
+                if dry_run:
+                    job = await conn.fetchrow("SELECT api::text AS api, ingest_state::text AS state FROM jobs "
+                                              "WHERE job_id = $1", job_id)
+                    removal = JobRemoval(job_id, job and job["api"], job and job["state"],
+                                         await count_job_rows(conn, job_id), "would delete")
+                    if removal.total == 0:
+                        removal.outcome = "missing"
+                else:
+                    removal = await delete_job(conn, job_id, chunk_faces=chunk_faces)
+                    log.info("job deleted", job_id=job_id, outcome=removal.outcome, rows=removal.total,
+                             seconds=removal.seconds)
+                out.append(removal)
+            return out
+    finally:
+        await engine.dispose()
+
+
+# --- retention ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PurgeResult:
+    """One retention pass."""
+
+    cutoff: datetime
+    jobs: int = 0
+    busy: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+_EXPIRED_SQL = """
+SELECT job_id FROM jobs
+WHERE (ingested_at < $1 OR (ingest_state = 'failed' AND ingested_at IS NULL AND updated_at < $1))
+  AND NOT (job_id = ANY($2::text[]))
+ORDER BY coalesce(ingested_at, updated_at), job_id
+LIMIT $3
+"""
+
+
+async def purge_expired(engine: AsyncEngine, retention_days: float, *, now: datetime,
+                        stop: asyncio.Event | None = None, batch_jobs: int = RETENTION_BATCH_JOBS,
+                        chunk_faces: int = DEFAULT_CHUNK_FACES) -> PurgeResult | None:
+    """Delete the jobs ingested before ``now - retention_days``, and the failed jobs last updated before it
+    (their quarantined raw pages are biometric data too). None when another replica is purging right now.
+
+    A job being written right now is skipped (the next pass gets it), so a purge never waits on an ingest.
+    """
+    started = time.monotonic()
+    result = PurgeResult(cutoff=now - timedelta(days=retention_days))
+    async with engine.connect() as sa_conn:
+        conn = await _driver(sa_conn)
+        if not await conn.fetchval(RETENTION_LOCK_SQL):
+            return None
+        try:
+            skipped: list[str] = []
+            while stop is None or not stop.is_set():
+                ids = [r["job_id"] for r in await conn.fetch(_EXPIRED_SQL, result.cutoff, skipped, batch_jobs)]
+                if not ids:
+                    break
+                for job_id in ids:
+                    if stop is not None and stop.is_set():
+                        break
+                    removal = await delete_job(conn, job_id, wait=False, chunk_faces=chunk_faces)
+                    if removal.outcome in ("busy", "reingested"):
+                        result.busy += 1
+                        skipped.append(job_id)
+                        continue
+                    result.jobs += 1
+                    for table, n in removal.rows.items():
+                        result.rows[table] = result.rows.get(table, 0) + n
+                        metrics.RETENTION_ROWS_PURGED.labels(table).inc(n)
+        finally:
+            await _unlock_retention(sa_conn, conn)
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+async def _unlock_retention(sa_conn: Any, conn: asyncpg.Connection) -> None:
+    # Runs on cancel paths too: bounded, and a connection that cannot unlock is thrown away (which unlocks).
+    try:
+        async with asyncio.timeout(5.0):
+            await conn.execute(RETENTION_UNLOCK_SQL)
+    except BaseException:
+        await sa_conn.invalidate()
+        raise
+
+
+async def retention_loop(engine: AsyncEngine, settings: Settings, stop: asyncio.Event, *,
+                         clock: Callable[[], datetime] = lambda: datetime.now(tz=UTC)) -> None:
+    """`run`'s retention: a purge pass every RETENTION_INTERVAL_S until ``stop`` is set. Never raises
+    for a failed pass (the next one tries again)."""
+    assert settings.retention_days is not None
+    while not stop.is_set():
+        try:
+            result = await purge_expired(engine, settings.retention_days, now=clock(), stop=stop)
+        except Exception as exc:
+            metrics.RETENTION_PASSES.labels("error").inc()
+            log.error("retention pass failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        else:
+            if result is None:
+                metrics.RETENTION_PASSES.labels("skipped").inc()
+                log.info("retention pass skipped: another replica is purging")
+            else:
+                metrics.RETENTION_PASSES.labels("done").inc()
+                log.info("retention pass", cutoff=result.cutoff.isoformat(), jobs=result.jobs, busy=result.busy,
+                         rows=sum(result.rows.values()), rows_by_table=result.rows, seconds=result.seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.retention_interval_s)
+
+
+# --- erase -------------------------------------------------------------------------------------------
+
+
+def selector_hash(key: str, kind: str, value: str) -> str:
+    """The audit's keyed hash of an identifier: HMAC-SHA256(key, kind:value), hex."""
+    return hmac.new(key.encode(), f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+ERASE_COUNTS = ("jobs", "collection_faces", "face_matches", "persons", "faces", "landmarks", "emotions",
+                "pages_rewritten")
+
+
+@dataclass(slots=True)
+class Erasure:
+    """What `erase` removed (or, dry, would remove): totals, and the jobs it touched."""
+
+    kind: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERASE_COUNTS, 0))
+    job_ids: list[str] = field(default_factory=list)
+    audit_id: int | None = None
+    seconds: float = 0.0
+
+
+def _face_matches_selector(face: Any, member: str, value: str) -> bool:
+    return isinstance(face, dict) and face.get(member) == value
+
+
+def _scan_page(body: Any, member: str, value: str, face_ids: set[str], matched: dict[int, set[str]]) -> None:
+    """Add the FaceIds whose Face carries the identifier on this page to ``face_ids``, and each person's
+    matched FaceIds to ``matched`` (person index -> FaceIds)."""
+    for element in body.get("Persons") or () if isinstance(body, dict) else ():
+        if not isinstance(element, dict):
+            continue
+        person = element.get("Person")
+        index = person.get("Index") if isinstance(person, dict) else None
+        for match in element.get("FaceMatches") or ():
+            face = match.get("Face") if isinstance(match, dict) else None
+            face_id = face.get("FaceId") if isinstance(face, dict) else None
+            if not isinstance(face_id, str):
+                continue
+            if face.get(member) == value:  # type: ignore[union-attr]
+                face_ids.add(face_id)
+            if type(index) is int:
+                matched.setdefault(index, set()).add(face_id)
+
+
+def _match_face_id(match: Any) -> str | None:
+    face = match.get("Face") if isinstance(match, dict) else None
+    return face.get("FaceId") if isinstance(face, dict) else None
+
+
+def _rewrite_page(body: dict[str, Any], member: str, value: str, face_ids: set[str], persons: set[int]) -> bool:
+    """Drop the erased persons' elements and every FaceMatch naming an erased face; True when it changed."""
+    elements = body.get("Persons") if isinstance(body, dict) else None
+    if not isinstance(elements, list):
+        return False
+    kept: list[Any] = []
+    changed = False
+    for element in elements:
+        person = element.get("Person") if isinstance(element, dict) else None
+        index = person.get("Index") if isinstance(person, dict) else None
+        if type(index) is int and index in persons:
+            changed = True
+            continue
+        matches = element.get("FaceMatches") if isinstance(element, dict) else None
+        if isinstance(matches, list):
+            remaining = [m for m in matches if _match_face_id(m) not in face_ids
+                         and not _face_matches_selector(m.get("Face") if isinstance(m, dict) else None,
+                                                        member, value)]
+            if len(remaining) != len(matches):
+                element["FaceMatches"] = remaining
+                changed = True
+        kept.append(element)
+    body["Persons"] = kept
+    return changed
+
+
+async def _page(conn: asyncpg.Connection, job_id: str, page_no: int) -> Any:
+    row = await conn.fetchrow("SELECT encoding, body, body_bytes FROM raw_pages WHERE job_id = $1 AND page_no = $2",
+                              job_id, page_no)
+    return orjson.loads(ArchivedPage(bytes(row["body"]), row["body_bytes"], row["encoding"]).decompress())
+
+
+async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKind, value: str,
+                        global_face_ids: set[str], counts: dict[str, int]) -> bool:
+    """Erase from one job, in the caller's transaction (which holds the job's lock). True when it changed."""
+    member = _PAGE_MEMBER[kind]
+    face_ids = set(global_face_ids)
+    face_ids.update(r["face_id"] for r in await conn.fetch(
+        f"SELECT face_id FROM collection_faces WHERE job_id = $1 AND {kind} = $2", job_id, value))
+    if kind == "face_id":
+        face_ids.add(value)
+    # Two passes over the archive, one decoded page at a time: which faces and persons go, then the rewrite.
+    page_numbers = [r["page_no"] for r in await conn.fetch(
+        "SELECT page_no FROM raw_pages WHERE job_id = $1 ORDER BY page_no", job_id)]
+    matched: dict[int, set[str]] = {}
+    for page_no in page_numbers:
+        _scan_page(await _page(conn, job_id, page_no), member, value, face_ids, matched)
+    persons = {r["person_index"] for r in await conn.fetch(
+        "SELECT DISTINCT f.person_index FROM face_matches m JOIN faces f ON f.job_id = m.job_id "
+        "AND f.face_seq = m.face_seq WHERE m.job_id = $1 AND m.face_id = ANY($2::text[]) "
+        "AND f.person_index IS NOT NULL", job_id, list(face_ids))}
+    persons |= {index for index, ids in matched.items() if ids & face_ids}
+    seqs = [r["face_seq"] for r in await conn.fetch(
+        "SELECT face_seq FROM faces WHERE job_id = $1 AND person_index = ANY($2::bigint[])", job_id, list(persons))]
+    removed = dict.fromkeys(("landmarks", "emotions", "face_matches", "faces", "persons", "collection_faces"), 0)
+    for table in ("landmarks", "emotions"):
+        removed[table] = _affected(await conn.execute(
+            f"DELETE FROM {table} WHERE job_id = $1 AND face_seq = ANY($2::int[])", job_id, seqs))
+    removed["face_matches"] = _affected(await conn.execute(
+        "DELETE FROM face_matches WHERE job_id = $1 AND (face_seq = ANY($2::int[]) OR face_id = ANY($3::text[]))",
+        job_id, seqs, list(face_ids)))
+    removed["faces"] = _affected(await conn.execute(
+        "DELETE FROM faces WHERE job_id = $1 AND face_seq = ANY($2::int[])", job_id, seqs))
+    removed["persons"] = _affected(await conn.execute(
+        "DELETE FROM persons WHERE job_id = $1 AND person_index = ANY($2::bigint[])", job_id, list(persons)))
+    # The erased faces, and any collection face that only the erased persons matched: collection_faces holds
+    # the faces a job's matches name, and a reprocess would not derive those rows again.
+    removed["collection_faces"] = _affected(await conn.execute(
+        "DELETE FROM collection_faces c WHERE c.job_id = $1 AND (c.face_id = ANY($2::text[]) OR NOT EXISTS "
+        "(SELECT 1 FROM face_matches m WHERE m.face_id = c.face_id AND m.job_id = c.job_id))",
+        job_id, list(face_ids)))
+    pages_rewritten = 0
+    for page_no in page_numbers:
+        body = await _page(conn, job_id, page_no)
+        if _rewrite_page(body, member, value, face_ids, persons):
+            new = ArchivedPage.compress(orjson.dumps(body))
+            await conn.execute("UPDATE raw_pages SET encoding = $3, body = $4, body_bytes = $5 "
+                               "WHERE job_id = $1 AND page_no = $2", job_id, page_no, new.encoding, new.body,
+                               new.raw_bytes)
+            pages_rewritten += 1
+    # The counters are the reporting views' job summary: they must keep equalling the rows.
+    await conn.execute(
+        "UPDATE jobs SET faces = greatest(0, faces - $2), persons = greatest(0, persons - $3), "
+        "face_matches = greatest(0, face_matches - $4), collection_faces = greatest(0, collection_faces - $5), "
+        "landmarks = greatest(0, landmarks - $6), emotions = greatest(0, emotions - $7) WHERE job_id = $1",
+        job_id, removed["faces"], removed["persons"], removed["face_matches"], removed["collection_faces"],
+        removed["landmarks"], removed["emotions"])
+    for name, n in removed.items():
+        counts[name] += n
+    counts["pages_rewritten"] += pages_rewritten
+    return pages_rewritten > 0 or any(removed.values())
+
+
+async def _erase_candidates(conn: asyncpg.Connection, kind: SelectorKind, value: str) -> tuple[set[str], list[str]]:
+    """The erased FaceIds known from the rows, and the jobs to look at: those whose rows name the faces, and
+    every face search job with raw pages but no ingested rows (quarantined pages are read, not trusted)."""
+    face_ids = {r["face_id"] for r in await conn.fetch(
+        f"SELECT DISTINCT face_id FROM collection_faces WHERE {kind} = $1", value)}
+    if kind == "face_id":
+        face_ids.add(value)
+    jobs = await conn.fetch(
+        f"SELECT job_id FROM collection_faces WHERE {kind} = $1 "
+        "UNION SELECT job_id FROM face_matches WHERE face_id = ANY($2::text[]) "
+        "UNION SELECT j.job_id FROM jobs j WHERE j.api = 'FACE_SEARCH' AND j.ingest_state <> 'ingested' "
+        "AND EXISTS (SELECT 1 FROM raw_pages r WHERE r.job_id = j.job_id) ORDER BY 1", value, list(face_ids))
+    return face_ids, [r["job_id"] for r in jobs]
+
+
+async def erase(conn: asyncpg.Connection, kind: SelectorKind, value: str, *, key: str,
+                dry_run: bool = False) -> Erasure:
+    """Erase an identifier from every job: see README "Erasure". A dry run computes the same counts inside
+    transactions it rolls back."""
+    if kind not in SELECTOR_KINDS:
+        raise InvalidInput(f"unknown selector {kind!r}")
+    if not value:
+        raise InvalidInput("the identifier to erase is empty")
+    started = time.monotonic()
+    result = Erasure(kind)
+    face_ids, job_ids = await _erase_candidates(conn, kind, value)
+    for job_id in job_ids:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await _lock(conn, job_id, wait=True)
+            changed = await _erase_in_job(conn, job_id, kind, value, face_ids, result.counts)
+        except BaseException:
+            await tx.rollback()
+            raise
+        if dry_run:
+            await tx.rollback()
+        else:
+            await tx.commit()
+        if changed:
+            result.counts["jobs"] += 1
+            result.job_ids.append(job_id)
+    if not dry_run:
+        # Free text that may quote a value of a page (an error message naming a malformed member).
+        async with conn.transaction():
+            await conn.execute("UPDATE jobs SET failure_reason = replace(failure_reason, $1, '[erased]') "
+                               "WHERE strpos(failure_reason, $1) > 0", value)
+            await conn.execute("UPDATE job_retries SET last_error = replace(last_error, $1, '[erased]'), "
+                               "last_outage = replace(last_outage, $1, '[erased]') "
+                               "WHERE strpos(last_error, $1) > 0 OR strpos(last_outage, $1) > 0", value)
+            c = result.counts
+            result.audit_id = await conn.fetchval(
+                "INSERT INTO erasures (selector_kind, selector_hash, jobs, collection_faces, face_matches, persons, "
+                "faces, landmarks, emotions, pages_rewritten) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+                "RETURNING id", kind, selector_hash(key, kind, value), c["jobs"], c["collection_faces"],
+                c["face_matches"], c["persons"], c["faces"], c["landmarks"], c["emotions"], c["pages_rewritten"])
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+async def run_erase(settings: Settings, kind: SelectorKind, value: str, *, dry_run: bool = False) -> Erasure:
+    """The `erase` command. Refuses to run without ERASURE_HASH_KEY: the audit must not name the person."""
+    from worker.db.engine import create_engine
+
+    if not settings.erasure_hash_key:
+        raise ConfigError("ERASURE_HASH_KEY is not set: erase records a keyed hash of the identifier in the "
+                          "erasures audit and refuses to run without the key")
+    engine = create_engine(settings, pool_size=1)
+    try:
+        async with engine.connect() as sa_conn:
+            result = await erase(await _driver(sa_conn), kind, value, key=settings.erasure_hash_key,
+                                 dry_run=dry_run)
+        log.info("erase finished" if not dry_run else "erase dry run", selector_kind=kind, audit_id=result.audit_id,
+                 seconds=result.seconds, **result.counts)
+        return result
+    finally:
+        await engine.dispose()
