@@ -3,10 +3,12 @@
 
 DO $database$
 BEGIN
-    -- Only the two roles connect; nobody else gets CONNECT or TEMPORARY by default.
+    -- Only the worker's roles and the readers connect; nobody gets TEMPORARY by default.
     EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
     EXECUTE format('GRANT CONNECT, CREATE ON DATABASE %I TO rekognition_migrator', current_database());
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO rekognition_worker', current_database());
+    -- Members of the reader role connect through it (and can read only what 03_grants.sql gives it).
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO rekognition_reader', current_database());
 END
 $database$;
 
