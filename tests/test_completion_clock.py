@@ -5,6 +5,7 @@ reporting.pending_jobs view and the worker_oldest_pending_job_age_seconds gauge 
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -14,15 +15,18 @@ import asyncpg
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from rich.console import Console
 from test_service import FAST, drain, emu, queues, wsettings  # noqa: F401 - fixtures used below
 from test_service_support import Queues, detection, job_row, queue_counts, raw, send
 
 from worker.config import Settings
 from worker.db.engine import create_engine
 from worker.db.store import Store
+from worker.errors import InvalidInput
 from worker.expiry import watch_pending_jobs
 from worker.messages import JobRef, parse_message_body
 from worker.normalize import JobMeta
+from worker.report import run_report
 from worker.runtime import open_runtime
 from worker.service import SqsWorker, describe_queue
 
@@ -163,3 +167,10 @@ async def test_service_records_the_clock_and_a_database_outage_loses_no_message(
     assert done.counters.by_outcome == {"ingested": 1}
     row = await job_row(db_url, fx.job_id)
     assert row is not None and row["ingest_state"] == "ingested" and row["completed_at"] == _at(completed)
+
+
+async def test_report_of_a_pending_job_says_it_is_pending(store: Store, settings: Settings) -> None:
+    async with asyncio.timeout(20):
+        await store.note_pending(_ref("not-yet", _ms_ago(1)))
+        with pytest.raises(InvalidInput, match="pending"):
+            await run_report(settings, "not-yet", fmt="json", chart=None, console=Console(file=io.StringIO()))
