@@ -11,13 +11,13 @@
   has no CREATEROLE, and roles belong to the cluster, not to one database): when it exists, it gets USAGE
   on ``reporting``, SELECT on its views, EXECUTE on its functions, default privileges for views created
   later, and nothing on the tables. Views run with their owner's rights, so that is enough to read them;
-  ``reporting.person_segments`` (a SQL function, which runs with the caller's rights) becomes SECURITY
-  DEFINER with its search_path pinned, and its EXECUTE is taken from PUBLIC.
+  ``reporting.person_segments`` (a SQL function, which runs with the caller's rights) now reads
+  ``reporting.face_observations`` instead of the tables, so it needs no table grant either.
 - COMMENT ON every reporting view and column (tests/test_reporting_grants.py fails on any view or column
   without one, including views added later).
 
 Table names are unqualified: they resolve through the migration's search_path (the tables may live in
-another schema than public), which is also what person_segments' pinned search_path is taken from.
+another schema than public).
 
 Revision ID: 0010
 Revises: 0009
@@ -70,28 +70,50 @@ WHERE j.ingest_state = 'pending'
 ORDER BY j.completed_at NULLS LAST, j.job_id
 """
 
-# Grants for the reader, and person_segments runnable by the roles that may read reporting without
-# access to the tables behind it. current_schemas(false) is the migration's search_path: the schemas
-# that hold the tables (whatever revision put them there), pinned for the SECURITY DEFINER function.
+# 0002's person_segments read the tables, and a SQL function runs with its caller's rights: a reader without
+# table grants could not call it. It now reads reporting.face_observations (the same rows: faces of ingested
+# jobs), which runs with the view owner's rights. Still a plain SQL function, so the planner inlines it and
+# `job_id = ...` reaches the faces primary key (tests/test_reporting_explain.py); SECURITY DEFINER would
+# have stopped that.
+_SEGMENTS = """
+CREATE OR REPLACE FUNCTION reporting.person_segments(p_job_id text, p_max_gap_ms bigint DEFAULT 1000)
+RETURNS TABLE (person_index bigint, segment_no bigint, start_ms bigint, end_ms bigint, detections bigint)
+LANGUAGE sql STABLE AS $$
+    WITH marked AS (
+        SELECT f.person_index, f.timestamp_ms,
+               CASE WHEN f.timestamp_ms - lag(f.timestamp_ms) OVER w <= p_max_gap_ms THEN 0 ELSE 1 END
+                   AS starts_segment
+        FROM {source}
+        WHERE f.job_id = p_job_id
+        WINDOW w AS (PARTITION BY f.person_index ORDER BY f.timestamp_ms)
+    ), numbered AS (
+        SELECT m.person_index, m.timestamp_ms,
+               sum(m.starts_segment) OVER (PARTITION BY m.person_index ORDER BY m.timestamp_ms
+                                           ROWS UNBOUNDED PRECEDING) AS segment_no
+        FROM marked m
+    )
+    SELECT n.person_index, n.segment_no::bigint, min(n.timestamp_ms), max(n.timestamp_ms), count(*)
+    FROM numbered n
+    GROUP BY n.person_index, n.segment_no
+    ORDER BY n.person_index NULLS FIRST, n.segment_no
+$$
+"""
+PERSON_SEGMENTS = _SEGMENTS.replace("{source}", "reporting.face_observations f")
+PERSON_SEGMENTS_0002 = _SEGMENTS.replace(
+    "{source}", "faces f\n        JOIN jobs j ON j.job_id = f.job_id AND j.ingest_state = 'ingested'")
+
+# The reader's grants, when the role exists: the reporting schema and nothing else. current_schemas(false)
+# is the migration's search_path: the schemas that hold the tables, whatever revision put them there.
 GRANTS = f"""
 DO $grants$
 DECLARE
     s text;
-    path text;
 BEGIN
-    SELECT string_agg(quote_ident(x), ', ') INTO path FROM unnest(current_schemas(false)) x;
-    EXECUTE format('ALTER FUNCTION reporting.person_segments(text, bigint) SECURITY DEFINER SET search_path = %s',
-                   coalesce(path || ', ', '') || 'pg_temp');
-    REVOKE EXECUTE ON FUNCTION reporting.person_segments(text, bigint) FROM PUBLIC;
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{WORKER}') THEN
-        GRANT EXECUTE ON FUNCTION reporting.person_segments(text, bigint) TO {WORKER};
-    END IF;
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{READER}') THEN
         -- Nothing outside reporting: whatever was granted by hand on the table schemas goes.
         FOREACH s IN ARRAY current_schemas(false) LOOP
             EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM {READER}', s);
             EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM {READER}', s);
-            EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA %I FROM {READER}', s);
         END LOOP;
         GRANT USAGE ON SCHEMA reporting TO {READER};
         GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO {READER};
@@ -259,6 +281,7 @@ def upgrade() -> None:
     op.execute("CREATE INDEX jobs_pending_idx ON jobs (completed_at) WHERE ingest_state = 'pending'")
     op.execute(JOB_SUMMARY)
     op.execute(PENDING_JOBS)
+    op.execute(PERSON_SEGMENTS)
     op.execute(GRANTS)
     for statement in _comment_statements():
         op.execute(statement)
@@ -283,8 +306,7 @@ def downgrade() -> None:
     for column, text in columns.items():
         if column != "completed_at":
             op.execute(f"COMMENT ON COLUMN reporting.job_summary.{column} IS {_literal(text)}")
-    op.execute("ALTER FUNCTION reporting.person_segments(text, bigint) SECURITY INVOKER RESET search_path")
-    op.execute("GRANT EXECUTE ON FUNCTION reporting.person_segments(text, bigint) TO PUBLIC")
+    op.execute(PERSON_SEGMENTS_0002)
     op.execute("DROP INDEX IF EXISTS jobs_pending_idx")
     op.execute("ALTER TABLE jobs DROP COLUMN IF EXISTS completed_at")
     # The reader's grants and the comments stay (grants are not schema, see 0004).
