@@ -3,13 +3,15 @@
 
 DO $database$
 BEGIN
-    -- Only the two roles connect; nobody else gets CONNECT or TEMPORARY by default.
+    -- Only the worker's roles and the readers connect; nobody gets TEMPORARY by default.
     EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
     EXECUTE format('GRANT CONNECT, CREATE ON DATABASE %I TO rekognition_migrator', current_database());
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO rekognition_worker', current_database());
     -- The worker's tables are in schema rekognition (the worker sets this on its own connections):
     -- psql sessions of anyone connecting here find them by their unqualified names too.
     EXECUTE format('ALTER DATABASE %I SET search_path = rekognition, public', current_database());
+    -- Members of the reader role connect through it (and can read only what 03_grants.sql gives it).
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO rekognition_reader', current_database());
 END
 $database$;
 

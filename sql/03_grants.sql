@@ -29,6 +29,15 @@ BEGIN
         GRANT USAGE ON SCHEMA reporting TO rekognition_worker;
         GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO rekognition_worker;
         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA reporting TO rekognition_worker;
+        IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'rekognition_reader') THEN
+            -- The reporting surface and nothing else (revision 0010 does the same when the role exists).
+            GRANT USAGE ON SCHEMA reporting TO rekognition_reader;
+            GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO rekognition_reader;
+            GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA reporting TO rekognition_reader;
+            ALTER DEFAULT PRIVILEGES IN SCHEMA reporting GRANT SELECT ON TABLES TO rekognition_reader;
+            ALTER DEFAULT PRIVILEGES IN SCHEMA reporting GRANT EXECUTE ON FUNCTIONS TO rekognition_reader;
+            REVOKE ALL ON ALL TABLES IN SCHEMA public FROM rekognition_reader;
+        END IF;
     END IF;
 END
 $reporting$;

@@ -12,7 +12,7 @@ from worker.config import Settings
 from worker.runtime import Runtime, open_runtime
 
 # Columns that legitimately differ between two ingests of the same results.
-VOLATILE = {"jobs": {"attempts", "ingest_started_at", "ingested_at", "updated_at", "notified_at"},
+VOLATILE = {"jobs": {"attempts", "ingest_started_at", "ingested_at", "updated_at", "notified_at", "completed_at"},
             "raw_pages": {"fetched_at"}}
 TABLES = ("jobs", "faces", "landmarks", "emotions", "face_matches", "collection_faces", "persons", "raw_pages")
 

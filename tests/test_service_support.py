@@ -37,7 +37,8 @@ RESULT_ORDER = {
     "persons": "person_index",
 }
 # jobs columns that record when and how often a job was written, not what was stored.
-BOOKKEEPING = ("attempts", "notified_at", "ingest_started_at", "ingested_at", "updated_at")
+# completed_at too: it comes from the notification, which a backfill does not have.
+BOOKKEEPING = ("attempts", "notified_at", "completed_at", "ingest_started_at", "ingested_at", "updated_at")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Rekognition's 7-day clock, as this process sees it: the oldest completion notification not yet done.
+"""Rekognition's 7-day clock: the oldest pending job in the database, and as this process sees it.
+
+The database's clock (:func:`watch_pending_jobs`) covers every job whose notification any replica ever
+received and that is neither ingested nor failed, including jobs whose messages nobody is receiving any
+more (waiting out a backoff, or in the dead-letter queue). The in-process clock below is kept for what
+only it knows: the notifications this replica holds right now.
 
 Rekognition keeps a job's results for 7 days after the job completes (the notification's ``Timestamp``).
 A requeued message carries the same body, so the clock survives re-sends, unlike the age of the SQS
@@ -9,10 +14,15 @@ queue's own age metric covers that.)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from worker import metrics
+from worker.logs import get_logger
+
+log = get_logger(__name__)
 
 RESULTS_RETENTION_S = 7 * 24 * 3600
 # Distinct pending jobs remembered; past this the newest are forgotten first (the oldest matter).
@@ -50,3 +60,17 @@ class NotificationClock:
 
     def publish(self) -> None:
         metrics.OLDEST_PENDING_NOTIFICATION_AGE.set(self.oldest_age_s())
+
+
+async def watch_pending_jobs(oldest_age_s: Callable[[], Awaitable[float]], interval_s: float,
+                             stopping: asyncio.Event) -> None:
+    """Until ``stopping``: the oldest pending job's age (``Store.oldest_pending_age_s``) into its gauge,
+    every ``interval_s``. A failed read keeps the last value, so an alert on it neither fires nor clears
+    on a database outage (the readiness probe reports that)."""
+    while not stopping.is_set():
+        try:
+            metrics.OLDEST_PENDING_JOB_AGE.set(await oldest_age_s())
+        except Exception as exc:  # the database or the network: logged, tried again next round
+            log.warning("oldest pending job unavailable", error=f"{type(exc).__name__}: {exc}"[:300])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=interval_s)

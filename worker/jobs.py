@@ -84,7 +84,7 @@ def jobs_table(rows: Sequence[dict[str, Any]], *, title: str) -> Table:
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
     for r in rows:
-        style = "green" if r["ingest_state"] == "ingested" else "red"
+        style = {"ingested": "green", "pending": "yellow"}.get(r["ingest_state"], "red")
         failure = ": ".join(x for x in (r["failure_code"], r["failure_reason"]) if x)
         table.add_row(r["job_id"], r["api"], f"[{style}]{r['ingest_state']}[/]", r["job_status"] or "-",
                       escape(redact(failure))[:160] or "-", str(r["attempts"]), when(r["notified_at"]),

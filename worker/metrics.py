@@ -61,6 +61,10 @@ OLDEST_PENDING_NOTIFICATION_AGE = Gauge(
     "worker_oldest_pending_notification_age_seconds",
     "Age of the oldest completion notification this process received and has not yet settled as done, from "
     "Rekognition's Timestamp: results expire 7 days (604800 s) after it; re-sent copies keep it")
+OLDEST_PENDING_JOB_AGE = Gauge(
+    "worker_oldest_pending_job_age_seconds",
+    "Age of the oldest job recorded pending in the database (notification received, neither ingested nor failed), "
+    "from Rekognition's completion time: results expire 7 days (604800 s) after it; the same for every replica")
 READY = Gauge("worker_ready", "1 when the last /readyz evaluation found every check ok, else 0")
 JOBS_STALLED = Gauge("worker_jobs_stalled", "Jobs without a page fetched or written for JOB_STALL_TIMEOUT_S, "
                      "still running")

@@ -289,6 +289,9 @@ async def run_report(settings: Settings, job_id: str, *, fmt: str, chart: str | 
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             report = await load_report(conn, job_id)
             if report is None:
+                if await conn.fetchval("SELECT true FROM reporting.pending_jobs WHERE job_id = $1", job_id):
+                    raise InvalidInput(f"job {job_id} has not been ingested yet: its notification arrived, "
+                                       "it is pending (reporting.pending_jobs)")
                 raise InvalidInput(f"job {job_id} has not been ingested (no such job in the database)")
             timeline = await load_timeline(conn, job_id, gap_for(report)) if chart else None
     finally:

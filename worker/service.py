@@ -30,7 +30,7 @@ from worker.config import Settings
 from worker.credentials import CredentialsGate, rekognition_probe
 from worker.db.migrate import head_revision
 from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerError
-from worker.expiry import NotificationClock
+from worker.expiry import NotificationClock, watch_pending_jobs
 from worker.health import HealthServer
 from worker.ingest import JobOutcome
 from worker.lifecycle import retention_loop
@@ -118,11 +118,15 @@ class SqsWorker:
         started = self._clock()
         depth = asyncio.create_task(
             watch_depth(self.sqs, self.queue, self.settings.queue_depth_interval_s, self.stopping), name="queue-depth")
+        pending = asyncio.create_task(watch_pending_jobs(
+            self.rt.store.oldest_pending_age_s, self.settings.queue_depth_interval_s, self.stopping),
+            name="pending-jobs")
         try:
             await self._poll_loop(exit_when_idle)
         finally:
             depth.cancel()
-            await asyncio.gather(depth, return_exceptions=True)
+            pending.cancel()
+            await asyncio.gather(depth, pending, return_exceptions=True)
             await self.credentials.close()
             await self._drain()
             await self.sqs_queue.close()
@@ -227,6 +231,8 @@ class SqsWorker:
             structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
             if ref.job_tag is not None:
                 structlog.contextvars.bind_contextvars(job_tag=ref.job_tag)
+            # The 7-day clock starts here, in the database; an outage is transient like any other below.
+            await self.rt.store.note_pending(ref)
             self.notifications.seen(ref.job_id, ref.notified_at_ms)
             if ref.job_id in self._jobs_in_flight:
                 # Another copy of this notification is running here: by the time this one returns it is

@@ -32,7 +32,7 @@ _JOB_ID_CHECK = "job_id ~ '^[a-zA-Z0-9_-]{1,64}$'"
 
 face_api = postgresql.ENUM("FACE_DETECTION", "FACE_SEARCH", name="face_api", schema=SCHEMA,
                            metadata=metadata, create_type=False)
-ingest_state = postgresql.ENUM("ingested", "failed", name="ingest_state", schema=SCHEMA,
+ingest_state = postgresql.ENUM("pending", "ingested", "failed", name="ingest_state", schema=SCHEMA,
                                metadata=metadata, create_type=False)
 
 _now = sa.text("now()")
@@ -78,9 +78,13 @@ jobs = sa.Table(
     sa.Column("ingest_started_at", sa.TIMESTAMP(timezone=True)),
     sa.Column("ingested_at", sa.TIMESTAMP(timezone=True)),
     sa.Column("updated_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    # 0010: Rekognition's completion time from the first notification received (the 7-day clock).
+    sa.Column("completed_at", sa.TIMESTAMP(timezone=True)),
     sa.Index("jobs_state_idx", "ingest_state", "updated_at"),
     # 0002: which jobs looked at this video.
     sa.Index("jobs_video_idx", "video_bucket", "video_name"),
+    # 0010: the oldest pending job, read every QUEUE_DEPTH_INTERVAL_S.
+    sa.Index("jobs_pending_idx", "completed_at", postgresql_where=sa.text("ingest_state = 'pending'")),
 )
 
 # One row per element of Faces (detection) or Persons (search), keyed by its position in the result

@@ -89,10 +89,10 @@ _META_UPDATE = ", ".join(f"{c.strip()} = EXCLUDED.{c.strip()}" for c in _META_CO
 _UPSERT_INGESTED = f"""
 INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure_reason,
                   pages, faces, persons, face_matches, collection_faces, landmarks, emotions,
-                  attempts, notified_at, ingest_started_at, ingested_at, updated_at)
+                  attempts, notified_at, completed_at, ingest_started_at, ingested_at, updated_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ingested', NULL, NULL,
         $16, $17, (SELECT count(*) FROM persons WHERE job_id = $1), $18, $19, $20, $21,
-        1, $22, $23, clock_timestamp(), clock_timestamp())
+        1, $22, $22, $23, clock_timestamp(), clock_timestamp())
 ON CONFLICT (job_id) DO UPDATE SET
     api = EXCLUDED.api, {_META_UPDATE},
     ingest_state = 'ingested', failure_code = NULL, failure_reason = NULL,
@@ -100,6 +100,7 @@ ON CONFLICT (job_id) DO UPDATE SET
     face_matches = EXCLUDED.face_matches, collection_faces = EXCLUDED.collection_faces,
     landmarks = EXCLUDED.landmarks, emotions = EXCLUDED.emotions,
     attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
+    completed_at = COALESCE(jobs.completed_at, EXCLUDED.completed_at),
     ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = clock_timestamp(), updated_at = clock_timestamp()
 RETURNING persons
 """
@@ -108,9 +109,9 @@ RETURNING persons
 # a job whose results expired (ResourceNotFound on a re-run) keeps the rows it has.
 _UPSERT_FAILED = f"""
 INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure_reason,
-                  attempts, notified_at, ingest_started_at, updated_at)
+                  attempts, notified_at, completed_at, ingest_started_at, updated_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'failed', $16, $17,
-        1, $18, $19, now())
+        1, $18, $18, $19, now())
 ON CONFLICT (job_id) DO UPDATE SET
     api = EXCLUDED.api,
     job_status = COALESCE(EXCLUDED.job_status, jobs.job_status),
@@ -129,7 +130,24 @@ ON CONFLICT (job_id) DO UPDATE SET
     ingest_state = 'failed', failure_code = EXCLUDED.failure_code, failure_reason = EXCLUDED.failure_reason,
     pages = 0, faces = 0, persons = 0, face_matches = 0, collection_faces = 0, landmarks = 0, emotions = 0,
     attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
+    completed_at = COALESCE(jobs.completed_at, EXCLUDED.completed_at),
     ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = NULL, updated_at = now()
+"""
+
+# A completion notification arrived: the job is pending from Rekognition's completion time (the 7-day
+# clock) until an ingest or a failure. Re-sent copies keep the first time; a job already ingested or
+# failed keeps its state. No lock: the row's own upsert is atomic, and the writers above keep completed_at.
+_NOTE_PENDING = """
+INSERT INTO jobs (job_id, api, ingest_state, job_tag, video_bucket, video_name, notified_at, completed_at)
+VALUES ($1, $2, 'pending', $3, $4, $5, $6, $6)
+ON CONFLICT (job_id) DO UPDATE SET completed_at = EXCLUDED.completed_at
+WHERE jobs.completed_at IS NULL AND EXCLUDED.completed_at IS NOT NULL
+"""
+
+# Age of the oldest pending job by the database's clock (one clock for every replica); 0 when none.
+_OLDEST_PENDING_AGE = """
+SELECT COALESCE(extract(epoch FROM now() - min(completed_at)), 0)::double precision
+FROM jobs WHERE ingest_state = 'pending'
 """
 
 _DERIVE_PERSONS = """
@@ -367,6 +385,20 @@ class Store:
                     for table in RESULT_TABLES:
                         await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
                 yield Quarantine(conn, ref, keeps_earlier_ingest=state == "ingested")
+
+    async def note_pending(self, ref: JobRef) -> None:
+        """A notification for ``ref`` arrived: record the job pending with its completion time, unless it
+        is known already (then only a missing completion time is filled in)."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            await conn.execute(_NOTE_PENDING, ref.job_id, ref.api.value, ref.job_tag, ref.video_bucket,
+                               ref.video_name, _ms_to_dt(ref.notified_at_ms))
+
+    async def oldest_pending_age_s(self) -> float:
+        """Seconds since Rekognition completed the oldest job still pending (0.0 when none is)."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            return float(await conn.fetchval(_OLDEST_PENDING_AGE))
 
     async def count_failure(self, ref: JobRef, *, fingerprint: str, reason: str) -> int:
         """Note that an attempt of ``ref`` ended with the job's own error ``fingerprint``; returns how many
