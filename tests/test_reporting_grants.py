@@ -88,7 +88,8 @@ async def test_reader_reads_every_reporting_view_and_no_table(pg_server_url: str
                     with pytest.raises(asyncpg.InsufficientPrivilegeError):
                         await conn.fetch(f"SELECT * FROM {table} LIMIT 1")
                 for statement in ("DELETE FROM reporting.job_summary", "CREATE VIEW reporting.mine AS SELECT 1",
-                                  "CREATE TABLE mine (x int)", "INSERT INTO rekognition.jobs (job_id, api, ingest_state) "
+                                  "CREATE TABLE mine (x int)",
+                                  "INSERT INTO rekognition.jobs (job_id, api, ingest_state) "
                                   "VALUES ('x', 'FACE_SEARCH', 'failed')"):
                     with pytest.raises(asyncpg.InsufficientPrivilegeError):
                         await conn.execute(statement)

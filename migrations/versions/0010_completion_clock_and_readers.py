@@ -101,7 +101,8 @@ $$
 PERSON_SEGMENTS = _SEGMENTS.replace("{source}", "reporting.face_observations f")
 # What 0007 left (0002's body with the tables qualified by schema rekognition): the downgrade restores it.
 PERSON_SEGMENTS_0007 = _SEGMENTS.replace(
-    "{source}", "rekognition.faces f\n        JOIN rekognition.jobs j ON j.job_id = f.job_id AND j.ingest_state = 'ingested'")
+    "{source}",
+    "rekognition.faces f\n        JOIN rekognition.jobs j ON j.job_id = f.job_id AND j.ingest_state = 'ingested'")
 
 # The reader's grants, when the role exists: the reporting schema and nothing else. current_schemas(false)
 # is the migration's search_path: the schemas that hold the tables, whatever revision put them there.
