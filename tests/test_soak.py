@@ -55,11 +55,17 @@ async def main():
     configure_logging(settings.log_level, settings.log_format)
     tasks = []
 
+    # Long-lived tasks the service starts once (after `ready`): not per-job tasks, so not counted.
+    service_tasks = {"queue-depth", "pending-jobs", "retention", "watchdog"}
+
     def ready(worker):
         async def sample():
             while True:
                 pool = worker.rt.engine.pool
-                print(json.dumps({"event": "soak sample", "tasks": len(asyncio.all_tasks()),
+                per_job = [t for t in asyncio.all_tasks() if t.get_name() not in service_tasks]
+                print(json.dumps({"event": "soak sample", "tasks": len(per_job),
+                                  "task_names": sorted(f"{t.get_name()}:{getattr(t.get_coro(), '__qualname__', '?')}"
+                                                       for t in per_job),
                                   "checked_out": pool.checkedout(), "pooled": pool.checkedin()}),
                       file=sys.stderr, flush=True)
                 await asyncio.sleep(0.25)
@@ -254,7 +260,7 @@ async def test_soak(sqs: Any, moto_url: str, db_url: str, db: asyncpg.Connection
     print("\nSOAK " + json.dumps(figures))
     assert rss_growth < 0.10 and tree_growth < 0.10, figures
     assert idle["checked_out"] == 0, figures
-    assert idle["tasks"] <= first["tasks"] + 1, figures
+    assert idle["tasks"] <= first["tasks"] + 1, (figures, first.get("task_names"), idle.get("task_names"))
     assert connections <= 10 + 1, figures  # the pool, and fleet mode's one limiter connection
     assert end[2] <= warm_at[2] + 5 and end[3] <= warm_at[3] + 5, figures
     assert stats["throttled"] > 0 and stats["faults"] > 0, figures

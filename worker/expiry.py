@@ -73,4 +73,5 @@ async def watch_pending_jobs(oldest_age_s: Callable[[], Awaitable[float]], inter
         except Exception as exc:  # the database or the network: logged, tried again next round
             log.warning("oldest pending job unavailable", error=f"{type(exc).__name__}: {exc}"[:300])
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), timeout=interval_s)
+            async with asyncio.timeout(interval_s):
+                await stopping.wait()

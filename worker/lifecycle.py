@@ -42,6 +42,12 @@ log = get_logger(__name__)
 
 # Children first, the jobs row last. Every table that holds a job's data is here.
 FACE_CHILD_TABLES = ("landmarks", "emotions", "face_matches")
+# Deleted in one go when a large job is hidden, before its faces go in chunks.
+_HIDE_FIRST_TABLES = ("raw_pages", "persons", "collection_faces", "job_retries")
+# A chunk of faces: their children first, then the faces.
+_FACE_CHUNK_TABLES = ("landmarks", "emotions", "face_matches", "faces")
+# The rows of an erased person's faces that hang off face_seq alone.
+_FACE_DETAIL_TABLES = ("landmarks", "emotions")
 JOB_TABLES = ("landmarks", "emotions", "face_matches", "faces", "persons", "collection_faces", "raw_pages",
               "job_retries", "jobs")
 # Faces (with their ~40 landmarks, emotions and matches each) per delete transaction: 5000 full-attribute
@@ -57,6 +63,21 @@ _DELETING = "Deleting"
 
 SelectorKind = Literal["external_image_id", "face_id", "user_id"]
 SELECTOR_KINDS: tuple[SelectorKind, ...] = ("external_image_id", "face_id", "user_id")
+# Which collection_faces column a selector names, as bound values only: no identifier is interpolated.
+# With the kind known when the statement is planned, PostgreSQL drops the other branches and uses the
+# column's index.
+_FACES_IN_JOB = ("SELECT face_id FROM collection_faces WHERE job_id = $3 AND "
+                 "(($1 = 'external_image_id' AND external_image_id = $2) OR ($1 = 'face_id' AND face_id = $2) "
+                 "OR ($1 = 'user_id' AND user_id = $2))")
+_FACES = ("SELECT DISTINCT face_id FROM collection_faces WHERE "
+          "(($1 = 'external_image_id' AND external_image_id = $2) OR ($1 = 'face_id' AND face_id = $2) "
+          "OR ($1 = 'user_id' AND user_id = $2))")
+_JOBS_OF = ("SELECT job_id FROM collection_faces WHERE "
+            "(($1 = 'external_image_id' AND external_image_id = $2) OR ($1 = 'face_id' AND face_id = $2) "
+            "OR ($1 = 'user_id' AND user_id = $2)) "
+            "UNION SELECT job_id FROM face_matches WHERE face_id = ANY($3::text[]) "
+            "UNION SELECT j.job_id FROM jobs j WHERE j.api = 'FACE_SEARCH' AND j.ingest_state <> 'ingested' "
+            "AND EXISTS (SELECT 1 FROM raw_pages r WHERE r.job_id = j.job_id) ORDER BY 1")
 # The member of FaceMatch.Face that each selector names, in the raw pages.
 _PAGE_MEMBER = {"external_image_id": "ExternalImageId", "face_id": "FaceId", "user_id": "UserId"}
 
@@ -99,7 +120,10 @@ class JobRemoval:
 
 async def count_job_rows(conn: asyncpg.Connection, job_id: str) -> dict[str, int]:
     """Rows of ``job_id`` in every table that holds job data."""
-    return {t: int(await conn.fetchval(f"SELECT count(*) FROM {t} WHERE job_id = $1", job_id)) for t in JOB_TABLES}
+    counts: dict[str, int] = {}
+    for table in JOB_TABLES:
+        counts[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", job_id))
+    return counts
 
 
 async def _delete_all(conn: asyncpg.Connection, job_id: str, rows: dict[str, int]) -> None:
@@ -137,7 +161,7 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
             "failure_reason = 'being deleted: rows are removed in batches', pages = 0, faces = 0, persons = 0, "
             "face_matches = 0, collection_faces = 0, landmarks = 0, emotions = 0 WHERE job_id = $1",
             job_id, _DELETING)
-        for table in ("raw_pages", "persons", "collection_faces", "job_retries"):
+        for table in _HIDE_FIRST_TABLES:
             rows[table] = _affected(await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", job_id))
     for low in range(0, top + 1, chunk_faces):
         async with conn.transaction():
@@ -145,7 +169,7 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
             if not await _still_deleting(conn, job_id):
                 removal.outcome = "reingested"
                 return removal
-            for table in (*FACE_CHILD_TABLES, "faces"):
+            for table in _FACE_CHUNK_TABLES:
                 rows[table] = rows.get(table, 0) + _affected(await conn.execute(
                     f"DELETE FROM {table} WHERE job_id = $1 AND face_seq >= $2 AND face_seq < $3",
                     job_id, low, low + chunk_faces))
@@ -293,7 +317,8 @@ async def retention_loop(engine: AsyncEngine, settings: Settings, stop: asyncio.
                 log.info("retention pass", cutoff=result.cutoff.isoformat(), jobs=result.jobs, busy=result.busy,
                          rows=sum(result.rows.values()), rows_by_table=result.rows, seconds=result.seconds)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), settings.retention_interval_s)
+            async with asyncio.timeout(settings.retention_interval_s):
+                await stop.wait()
 
 
 # --- erase -------------------------------------------------------------------------------------------
@@ -384,8 +409,7 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
     """Erase from one job, in the caller's transaction (which holds the job's lock). True when it changed."""
     member = _PAGE_MEMBER[kind]
     face_ids = set(global_face_ids)
-    face_ids.update(r["face_id"] for r in await conn.fetch(
-        f"SELECT face_id FROM collection_faces WHERE job_id = $1 AND {kind} = $2", job_id, value))
+    face_ids.update(r["face_id"] for r in await conn.fetch(_FACES_IN_JOB, kind, value, job_id))
     if kind == "face_id":
         face_ids.add(value)
     # Two passes over the archive, one decoded page at a time: which faces and persons go, then the rewrite.
@@ -402,7 +426,7 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
     seqs = [r["face_seq"] for r in await conn.fetch(
         "SELECT face_seq FROM faces WHERE job_id = $1 AND person_index = ANY($2::bigint[])", job_id, list(persons))]
     removed = dict.fromkeys(("landmarks", "emotions", "face_matches", "faces", "persons", "collection_faces"), 0)
-    for table in ("landmarks", "emotions"):
+    for table in _FACE_DETAIL_TABLES:
         removed[table] = _affected(await conn.execute(
             f"DELETE FROM {table} WHERE job_id = $1 AND face_seq = ANY($2::int[])", job_id, seqs))
     removed["face_matches"] = _affected(await conn.execute(
@@ -443,15 +467,10 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
 async def _erase_candidates(conn: asyncpg.Connection, kind: SelectorKind, value: str) -> tuple[set[str], list[str]]:
     """The erased FaceIds known from the rows, and the jobs to look at: those whose rows name the faces, and
     every face search job with raw pages but no ingested rows (quarantined pages are read, not trusted)."""
-    face_ids = {r["face_id"] for r in await conn.fetch(
-        f"SELECT DISTINCT face_id FROM collection_faces WHERE {kind} = $1", value)}
+    face_ids = {r["face_id"] for r in await conn.fetch(_FACES, kind, value)}
     if kind == "face_id":
         face_ids.add(value)
-    jobs = await conn.fetch(
-        f"SELECT job_id FROM collection_faces WHERE {kind} = $1 "
-        "UNION SELECT job_id FROM face_matches WHERE face_id = ANY($2::text[]) "
-        "UNION SELECT j.job_id FROM jobs j WHERE j.api = 'FACE_SEARCH' AND j.ingest_state <> 'ingested' "
-        "AND EXISTS (SELECT 1 FROM raw_pages r WHERE r.job_id = j.job_id) ORDER BY 1", value, list(face_ids))
+    jobs = await conn.fetch(_JOBS_OF, kind, value, list(face_ids))
     return face_ids, [r["job_id"] for r in jobs]
 
 

@@ -211,7 +211,8 @@ async def watch_depth(sqs: Any, info: QueueInfo, interval_s: float, stopping: as
             # The gauges keep their last reading: an alert on them stays as it was until SQS answers.
             log.warning("queue depth unavailable", **aws_error(exc))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), timeout=interval_s)
+            async with asyncio.timeout(interval_s):
+                await stopping.wait()
 
 
 @dataclass
@@ -269,7 +270,8 @@ class SqsQueue:
         except SQS_ERRORS as exc:
             log.warning("receive failed; retrying", **aws_error(exc))
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=2.0)
+                async with asyncio.timeout(2.0):
+                    await stopping.wait()
             return []
         messages: list[dict[str, Any]] = resp.get("Messages", [])
         self.counters.received += len(messages)
