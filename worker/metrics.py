@@ -57,10 +57,6 @@ QUEUE_MESSAGES = Gauge("worker_queue_messages", "Messages in the worker's queue 
                        "delayed), as SQS approximates them", ["state"])
 DLQ_MESSAGES = Gauge("worker_dead_letter_queue_messages",
                      "Messages in the dead-letter queue named by the queue's redrive policy")
-OLDEST_PENDING_NOTIFICATION_AGE = Gauge(
-    "worker_oldest_pending_notification_age_seconds",
-    "Age of the oldest completion notification this process received and has not yet settled as done, from "
-    "Rekognition's Timestamp: results expire 7 days (604800 s) after it; re-sent copies keep it")
 OLDEST_PENDING_JOB_AGE = Gauge(
     "worker_oldest_pending_job_age_seconds",
     "Age of the oldest job recorded pending in the database (notification received, neither ingested nor failed), "

@@ -30,7 +30,7 @@ from worker.config import Settings
 from worker.credentials import CredentialsGate, rekognition_probe
 from worker.db.migrate import head_revision
 from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerError
-from worker.expiry import NotificationClock, watch_pending_jobs
+from worker.expiry import watch_pending_jobs
 from worker.health import HealthServer
 from worker.ingest import JobOutcome
 from worker.lifecycle import retention_loop
@@ -40,7 +40,6 @@ from worker.normalize import JobMeta, parse_meta
 from worker.queue import (
     DEFAULT_REQUEUE_RETRY,
     DEFAULT_RETRY_POLICY,
-    DONE_OUTCOMES,
     MAX_SEND_DELAY_S,
     MAX_VISIBILITY_S,
     Action,
@@ -93,7 +92,6 @@ class SqsWorker:
         self._jobs_in_flight: set[str] = set()
         self._slot_freed = asyncio.Event()
         self.counters = Counters()
-        self.notifications = NotificationClock()
         self.sqs_queue = SqsQueue(sqs, queue, settings, self.counters, retry=requeue_retry, clock=clock)
         # Paused after a run of credential failures; probes through the runtime's fetcher (None in unit tests).
         self.credentials = CredentialsGate(
@@ -141,7 +139,6 @@ class SqsWorker:
         while not self.stopping.is_set():
             if self.health is not None:
                 self.health.beat()
-            self.notifications.publish()
             if self.credentials.paused:
                 # Running jobs finish; no new message is taken (and so none nears its redrive limit).
                 await self.credentials.wait_until_open(self.stopping)
@@ -233,7 +230,6 @@ class SqsWorker:
                 structlog.contextvars.bind_contextvars(job_tag=ref.job_tag)
             # The 7-day clock starts here, in the database; an outage is transient like any other below.
             await self.rt.store.note_pending(ref)
-            self.notifications.seen(ref.job_id, ref.notified_at_ms)
             if ref.job_id in self._jobs_in_flight:
                 # Another copy of this notification is running here: by the time this one returns it is
                 # a duplicate. Settled without a Get* call, which would only find the job's lock taken.
@@ -254,8 +250,6 @@ class SqsWorker:
                 # The ingestor unbinds job_id and api when it returns; this message's lines still need them.
                 structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
             self.credentials.record(outcome)
-            if outcome.outcome in DONE_OUTCOMES:
-                self.notifications.done(ref.job_id)
             await self._settle(message, outcome.outcome, receive_count, earlier, reason=outcome.reason)
         except asyncio.CancelledError:
             # Shutdown deadline: the job's transaction rolled back; let another replica take it now.
