@@ -32,7 +32,7 @@ from worker.db.engine import connect
 from worker.errors import ConfigError, InvalidInput
 from worker.logs import get_logger, redact
 from worker.messages import JobRef, parse_message_body
-from worker.queue import queue_url_from_arn
+from worker.queue import describe_queue, queue_url_from_arn
 
 log = get_logger(__name__)
 
@@ -63,20 +63,15 @@ class DeadLetterTopology:
 
 
 async def locate(sqs: Any, queue_url: str) -> DeadLetterTopology:
-    """Read the main queue's RedrivePolicy and resolve the DLQ's URL from its ARN."""
-    attrs = (await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn", "RedrivePolicy"]))
-    values = attrs.get("Attributes", {})
-    raw_policy = values.get("RedrivePolicy")
-    if not raw_policy:
+    """Read the main queue's RedrivePolicy (as the worker does) and resolve the DLQ's URL from its ARN."""
+    info = await describe_queue(sqs, queue_url)
+    if info.dead_letter_arn is None:
         raise ConfigError(f"queue {queue_url} has no redrive policy: it has no dead-letter queue")
-    policy = orjson.loads(raw_policy)
-    dlq_arn = policy.get("deadLetterTargetArn")
     try:
-        dlq_url = await queue_url_from_arn(sqs, str(dlq_arn or ""))
+        dlq_url = await queue_url_from_arn(sqs, info.dead_letter_arn)
     except ValueError:
-        raise ConfigError(f"redrive policy of {queue_url} names no SQS queue: {dlq_arn!r}") from None
-    max_receive = int(policy.get("maxReceiveCount") or 0) or None
-    return DeadLetterTopology(queue_url, values.get("QueueArn", ""), dlq_url, str(dlq_arn), max_receive)
+        raise ConfigError(f"redrive policy of {queue_url} names no SQS queue: {info.dead_letter_arn!r}") from None
+    return DeadLetterTopology(queue_url, info.arn, dlq_url, info.dead_letter_arn, info.max_receive_count)
 
 
 @dataclass(slots=True)

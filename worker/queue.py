@@ -130,6 +130,7 @@ class QueueInfo:
     url: str
     max_receive_count: int | None = None
     dead_letter_arn: str | None = None
+    arn: str = ""
 
 
 @dataclass
@@ -168,9 +169,9 @@ def excerpt(message: dict[str, Any], limit: int = 120) -> str:
 
 
 async def describe_queue(sqs: Any, queue_url: str) -> QueueInfo:
-    attrs = (await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"]))
+    attrs = (await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn", "RedrivePolicy"]))
     policy_raw = attrs.get("Attributes", {}).get("RedrivePolicy")
-    info = QueueInfo(url=queue_url)
+    info = QueueInfo(url=queue_url, arn=attrs.get("Attributes", {}).get("QueueArn", ""))
     if policy_raw:
         policy = orjson.loads(policy_raw)
         info.max_receive_count = int(policy.get("maxReceiveCount", 0)) or None
