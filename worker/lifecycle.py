@@ -35,21 +35,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from worker import metrics
 from worker.archive import ArchivedPage
 from worker.config import Settings
+from worker.db import schema
 from worker.errors import ConfigError, InvalidInput
 from worker.logs import get_logger
 
 log = get_logger(__name__)
 
-# Children first, the jobs row last. Every table that holds a job's data is here.
-FACE_CHILD_TABLES = ("landmarks", "emotions", "face_matches")
 # Deleted in one go when a large job is hidden, before its faces go in chunks.
 _HIDE_FIRST_TABLES = ("raw_pages", "persons", "collection_faces", "job_retries")
 # A chunk of faces: their children first, then the faces.
 _FACE_CHUNK_TABLES = ("landmarks", "emotions", "face_matches", "faces")
 # The rows of an erased person's faces that hang off face_seq alone.
 _FACE_DETAIL_TABLES = ("landmarks", "emotions")
-JOB_TABLES = ("landmarks", "emotions", "face_matches", "faces", "persons", "collection_faces", "raw_pages",
-              "job_retries", "jobs")
+# Every table that holds a job's data (schema.py keeps the list), then the jobs row itself, deleted last.
+JOB_TABLES = (*(table.name for table in schema.JOB_TABLES), "jobs")
 # Faces (with their ~40 landmarks, emotions and matches each) per delete transaction: 5000 full-attribute
 # faces are ~200,000 rows, well under a second of work.
 DEFAULT_CHUNK_FACES = 5000
