@@ -219,3 +219,25 @@ async def test_a_job_cut_short_on_its_last_receive_is_requeued_not_dead_lettered
             await asyncio.shield(task)
         assert second.counters.by_outcome == {"ingested": 1}
         await assert_ingested_once_and_nothing_dead_lettered(sqs, queues, db_url, job)
+
+
+async def test_the_queue_is_not_idle_while_a_copy_of_ours_is_still_delayed(
+    wsettings: Settings, sqs: Any, queues: Queues,
+) -> None:
+    """SQS's counts are approximate (moto computes each one at a different instant), so a copy whose delay is
+    just ending can be missing from all of them: `run --exit-when-idle` exited once with a requeued job left
+    in the queue. The worker waits for its own copies by its own clock instead."""
+    from worker.queue import OWN_COPY_MARGIN_S, Counters, SqsQueue
+
+    now = [1000.0]
+    queue = SqsQueue(sqs, await describe_queue(sqs, queues.url), wsettings, Counters(), retry=FAST_REQUEUE,
+                     clock=lambda: now[0])
+    await send(sqs, queues.url, "{}")
+    [message] = (await sqs.receive_message(QueueUrl=queues.url, MaxNumberOfMessages=1))["Messages"]
+    await queue.requeue(message, delay_s=5, receives=2, why="not_ready")
+    # SQS counting nothing, as in the race.
+    await sqs.purge_queue(QueueUrl=queues.url)
+    assert await queue_counts(sqs, queues.url) == (0, 0, 0)
+    assert not await queue.is_empty(), "a copy of ours is due in 5 s"
+    now[0] += 5 + OWN_COPY_MARGIN_S
+    assert await queue.is_empty()

@@ -41,6 +41,8 @@ GONE_CODES = frozenset({"ReceiptHandleIsInvalid", "QueueDoesNotExist", "AWS.Simp
 # be held invisible (SQS counts the 12 h from the receive).
 RECEIVED_AT = "_IngestReceivedAt"
 HOLD_MARGIN_S = 60
+# A copy counts as pending this long past its delay, so that the receive which takes it has happened.
+OWN_COPY_MARGIN_S = 2.0
 
 # Outcomes that are worth another try later; "error" (an unexpected exception) is retried too,
 # but without a fresh copy, so a message that keeps crashing the handler ends in the DLQ. "released":
@@ -252,6 +254,10 @@ class SqsQueue:
         self._background: set[asyncio.Task[None]] = set()
         # Receipt handles of messages whose settling was cut short by shutdown (and then finished).
         self._cut_short: set[str] = set()
+        # When the last copy this worker sent becomes receivable: SQS's counts are approximate (moto computes
+        # each attribute at a different instant), so a copy whose delay is just ending can be missing from
+        # all of them. The worker knows its own copies, so it does not ask SQS about those.
+        self._own_copies_due_at = float("-inf")
 
     @property
     def held(self) -> int:
@@ -286,6 +292,9 @@ class SqsQueue:
         return messages
 
     async def is_empty(self) -> bool:
+        """Nothing to receive now or later: no requeue of ours is pending and SQS counts no message."""
+        if self._background or self._clock() < self._own_copies_due_at + OWN_COPY_MARGIN_S:
+            return False
         try:
             attrs = (await self.sqs.get_queue_attributes(
                 QueueUrl=self.info.url,
@@ -462,6 +471,7 @@ class SqsQueue:
                 log.error("requeue impossible: the queue no longer exists")
                 return True
             job.copy_id = str(sent.get("MessageId"))
+            self._own_copies_due_at = max(self._own_copies_due_at, self._clock() + job.send_args["DelaySeconds"])
             log.info("last delivery before the dead-letter queue: requeued a fresh copy", why=job.why,
                      visible_in_s=job.send_args["DelaySeconds"], new_message_id=job.copy_id)
         deleted = await self._try("requeue: deleting the original", self._delete_call(job.message), attempts,
