@@ -79,10 +79,30 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("job_id", metavar="JOB_ID")
     rep.add_argument("--format", choices=("text", "json"), default="text")
     rep.add_argument("--chart", metavar="PATH", help="write a timeline PNG of who is on screen when")
+    _add_submit_parsers(sub)
     _add_dlq_parser(sub)
     _add_jobs_parser(sub)
     _add_lifecycle_parsers(sub)
     return p
+
+
+def _add_submit_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sm = sub.add_parser("submit", help="register videos to be analysed; `run` starts them under the limits")
+    sm.add_argument("--api", required=True, help="FACE_DETECTION or FACE_SEARCH (or StartFace*, GetFace*)")
+    sm.add_argument("--collection-id", metavar="C", help="FACE_SEARCH: the face collection to search")
+    sm.add_argument("--face-match-threshold", metavar="F", type=float,
+                    help="FACE_SEARCH: lowest similarity of a match, 0..100 (Rekognition's default 80)")
+    sm.add_argument("--face-attributes", metavar="DEFAULT|ALL", help="FACE_DETECTION: DEFAULT (the default) or ALL")
+    sm.add_argument("--job-tag", metavar="T", help="JobTag of the jobs (in their notifications and results)")
+    sm.add_argument("--from-file", metavar="PATH", help="lines of s3://bucket/key ('-' for stdin)")
+    sm.add_argument("--force", action="store_true",
+                    help="submit again the videos already ingested or failed with these options (a new job each)")
+    sm.add_argument("sources", nargs="*", metavar="s3://bucket/prefix",
+                    help="every .mp4, .mov and .m4v object under each prefix (any case); other objects are skipped")
+    ss = sub.add_parser("submissions", help="submitted videos and their state")
+    ss.add_argument("--state", metavar="S", help="submitted, starting, started, finished, ingested or failed")
+    ss.add_argument("--limit", type=_positive, default=1000, help="at most this many rows (1000)")
+    ss.add_argument("--format", choices=("text", "json"), default="text")
 
 
 def _add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -283,6 +303,32 @@ def _instant(text: str) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def _cmd_submit(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    from worker.messages import parse_api
+    from worker.submissions import StartOptions
+    from worker.submit import SubmitError, print_submit_result, run_submit
+
+    if not args.sources and args.from_file is None:
+        raise InvalidInput("submit needs s3://bucket/prefix arguments or --from-file PATH")
+    options = StartOptions.create(parse_api(args.api), collection_id=args.collection_id,
+                                  face_match_threshold=args.face_match_threshold,
+                                  face_attributes=args.face_attributes, job_tag=args.job_tag)
+    settings.asyncpg_dsn  # noqa: B018 - DATABASE_URL checked before S3 is listed
+    try:
+        result = _arun(run_submit(settings, options, list(args.sources), args.from_file, force=args.force))
+    except SubmitError as exc:
+        _command_error(exc)
+        return 1
+    print_submit_result(result, console, settings)
+    return 0
+
+
+def _cmd_submissions(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    from worker.submit import run_submissions
+
+    return _arun(run_submissions(settings, args.state, limit=args.limit, fmt=args.format, console=console))
+
+
 def _cmd_erase(settings: Settings, args: argparse.Namespace, console: Console) -> int:
     from worker.lifecycle import ERASE_COUNTS, run_erase
 
@@ -320,6 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_delete(settings, args, console)
         if args.command == "erase":
             return _cmd_erase(settings, args, console)
+        if args.command == "submit":
+            return _cmd_submit(settings, args, console)
+        if args.command == "submissions":
+            return _cmd_submissions(settings, args, console)
         if args.command in ("dlq", "jobs"):
             return (_cmd_dlq if args.command == "dlq" else _cmd_jobs)(settings, args, console)
         return _cmd_report(settings, args, console)

@@ -155,6 +155,19 @@ class Settings:
     retention_interval_s: float = 3600.0
     # The key of the erasure audit's HMAC (`erase` refuses to run without it); never printed.
     erasure_hash_key: str | None = field(default=None, repr=False)
+    # Starting submitted videos (`submit`, then `run`): the jobs' NotificationChannel, how many of this
+    # deployment's jobs may run at Rekognition at once (across replicas), the Start* call ceiling, and how
+    # long a started job may go without a completion notification before one Get* probe asks about it.
+    rekognition_sns_topic_arn: str | None = None
+    rekognition_role_arn: str | None = None
+    max_rekognition_jobs: int = 20
+    rekognition_start_tps: float = 5.0
+    submit_sweep_after_s: float = 900.0
+    # How often each replica looks for submissions to start when nothing wakes it sooner, and how long a
+    # claimed start may go unrecorded (a replica died between claim and record) before another retries it
+    # with the same ClientRequestToken.
+    submit_poll_interval_s: float = 5.0
+    submit_start_lease_s: float = 120.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -220,4 +233,11 @@ class Settings:
             retention_days=_retention_days(env),
             retention_interval_s=_float(env, "RETENTION_INTERVAL_S", 3600.0, minimum=1.0),
             erasure_hash_key=env.get("ERASURE_HASH_KEY") or None,
+            rekognition_sns_topic_arn=env.get("REKOGNITION_SNS_TOPIC_ARN") or None,
+            rekognition_role_arn=env.get("REKOGNITION_ROLE_ARN") or None,
+            max_rekognition_jobs=_int(env, "MAX_REKOGNITION_JOBS", 20, minimum=1),
+            rekognition_start_tps=_float(env, "REKOGNITION_START_TPS", 5.0, minimum=0.01),
+            submit_sweep_after_s=_float(env, "SUBMIT_SWEEP_AFTER_S", 900.0, minimum=0.1),
+            submit_poll_interval_s=_float(env, "SUBMIT_POLL_INTERVAL_S", 5.0, minimum=0.05),
+            submit_start_lease_s=_float(env, "SUBMIT_START_LEASE_S", 120.0, minimum=0.1),
         )

@@ -148,6 +148,26 @@ def _loads(raw: bytes | str, what: str) -> Any:
     return value
 
 
+# `submit` puts ``{"SubmissionsWaiting": N}`` on the queue: it wakes a deployment scaled to zero (the queue
+# autoscaler counts it) and keeps one replica up while submissions are open (see worker/service.py).
+START_REQUEST_KEY = "SubmissionsWaiting"
+
+
+def start_request_body(videos: int) -> str:
+    return orjson.dumps({START_REQUEST_KEY: videos}).decode()
+
+
+def is_start_request(body: str | bytes) -> bool:
+    """A start request of `submit` (checked before :func:`parse_message_body`, which would refuse it)."""
+    if len(body) > 1024:
+        return False
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and set(doc) == {START_REQUEST_KEY}
+
+
 def parse_message_body(body: str | bytes) -> JobRef:
     """An SQS body: the SNS envelope, the raw Rekognition notification, or ``{"JobId", "API"}``.
 

@@ -71,3 +71,14 @@ RETENTION_ROWS_PURGED = Counter("worker_retention_rows_purged_total",
 RETENTION_PASSES = Counter("worker_retention_passes_total",
                            "Retention passes, by outcome: done, skipped (another replica held the lock), error",
                            ["outcome"])
+# Submissions (`submit`) and the jobs `run` starts for them.
+SUBMISSIONS = Gauge("worker_submissions", "Submitted videos by state (submitted, starting, started, finished, "
+                    "ingested, failed), read from the database: the same for every replica", ["state"])
+REKOGNITION_JOBS_RUNNING = Gauge(
+    "worker_rekognition_jobs_running",
+    "This deployment's Rekognition jobs starting or running (at most MAX_REKOGNITION_JOBS)")
+STARTS = Counter("worker_rekognition_starts_total", "Start* calls by API and outcome: started, limit_exceeded "
+                 "(the account's concurrent-job limit), throttled, credentials_error, error (retried), failed "
+                 "(the video was refused)", ["api", "outcome"])
+PROBES = Counter("worker_submission_probes_total", "Get* probes of started jobs whose notification is overdue, by "
+                 "result: in_progress, finished (ingested as if notified), failed, error", ["result"])

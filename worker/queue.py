@@ -47,9 +47,11 @@ OWN_COPY_MARGIN_S = 2.0
 # Outcomes that are worth another try later; "error" (an unexpected exception) is retried too,
 # but without a fresh copy, so a message that keeps crashing the handler ends in the DLQ. "released":
 # handed back unfinished at shutdown, for another replica to take at once.
-RETRY_OUTCOMES = frozenset({"not_ready", "busy", "transient", "released"})
+# "waiting": a start request of `submit` while submissions are open (it comes back, and never dead-letters).
+RETRY_OUTCOMES = frozenset({"not_ready", "busy", "transient", "released", "waiting"})
 # "other_api": a notification of another Rekognition API, dropped because OTHER_API_NOTIFICATIONS=delete.
-DONE_OUTCOMES = frozenset({"ingested", "duplicate", "failed", "other_api"})
+# "submissions_done": a start request once no submission is open.
+DONE_OUTCOMES = frozenset({"ingested", "duplicate", "failed", "other_api", "submissions_done"})
 
 
 def retry_delay_s(receive_count: int, *, base_s: int, cap_s: int) -> int:
@@ -68,6 +70,9 @@ class RetryPolicy:
     transient_cap_s: int = 900
     # An unusable message on a queue without a dead-letter queue is kept, visible again this rarely.
     unusable_base_s: int = 60
+    # A start request comes back this often while submissions are open: hidden, it still counts for the
+    # autoscaler (in flight), and once none is open the next receive deletes it.
+    waiting_s: int = 20
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
@@ -103,6 +108,8 @@ def decide(outcome: str, receive_count: int, settings: Settings, *, max_receive_
         delay = retry_delay_s(attempt, base_s=policy.busy_base_s, cap_s=policy.busy_cap_s)
     elif outcome == "released":
         delay = 0
+    elif outcome == "waiting":
+        delay = policy.waiting_s
     else:  # transient, error, or an outcome this worker does not know
         delay = retry_delay_s(attempt, base_s=policy.transient_base_s, cap_s=policy.transient_cap_s)
     last_life = max_receive_count is not None and receive_count >= max_receive_count

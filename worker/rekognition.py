@@ -314,3 +314,9 @@ class Fetcher:
             seen.add(digest)
             token = next_token
             number += 1
+
+
+# For other callers of the same client (the Start* calls of worker/scheduler.py): what a call can raise,
+# and which of those are about credentials rather than the request.
+CALL_ERRORS = _CALL_ERRORS
+CREDENTIAL_EXCEPTIONS = _CREDENTIAL_EXCEPTIONS

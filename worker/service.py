@@ -29,13 +29,14 @@ from worker import metrics
 from worker.config import Settings
 from worker.credentials import CredentialsGate, rekognition_probe
 from worker.db.migrate import head_revision
+from worker.db.submissions import SchedulerStore
 from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerError
 from worker.expiry import watch_pending_jobs
 from worker.health import HealthServer
 from worker.ingest import JobOutcome
 from worker.lifecycle import retention_loop
 from worker.logs import get_logger
-from worker.messages import JobRef, OtherApiNotification, parse_message_body
+from worker.messages import JobRef, OtherApiNotification, is_start_request, parse_message_body
 from worker.normalize import JobMeta, parse_meta
 from worker.queue import (
     DEFAULT_REQUEUE_RETRY,
@@ -56,6 +57,7 @@ from worker.queue import (
 from worker.queue import earlier_receives as _earlier_receives
 from worker.queue import receive_count as _receive_count
 from worker.runtime import Runtime, open_runtime
+from worker.scheduler import Scheduler, open_start_limiter
 
 log = get_logger(__name__)
 
@@ -76,7 +78,7 @@ class SqsWorker:
     def __init__(self, settings: Settings, runtime: Runtime, sqs: Any, queue: QueueInfo, *,
                  health: HealthServer | None = None, clock: Callable[[], float] = time.monotonic,
                  retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
-                 requeue_retry: RequeueRetry = DEFAULT_REQUEUE_RETRY) -> None:
+                 requeue_retry: RequeueRetry = DEFAULT_REQUEUE_RETRY, scheduler: Scheduler | None = None) -> None:
         if settings.heartbeat_interval_s >= settings.visibility_timeout_s:
             raise ConfigError("HEARTBEAT_INTERVAL_S must be shorter than VISIBILITY_TIMEOUT_S")
         self.settings = settings
@@ -92,6 +94,8 @@ class SqsWorker:
         self._jobs_in_flight: set[str] = set()
         self._slot_freed = asyncio.Event()
         self.counters = Counters()
+        # Starts submitted videos and sweeps for lost notifications (None: this worker only collects).
+        self.scheduler = scheduler
         self.sqs_queue = SqsQueue(sqs, queue, settings, self.counters, retry=requeue_retry, clock=clock)
         # Paused after a run of credential failures; probes through the runtime's fetcher (None in unit tests).
         self.credentials = CredentialsGate(
@@ -119,12 +123,15 @@ class SqsWorker:
         pending = asyncio.create_task(watch_pending_jobs(
             self.rt.store.oldest_pending_age_s, self.settings.queue_depth_interval_s, self.stopping),
             name="pending-jobs")
+        background = [depth, pending]
+        if self.scheduler is not None:
+            background.append(asyncio.create_task(self.scheduler.run(self.stopping), name="scheduler"))
         try:
             await self._poll_loop(exit_when_idle)
         finally:
-            depth.cancel()
-            pending.cancel()
-            await asyncio.gather(depth, pending, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await self.credentials.close()
             await self._drain()
             await self.sqs_queue.close()
@@ -154,9 +161,19 @@ class SqsWorker:
                 break
             for message in messages:
                 self._start(message)
-            if not messages and exit_when_idle and not self._in_flight and await self.sqs_queue.is_empty():
+            if not messages and exit_when_idle and not self._in_flight and await self._idle():
                 log.info("queue is empty and nothing is in flight: exiting")
                 break
+
+    async def _idle(self) -> bool:
+        """Nothing to receive, and no submission left to start or waiting for its job to finish."""
+        if not await self.sqs_queue.is_empty():
+            return False
+        try:
+            return self.scheduler is None or not await self.scheduler.has_open()
+        except Exception as exc:  # the database: not idle as far as anyone can tell
+            log.warning("open submissions unknown", error=f"{type(exc).__name__}: {exc}"[:300])
+            return False
 
     async def _wait_for_slot(self) -> None:
         self._slot_freed.clear()
@@ -212,6 +229,9 @@ class SqsWorker:
             structlog.contextvars.bind_contextvars(earlier_receives=earlier)
         ref: JobRef | None = None
         try:
+            if is_start_request(message.get("Body") or ""):
+                await self._handle_start_request(message, receive_count, earlier)
+                return
             try:
                 ref = parse_message_body(message.get("Body") or "")
             except OtherApiNotification as exc:
@@ -228,8 +248,7 @@ class SqsWorker:
             structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
             if ref.job_tag is not None:
                 structlog.contextvars.bind_contextvars(job_tag=ref.job_tag)
-            # The 7-day clock starts here, in the database; an outage is transient like any other below.
-            await self.rt.store.note_pending(ref)
+            await self._note_pending(ref)
             if ref.job_id in self._jobs_in_flight:
                 # Another copy of this notification is running here: by the time this one returns it is
                 # a duplicate. Settled without a Get* call, which would only find the job's lock taken.
@@ -267,6 +286,23 @@ class SqsWorker:
         finally:
             structlog.contextvars.unbind_contextvars("message_id", "receive_count", "earlier_receives", "job_id", "api",
                                                      "job_tag")
+
+    async def _note_pending(self, ref: JobRef) -> None:
+        # The 7-day clock starts here, in the database; an outage is transient like any other in _handle.
+        await self.rt.store.note_pending(ref)
+        if self.scheduler is not None:
+            # Rekognition finished a job: if it was one of ours, its slot is free now.
+            self.scheduler.wake(slot_freed=True)
+
+    async def _handle_start_request(self, message: dict[str, Any], receive_count: int, earlier: int) -> None:
+        """`submit`'s start request: wakes the scheduler, and stays in the queue while submissions are open,
+        so that the autoscaler keeps (or brings back) a replica to start them and to sweep their jobs."""
+        if self.scheduler is None:
+            await self._settle(message, "waiting", receive_count, earlier, reason="this worker starts no jobs")
+            return
+        self.scheduler.wake()
+        outcome = "waiting" if await self.scheduler.has_open() else "submissions_done"
+        await self._settle(message, outcome, receive_count, earlier)
 
     async def _count_failure(self, ref: JobRef, exc: Exception) -> str:
         """The outcome of an unexpected error once counted toward MAX_IDENTICAL_FAILURES ("error" or "failed")."""
@@ -375,6 +411,16 @@ def _readiness_checks(rt: Runtime, sqs: Any, queue_url: str) -> dict[str, Any]:
     return {"database": database, "queue": queue}
 
 
+async def _scheduler(settings: Settings, rt: Runtime, sqs: Any, queue_url: str,
+                     stack: contextlib.AsyncExitStack) -> Scheduler:
+    start_limiter = await open_start_limiter(settings, stack, rt.client.meta.region_name)
+
+    async def enqueue(body: str) -> None:
+        await sqs.send_message(QueueUrl=queue_url, MessageBody=body)
+
+    return Scheduler(settings, SchedulerStore(settings.asyncpg_dsn), rt.client, rt.fetcher, start_limiter, enqueue)
+
+
 async def run_service(settings: Settings, *, exit_when_idle: bool = False,
                       ready: Callable[[SqsWorker], None] | None = None) -> int:
     """The `run` command."""
@@ -392,13 +438,16 @@ async def run_service(settings: Settings, *, exit_when_idle: bool = False,
     # Installed before start-up, so a SIGTERM during it is a clean stop too.
     with _signal_handlers(stop):
         session = get_session()
-        async with open_runtime(settings) as rt, session.create_client("sqs", region_name=settings.aws_region) as sqs:
+        async with contextlib.AsyncExitStack() as stack:
+            rt = await stack.enter_async_context(open_runtime(settings))
+            sqs = await stack.enter_async_context(session.create_client("sqs", region_name=settings.aws_region))
             queue = await describe_queue(sqs, settings.queue_url)
+            scheduler = await _scheduler(settings, rt, sqs, queue.url, stack)
             health = HealthServer(port=settings.health_port, live_within_s=settings.poll_wait_s + 60.0,
                                   ready_checks=_readiness_checks(rt, sqs, settings.queue_url), watchdog=rt.watchdog)
             await health.start()
             try:
-                worker = SqsWorker(settings, rt, sqs, queue, health=health)
+                worker = SqsWorker(settings, rt, sqs, queue, health=health, scheduler=scheduler)
                 health.ready_checks["credentials"] = worker.credentials.readiness
                 if stop_early:
                     worker.request_stop()

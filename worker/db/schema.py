@@ -251,6 +251,41 @@ erasures = sa.Table(
     sa.Index("erasures_hash_idx", "selector_hash"),
 )
 
+# Videos registered by `submit` and started by `run` (0011). Not a per-job table: a submission outlives the
+# deletion of its job (it says the video was analysed), and names a video, not a face.
+_OPEN_SUBMISSION = sa.text("state = ANY (ARRAY['submitted'::text, 'starting'::text, 'started'::text])")
+submissions = sa.Table(
+    "submissions", metadata,
+    sa.Column("submission_id", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+    sa.Column("video_bucket", sa.Text, nullable=False),
+    sa.Column("video_name", sa.Text, nullable=False),
+    sa.Column("api", face_api, nullable=False),
+    sa.Column("options", postgresql.JSONB, nullable=False),
+    sa.Column("options_key", sa.Text, nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False, server_default=sa.text("1")),
+    sa.Column("client_request_token", sa.Text, sa.CheckConstraint(
+        "client_request_token ~ '^[a-zA-Z0-9_-]{1,64}$'", name="submissions_client_request_token_check"),
+        nullable=False),
+    sa.Column("state", sa.Text, sa.CheckConstraint(
+        "state IN ('submitted', 'starting', 'started', 'finished', 'ingested', 'failed')",
+        name="submissions_state_check"), nullable=False, server_default=sa.text("'submitted'::text")),
+    sa.Column("job_id", sa.Text, sa.CheckConstraint(_JOB_ID_CHECK, name="submissions_job_id_check")),
+    sa.Column("submitted_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    sa.Column("claimed_at", sa.TIMESTAMP(timezone=True)),
+    sa.Column("started_at", sa.TIMESTAMP(timezone=True)),
+    sa.Column("finished_at", sa.TIMESTAMP(timezone=True)),
+    sa.Column("ingested_at", sa.TIMESTAMP(timezone=True)),
+    sa.Column("failure_reason", sa.Text),
+    sa.Column("start_attempts", sa.Integer, nullable=False, server_default=_zero),
+    sa.Column("next_attempt_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    sa.Column("probes", sa.Integer, nullable=False, server_default=_zero),
+    sa.Column("next_probe_at", sa.TIMESTAMP(timezone=True)),
+    sa.Column("updated_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    sa.UniqueConstraint("video_bucket", "video_name", "api", "options_key", name="submissions_video_key"),
+    sa.Index("submissions_open_idx", "state", "next_attempt_at", postgresql_where=_OPEN_SUBMISSION),
+    sa.Index("submissions_job_id_idx", "job_id", postgresql_where=sa.text("job_id IS NOT NULL")),
+)
+
 # Tables whose rows belong to one job (job_id leads their primary key); deleting the job deletes them.
 JOB_TABLES: tuple[sa.Table, ...] = (faces, landmarks, emotions, face_matches, collection_faces, persons, raw_pages,
                                     job_retries)
