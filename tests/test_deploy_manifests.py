@@ -727,6 +727,10 @@ def test_worker_iam_policy_is_least_privilege() -> None:
     assert set(granted) == {
         "rekognition:GetFaceDetection",
         "rekognition:GetFaceSearch",
+        "rekognition:StartFaceDetection",
+        "rekognition:StartFaceSearch",
+        "iam:PassRole",
+        "s3:GetObject",
         "sqs:ReceiveMessage",
         "sqs:DeleteMessage",
         "sqs:ChangeMessageVisibility",
@@ -736,7 +740,11 @@ def test_worker_iam_policy_is_least_privilege() -> None:
     }
     for action, resources in granted.items():
         if action.startswith("rekognition:"):
-            assert resources == {"*"}, "Rekognition Get* actions support no resource-level scoping"
+            assert resources == {"*"}, "Rekognition Get* and Start* actions support no resource-level scoping"
+        elif action == "iam:PassRole":  # only the role of the jobs' NotificationChannel, only to Rekognition
+            assert resources == {"arn:aws:iam::ACCOUNT:role/REKOGNITION_SNS_ROLE"}
+        elif action == "s3:GetObject":  # Rekognition reads the videos with the caller's rights
+            assert resources == {"arn:aws:s3:::VIDEO_BUCKET/*"}
         elif action == "sqs:GetQueueAttributes":  # the queue and the depth of its dead-letter queue
             assert resources == {"arn:aws:sqs:REGION:ACCOUNT:QUEUE", "arn:aws:sqs:REGION:ACCOUNT:QUEUE-dlq"}
         elif action == "sqs:GetQueueUrl":  # the redrive policy names the dead-letter queue by ARN
