@@ -136,6 +136,12 @@ class Scheduler:
         self._limit_streak = 0
         self._channel_warned = False
         self._counted_at = float("-inf")
+        # Every series exists from the start (at 0), so alerts on their increase see the first event.
+        for api in Api:
+            for outcome in ("started", "limit_exceeded", "throttled", "credentials_error", "error", "failed"):
+                metrics.STARTS.labels(api.value, outcome)
+        for result in ("in_progress", "finished", "failed", "error"):
+            metrics.PROBES.labels(result)
 
     @property
     def notification_channel(self) -> dict[str, str] | None:
