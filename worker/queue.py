@@ -72,7 +72,7 @@ class RetryPolicy:
     unusable_base_s: int = 60
     # A start request comes back this often while submissions are open: hidden, it still counts for the
     # autoscaler (in flight), and once none is open the next receive deletes it.
-    waiting_s: int = 20
+    waiting_s: int = 5
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
