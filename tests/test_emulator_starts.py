@@ -322,6 +322,34 @@ async def test_stop_cancels_a_delivery_that_hangs(aws: AioSession) -> None:
     assert emu.stats()["notifications_sent"] == 0
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 500.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+async def test_completion_and_quota_follow_the_injected_clock(aws: AioSession) -> None:
+    clock = FakeClock()
+    config = EmulatorConfig(job_duration_s=10.0, max_concurrent_jobs=1, start_quota_tps=1.0)
+    async with RekognitionEmulator(config, clock=clock) as emu, aws.create_client(
+            "rekognition", region_name="us-east-1", endpoint_url=emu.url,
+            config=AioConfig(retries={"total_max_attempts": 1})) as rek:
+        job_id = (await rek.start_face_detection(Video=video("j.mp4")))["JobId"]
+        clock.now_s += 9.999
+        assert (await rek.get_face_detection(JobId=job_id, MaxResults=1))["JobStatus"] == "IN_PROGRESS"
+        assert code(await error_of(rek.start_face_detection(Video=video("k.mp4")))) == "LimitExceededException"
+        clock.now_s += 0.001
+        assert (await rek.get_face_detection(JobId=job_id, MaxResults=1))["JobStatus"] == "SUCCEEDED"
+        # Room again, but the start bucket (one token a second) is empty until the clock moves on.
+        assert code(await error_of(rek.start_face_detection(Video=video("k.mp4")))) == "ThrottlingException"
+        clock.now_s += 1.0
+        await rek.start_face_detection(Video=video("k.mp4"))
+        [first, _] = emu.stats()["started_jobs"]
+        assert (first["created_s"], first["completed_s"]) == (500.0, 510.0)
+
+
 def test_config_fields_and_cli_flags() -> None:
     args = _parse_args(["--max-concurrent-jobs", "5", "--job-duration-s", "0.5", "--start-quota-tps", "2",
                         "--notification-queue-url", "http://localhost:4566/000000000000/n",

@@ -581,7 +581,8 @@ class RekognitionEmulator:
             per_op["requests"] += 1
             per_op[_OUTCOME_COUNTER[outcome]] += 1
             self._starts.counters["starts_requested"] += 1
-            self._starts.counters["start_throttled"] += outcome == "throttled"
+            if outcome == "throttled":
+                self._starts.counters["start_throttled"] += 1
             return
         for counts in (self._counters, per_op):
             counts["requests"] += 1

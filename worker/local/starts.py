@@ -25,7 +25,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import structlog
 
@@ -36,7 +36,7 @@ Clock = Callable[[], float]
 StartOperation = Literal["StartFaceDetection", "StartFaceSearch"]
 NotificationState = Literal["pending", "sent", "dropped", "failed"]
 
-START_OPERATIONS: tuple[str, ...] = ("StartFaceDetection", "StartFaceSearch")
+START_OPERATIONS: tuple[str, ...] = get_args(StartOperation)
 GET_OPERATION: dict[str, Api] = {"StartFaceDetection": "GetFaceDetection", "StartFaceSearch": "GetFaceSearch"}
 # The service's default when a StartFaceSearch names no FaceMatchThreshold.
 DEFAULT_FACE_MATCH_THRESHOLD = 80.0
@@ -71,12 +71,10 @@ def _invalid(message: str) -> StartRejected:
     return StartRejected("InvalidParameterException", message)
 
 
-def _string(params: Json, name: str, pattern: re.Pattern[str] | None, *, required: bool = False,
+def _string(params: Json, name: str, pattern: re.Pattern[str] | None = None, *,
             max_chars: int | None = None) -> str | None:
     value = params.get(name)
     if value is None:
-        if required:
-            raise _invalid(f"{name} is required")
         return None
     if not isinstance(value, str) or not value:
         raise _invalid(f"{name} must be a non-empty string")
@@ -84,6 +82,14 @@ def _string(params: Json, name: str, pattern: re.Pattern[str] | None, *, require
         raise _invalid(f"{name} must be at most {max_chars} characters")
     if pattern is not None and not pattern.fullmatch(value):
         raise _invalid(f"{name} must match {pattern.pattern}")
+    return value
+
+
+def _required(params: Json, name: str, pattern: re.Pattern[str] | None = None, *,
+              max_chars: int | None = None) -> str:
+    value = _string(params, name, pattern, max_chars=max_chars)
+    if value is None:
+        raise _invalid(f"{name} is required")
     return value
 
 
@@ -134,18 +140,18 @@ class StartRequest:
                 raise _invalid(f"FaceAttributes must be DEFAULT or ALL (got {face_attributes!r})")
         else:
             face_attributes = "DEFAULT"  # GetFaceSearch returns only the default attributes
-            collection_id = _string(params, "CollectionId", _COLLECTION_RE, required=True)
+            collection_id = _required(params, "CollectionId", _COLLECTION_RE)
             if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
                                           or not 0 <= threshold <= 100):
                 raise _invalid("FaceMatchThreshold must be a number within 0..100")
         return cls(
             operation=operation,  # type: ignore[arg-type]  # checked against START_OPERATIONS above
-            bucket=_string(s3, "Bucket", _BUCKET_RE, required=True),  # type: ignore[arg-type]
-            name=_string(s3, "Name", None, required=True, max_chars=1024),  # type: ignore[arg-type]
-            version=_string(s3, "Version", None, max_chars=1024),
+            bucket=_required(s3, "Bucket", _BUCKET_RE),
+            name=_required(s3, "Name", max_chars=1024),
+            version=_string(s3, "Version", max_chars=1024),
             token=_string(params, "ClientRequestToken", _TOKEN_RE),
-            topic_arn=None if channel is None else _string(channel, "SNSTopicArn", _TOPIC_RE, required=True),
-            role_arn=None if channel is None else _string(channel, "RoleArn", _ROLE_RE, required=True),
+            topic_arn=None if channel is None else _required(channel, "SNSTopicArn", _TOPIC_RE),
+            role_arn=None if channel is None else _required(channel, "RoleArn", _ROLE_RE),
             job_tag=_string(params, "JobTag", _JOB_TAG_RE),
             face_attributes=face_attributes,
             collection_id=collection_id,
@@ -319,7 +325,8 @@ class StartBook:
             if job.notification is None:
                 continue
             if job.request.name in drop_for or drops_used < drop_next:
-                drops_used += job.request.name not in drop_for
+                if job.request.name not in drop_for:
+                    drops_used += 1
                 job.notification = "dropped"
                 self.counters["notifications_dropped"] += 1
             elif queue_url is None:
@@ -397,7 +404,11 @@ async def deliver_notifications(
     session: Any = None
     while True:
         wake.clear()
-        batch, next_due_s = settle()
+        try:
+            batch, next_due_s = settle()
+        except Exception:  # a bug here must not end deliveries for good: try again at the next wake
+            log.exception("settling started jobs failed")
+            batch, next_due_s = [], None
         if batch:
             try:
                 if session is None:  # imported on first use: an emulator that never notifies never pays for it
