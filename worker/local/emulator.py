@@ -1,4 +1,4 @@
-"""A local Amazon Rekognition Video endpoint for GetFaceDetection and GetFaceSearch.
+"""A local Amazon Rekognition Video endpoint: GetFaceDetection and GetFaceSearch, and the Start* calls behind them.
 
 It speaks the AWS JSON 1.1 wire protocol (``POST /`` with ``X-Amz-Target: RekognitionService.<Op>``), so an
 unmodified botocore/aiobotocore ``rekognition`` client works against it through ``endpoint_url`` or
@@ -7,8 +7,19 @@ unmodified botocore/aiobotocore ``rekognition`` client works against it through 
 On top of the API it offers what tests and benchmarks need: an account quota (token bucket on an injected
 clock), injected faults and latency, job state changes (IN_PROGRESS -> SUCCEEDED, expiring or rejected tokens, tokens
 that loop, IN_PROGRESS on a later page), and
-counters with a per-call record. Three ways to run it: :class:`RekognitionEmulator` in your event loop,
-:class:`EmulatorThread` for synchronous code, or ``python -m worker.local.emulator`` as a process.
+counters with a per-call record.
+
+StartFaceDetection and StartFaceSearch (see :mod:`worker.local.starts`) create jobs that answer IN_PROGRESS for
+``job_duration_s`` and then SUCCEEDED with results synthesized from the JobId. They honour the account's
+concurrent-job limit (``max_concurrent_jobs``, with room taken by :meth:`RekognitionEmulator.occupy`),
+ClientRequestToken idempotency and a start quota of their own (``start_quota_tps``); a job started with a
+NotificationChannel sends Rekognition's completion notification, SNS-enveloped, to the SQS queue
+``notification_queue_url`` from a background task, unless told to lose it (``drop_notifications``,
+``drop_notifications_for``). The Get* quota, counters and call records are untouched by starts; start counters
+and per-job records are their own ``stats()`` keys.
+
+Three ways to run it: :class:`RekognitionEmulator` in your event loop, :class:`EmulatorThread` for synchronous
+code, or ``python -m worker.local.emulator`` as a process.
 
 All state sits behind one lock and is changed only in synchronous sections, so the loop's handlers and
 other threads (through :class:`EmulatorThread`) see consistent counters under concurrent calls.
@@ -20,8 +31,10 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
+import math
 import random
 import secrets
 import signal
@@ -37,6 +50,14 @@ from typing import Any, Literal, get_args
 import orjson
 from aiohttp import web
 
+from worker.local.starts import (
+    START_OPERATIONS,
+    Outgoing,
+    StartBook,
+    StartRejected,
+    StartRequest,
+    deliver_notifications,
+)
 from worker.local.synth import (
     API_NAMES,
     JOB_ID_RE,
@@ -109,6 +130,25 @@ class EmulatorConfig:
     require_auth: bool = True
     # Every call answers AccessDeniedException, as when the deployment's role lost its permission.
     access_denied: bool = False
+    # --- Start* (worker.local.starts) ---
+    # Jobs running at once in the account (started here or occupied); one more start is LimitExceededException.
+    max_concurrent_jobs: int = 20
+    # How long a started job stays IN_PROGRESS.
+    job_duration_s: float = 1.0
+    # The Start* quota, a token bucket apart from ``quota_tps`` (None: unlimited); over it: ThrottlingException.
+    start_quota_tps: float | None = None
+    # Results per started job: Faces (detection) or Persons (search) elements.
+    started_job_faces: int = 40
+    # Where completion notifications go (None: nowhere; they count as failed), and SQS's endpoint
+    # (None: botocore resolves it, AWS_ENDPOINT_URL_SQS included).
+    notification_queue_url: str | None = None
+    sqs_endpoint_url: str | None = None
+    # Lose the next N completion notifications (counts down as they are lost) ...
+    drop_notifications: int = 0
+    # ... and every notification of these S3 object names.
+    drop_notifications_for: tuple[str, ...] = ()
+    # Starts naming these S3 object names answer InvalidS3ObjectException.
+    invalid_videos: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.quota_tps is not None and not self.quota_tps > 0:
@@ -121,6 +161,27 @@ class EmulatorConfig:
             raise ValueError(f"fault_rate must be within 0..1 (got {self.fault_rate!r})")
         if not self.latency_s >= 0.0:
             raise ValueError(f"latency_s must be >= 0 (got {self.latency_s!r})")
+        self._check_start_fields()
+
+    def _check_start_fields(self) -> None:
+        for name in ("max_concurrent_jobs", "started_job_faces", "drop_notifications"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (got {value!r})")
+        if not (isinstance(self.job_duration_s, int | float) and 0.0 <= self.job_duration_s < math.inf):
+            raise ValueError(f"job_duration_s must be a finite number >= 0 (got {self.job_duration_s!r})")
+        if self.start_quota_tps is not None and not self.start_quota_tps > 0:
+            raise ValueError(f"start_quota_tps must be > 0 or None (got {self.start_quota_tps!r})")
+        for name in ("notification_queue_url", "sqs_endpoint_url"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.startswith(("http://", "https://"))):
+                raise ValueError(f"{name} must be an http(s) URL or None (got {value!r})")
+        for name in ("drop_notifications_for", "invalid_videos"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a collection of S3 object names (got {value!r})")
+            # Frozen: normalize lists (from JSON) and sets to a tuple, which asdict and orjson both take.
+            object.__setattr__(self, name, tuple(value))
 
 
 class _TokenBucket:
@@ -207,7 +268,14 @@ class RekognitionEmulator:
         self._calls: deque[tuple[float, Outcome]] = deque(maxlen=CALL_RECORDS_MAX)
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
+        self._starts = StartBook(clock)
+        self._start_bucket: _TokenBucket | None = None
+        # The notification task, in the loop that serves the app; started and stopped with it.
+        self._notifier: asyncio.Task[None] | None = None
+        self._notifier_loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
         self._reset_bucket()
+        self._reset_start_bucket()
         self.add_jobs(jobs)
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -230,7 +298,28 @@ class RekognitionEmulator:
         app.router.add_post("/_emulator/config", self._handle_config)
         app.router.add_post("/_emulator/jobs", self._handle_add_jobs)
         app.router.add_delete("/_emulator/jobs/{job_id}", self._handle_remove_job)
+        app.router.add_post("/_emulator/occupy", self._handle_occupy)
+        app.on_startup.append(self._start_notifier)
+        app.on_cleanup.append(self._stop_notifier)
         return app
+
+    async def _start_notifier(self, app: web.Application) -> None:
+        if self._notifier is not None:
+            return
+        self._wake = asyncio.Event()
+        self._notifier_loop = asyncio.get_running_loop()
+        self._notifier = asyncio.create_task(deliver_notifications(
+            settle=self._settle, delivered=self._delivered, endpoint_url=lambda: self._config.sqs_endpoint_url,
+            wake=self._wake, clock=self._clock,
+        ), name="rekognition-emulator-notifications")
+
+    async def _stop_notifier(self, app: web.Application) -> None:
+        task, self._notifier = self._notifier, None
+        self._notifier_loop = self._wake = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on ``host:port`` (0 picks a free port) and return the URL."""
@@ -251,7 +340,7 @@ class RekognitionEmulator:
         return self._url
 
     async def stop(self) -> None:
-        """Stop listening; idempotent."""
+        """Stop listening and the notification task (cancelled and awaited); idempotent."""
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -278,6 +367,8 @@ class RekognitionEmulator:
             self._config = config
             if config.quota_tps != old.quota_tps:
                 self._reset_bucket()
+            if config.start_quota_tps != old.start_quota_tps:
+                self._reset_start_bucket()
             if config.seed != old.seed:
                 self._fault_rng = random.Random(config.seed)
             return config
@@ -285,6 +376,10 @@ class RekognitionEmulator:
     def _reset_bucket(self) -> None:
         quota = self._config.quota_tps
         self._bucket = None if quota is None else _TokenBucket(quota, self._clock())
+
+    def _reset_start_bucket(self) -> None:
+        quota = self._config.start_quota_tps
+        self._start_bucket = None if quota is None else _TokenBucket(quota, self._clock())
 
     # --- jobs ------------------------------------------------------------------------------------------
 
@@ -383,6 +478,63 @@ class RekognitionEmulator:
             for job in self._jobs.values():
                 job.reset_views()
 
+    # --- started jobs (worker.local.starts) -------------------------------------------------------------
+
+    def occupy(self, jobs: int, duration_s: float) -> None:
+        """Count ``jobs`` more running jobs for ``duration_s``: started by another system in the account,
+        they take room under ``max_concurrent_jobs`` and notify nobody here."""
+        with self._lock:
+            now_s = self._clock()
+            self._complete_due(now_s)
+            self._starts.occupy(jobs, duration_s, now_s)
+
+    def _complete_due(self, now_s: float) -> None:
+        """Complete the started jobs due by ``now_s``: Get* serves their results from now on."""
+        config = self._config
+        done, drops_used = self._starts.complete_due(
+            now_s, queue_url=config.notification_queue_url, drop_next=config.drop_notifications,
+            drop_for=config.drop_notifications_for,
+        )
+        if drops_used:
+            self._config = replace(config, drop_notifications=config.drop_notifications - drops_used)
+        for started in done:
+            job = self._jobs.get(started.job_id)
+            if job is not None and job.fixture.job_status == "IN_PROGRESS":  # not replaced by add_job
+                job.fixture = started.finished_fixture()
+                job.reset_views()
+        if self._starts.outbox:
+            self._wake_notifier()
+
+    def _wake_notifier(self) -> None:
+        loop, wake = self._notifier_loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us: nothing left to wake
+                loop.call_soon_threadsafe(wake.set)
+
+    def _settle(self) -> tuple[list[Outgoing], float | None]:
+        with self._lock:
+            self._complete_due(self._clock())
+            return self._starts.take_outbox(), self._starts.next_due_s()
+
+    def _delivered(self, outgoing: Outgoing, error: str | None) -> None:
+        with self._lock:
+            self._starts.delivered(outgoing, error)
+
+    def _start(self, operation: str, params: dict[str, Any]) -> bytes:
+        now_s = self._clock()
+        request = StartRequest.parse(operation, params)
+        self._complete_due(now_s)
+        config = self._config
+        started, created = self._starts.start(
+            request, now_s, max_running=config.max_concurrent_jobs, duration_s=config.job_duration_s,
+            faces=config.started_job_faces, invalid_videos=config.invalid_videos,
+        )
+        if created:
+            self._epochs += 1
+            self._jobs[started.job_id] = _Job(fixture=started.pending_fixture(), epoch=self._epochs)
+            self._wake_notifier()  # its sleep may now end too late
+        return orjson.dumps({"JobId": started.job_id})
+
     # --- counters --------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -390,9 +542,16 @@ class RekognitionEmulator:
 
         ``succeeded`` counts every 200 answer, ``in_progress`` the subset that said IN_PROGRESS;
         ``faults`` are InternalServerError answers, ``throttled`` quota rejections (ThrottlingException or
-        ProvisionedThroughputExceededException), ``errors`` every other error.
+        ProvisionedThroughputExceededException), ``errors`` every other error. These, ``by_error`` and
+        ``calls`` cover the Get* traffic; Start* calls appear in ``by_operation`` and in the start keys:
+        ``starts_requested`` (every Start* call), ``jobs_created``, ``idempotent_starts`` (a known
+        ClientRequestToken), ``limit_exceeded``, ``start_throttled``, ``notifications_sent``,
+        ``notifications_dropped``, ``notifications_failed``, ``notifications_pending``, ``running_now``,
+        ``peak_running`` (external jobs included), ``peak_running_started`` (started here only) and
+        ``started_jobs`` (one record per started job).
         """
         with self._lock:
+            self._complete_due(self._clock())
             out: dict[str, Any] = {name: self._counters[name] for name in _COUNTER_NAMES}
             out["by_operation"] = {
                 op: {name: counts[name] for name in _COUNTER_NAMES}
@@ -400,10 +559,14 @@ class RekognitionEmulator:
             }
             out["by_error"] = dict(self._by_error)
             out["calls"] = list(self._calls)
+            out.update(self._starts.stats())
             return out
 
     def reset_stats(self) -> None:
+        """Zero the counters and call records; jobs, started or not, stay."""
         with self._lock:
+            self._complete_due(self._clock())
+            self._starts.reset_stats()
             self._counters.clear()
             self._by_operation.clear()
             self._by_error.clear()
@@ -413,6 +576,14 @@ class RekognitionEmulator:
         self, operation: str, arrival_s: float, outcome: Outcome, code: str | None, in_progress: bool
     ) -> None:
         per_op = self._by_operation.setdefault(operation, Counter())
+        if operation in START_OPERATIONS:
+            # The Get* counters and call records stay what the account quota saw; starts have their own.
+            per_op["requests"] += 1
+            per_op[_OUTCOME_COUNTER[outcome]] += 1
+            self._starts.counters["starts_requested"] += 1
+            if outcome == "throttled":
+                self._starts.counters["start_throttled"] += 1
+            return
         for counts in (self._counters, per_op):
             counts["requests"] += 1
             counts[_OUTCOME_COUNTER[outcome]] += 1
@@ -441,7 +612,7 @@ class RekognitionEmulator:
                     body, in_progress = self._answer(operation, raw)
                 except ServiceError as exc:
                     rejected = exc
-            op_key = operation if operation in API_NAMES else "unknown"
+            op_key = operation if operation in API_NAMES or operation in START_OPERATIONS else "unknown"
             if rejected is None:
                 self._record(op_key, arrival_s, "succeeded", None, in_progress)
             else:
@@ -459,18 +630,29 @@ class RekognitionEmulator:
             "AWS4-HMAC-SHA256"
         ):
             return ServiceError("MissingAuthenticationTokenException", "Missing Authentication Token")
-        if not target.startswith(TARGET_PREFIX) or operation not in API_NAMES:
+        starting = operation in START_OPERATIONS
+        if not target.startswith(TARGET_PREFIX) or (operation not in API_NAMES and not starting):
             return ServiceError("UnknownOperationException", f"Unknown operation {target!r}")
         if self._config.access_denied:
             return ServiceError("AccessDeniedException", "User: arn:aws:sts::123456789012:assumed-role/ingest/worker "
                                 f"is not authorized to perform: rekognition:{operation}")
         # A throttled call takes nothing from the bucket: only admitted calls spend a token.
-        if self._bucket is not None and not self._bucket.try_take(arrival_s):
+        if starting:
+            if self._start_bucket is not None and not self._start_bucket.try_take(arrival_s):
+                return ServiceError("ThrottlingException")
+        elif self._bucket is not None and not self._bucket.try_take(arrival_s):
             return ServiceError(self._config.throttle_error, status=self._config.throttle_http_status)
         return None
 
     def _answer(self, operation: str, raw: bytes) -> tuple[bytes, bool]:
         """The response body for an admitted call, and whether it said IN_PROGRESS; raises ServiceError."""
+        self._complete_due(self._clock())  # Get* answers agree with the clock, notification task or not
+        if operation in START_OPERATIONS:
+            # fault_rate stays a Get* knob: starts draw nothing from its seeded sequence.
+            try:
+                return self._start(operation, _parse_params(raw)), False
+            except StartRejected as exc:
+                raise ServiceError(exc.code, exc.message) from None
         if self._config.fault_rate > 0 and self._fault_rng.random() < self._config.fault_rate:
             raise ServiceError("InternalServerError")
         params = _parse_params(raw)
@@ -595,6 +777,20 @@ class RekognitionEmulator:
             return web.json_response({"error": str(exc)}, status=400, dumps=_dumps)
         self.add_jobs(fixtures)
         return web.json_response({"added": [f.job_id for f in fixtures]}, dumps=_dumps)
+
+    async def _handle_occupy(self, request: web.Request) -> web.Response:
+        """Body: ``{"jobs": N, "duration_s": D}``."""
+        try:
+            data = orjson.loads(await request.read())
+            if not isinstance(data, dict) or set(data) != {"jobs", "duration_s"}:
+                raise ValueError('expected {"jobs": N, "duration_s": D}')
+            jobs, duration_s = data["jobs"], data["duration_s"]
+            if not isinstance(jobs, int) or not isinstance(duration_s, int | float):
+                raise ValueError("jobs must be an integer and duration_s a number")
+            self.occupy(jobs, float(duration_s))
+        except (TypeError, ValueError) as exc:
+            return web.json_response({"error": str(exc)}, status=400, dumps=_dumps)
+        return web.json_response({"running_now": self.stats()["running_now"]}, dumps=_dumps)
 
     async def _handle_remove_job(self, request: web.Request) -> web.Response:
         removed = self.remove_job(request.match_info["job_id"])
@@ -746,6 +942,9 @@ class EmulatorThread:
     def prerender(self, max_results: int = MAX_RESULTS_CAP, sort_by: str = "TIMESTAMP") -> int:
         return self.emulator.prerender(max_results, sort_by)
 
+    def occupy(self, jobs: int, duration_s: float) -> None:
+        self.emulator.occupy(jobs, duration_s)
+
     def stats(self) -> dict[str, Any]:
         return self.emulator.stats()
 
@@ -759,7 +958,7 @@ class EmulatorThread:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m worker.local.emulator",
-        description="Local Rekognition Video emulator (GetFaceDetection, GetFaceSearch). "
+        description="Local Rekognition Video emulator (Start/GetFaceDetection, Start/GetFaceSearch). "
         "Prints 'READY <url>' once listening; stops on SIGTERM or SIGINT.",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -778,6 +977,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="with --demo-jobs: results carry enum values no published model lists "
                              "(synth.with_future_values), to check a consumer's forward compatibility")
     parser.add_argument("--prerender", action="store_true", help="render all 1000-result pages before READY")
+    parser.add_argument("--max-concurrent-jobs", type=int, default=20, help="account's concurrent-job limit")
+    parser.add_argument("--job-duration-s", type=float, default=1.0, help="how long a started job runs")
+    parser.add_argument("--start-quota-tps", type=float, default=None, help="Start* quota, calls per second")
+    parser.add_argument("--notification-queue-url", default=None,
+                        help="SQS queue that receives completion notifications (SNS-enveloped)")
+    parser.add_argument("--sqs-endpoint-url", default=None,
+                        help="SQS endpoint for notifications (default: botocore's, AWS_ENDPOINT_URL_SQS included)")
+    parser.add_argument("--drop-notifications", type=int, default=0, help="lose the next N notifications")
+    parser.add_argument("--started-job-faces", type=int, default=40, help="result elements per started job")
     return parser.parse_args(argv)
 
 
@@ -790,6 +998,13 @@ def _config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         latency_s=args.latency_s,
         seed=args.seed,
         require_auth=not args.no_auth,
+        max_concurrent_jobs=args.max_concurrent_jobs,
+        job_duration_s=args.job_duration_s,
+        start_quota_tps=args.start_quota_tps,
+        notification_queue_url=args.notification_queue_url,
+        sqs_endpoint_url=args.sqs_endpoint_url,
+        drop_notifications=args.drop_notifications,
+        started_job_faces=args.started_job_faces,
     )
 
 
@@ -811,7 +1026,7 @@ async def _serve(config: EmulatorConfig, args: argparse.Namespace) -> int:
         await stopping.wait()
     finally:
         await emulator.stop()
-    summary = {k: v for k, v in emulator.stats().items() if k != "calls"}
+    summary = {k: v for k, v in emulator.stats().items() if k not in ("calls", "started_jobs")}
     print(f"stopped {orjson.dumps(summary).decode()}", file=sys.stderr, flush=True)
     return 0
 

@@ -56,15 +56,17 @@ def notification(fixture: JobFixture, *, status: str | None = None, api_style: s
 
 
 def sns_envelope(message: dict[str, Any], *,
-                 topic_arn: str = "arn:aws:sns:us-east-1:123456789012:AmazonRekognition") -> str:
+                 topic_arn: str = "arn:aws:sns:us-east-1:123456789012:AmazonRekognition",
+                 message_id: str = "00000000-0000-4000-8000-000000000000",
+                 timestamp: str = "2026-11-22T00:00:00.000Z") -> str:
     """The SQS body SNS delivers without raw message delivery: the notification as a JSON string."""
     return orjson.dumps({
         "Type": "Notification",
-        "MessageId": "00000000-0000-4000-8000-000000000000",
+        "MessageId": message_id,
         "TopicArn": topic_arn,
         "Subject": "",
         "Message": orjson.dumps(message).decode(),
-        "Timestamp": "2026-11-22T00:00:00.000Z",
+        "Timestamp": timestamp,
         "SignatureVersion": "1",
         "Signature": "EXAMPLE",
         "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService.pem",
