@@ -411,7 +411,7 @@ def _readiness_checks(rt: Runtime, sqs: Any, queue_url: str) -> dict[str, Any]:
     return {"database": database, "queue": queue}
 
 
-async def _scheduler(settings: Settings, rt: Runtime, sqs: Any, queue_url: str,
+async def open_scheduler(settings: Settings, rt: Runtime, sqs: Any, queue_url: str,
                      stack: contextlib.AsyncExitStack) -> Scheduler:
     start_limiter = await open_start_limiter(settings, stack, rt.client.meta.region_name)
 
@@ -442,7 +442,7 @@ async def run_service(settings: Settings, *, exit_when_idle: bool = False,
             rt = await stack.enter_async_context(open_runtime(settings))
             sqs = await stack.enter_async_context(session.create_client("sqs", region_name=settings.aws_region))
             queue = await describe_queue(sqs, settings.queue_url)
-            scheduler = await _scheduler(settings, rt, sqs, queue.url, stack)
+            scheduler = await open_scheduler(settings, rt, sqs, queue.url, stack)
             health = HealthServer(port=settings.health_port, live_within_s=settings.poll_wait_s + 60.0,
                                   ready_checks=_readiness_checks(rt, sqs, settings.queue_url), watchdog=rt.watchdog)
             await health.start()

@@ -1,13 +1,16 @@
 """`python -m worker demo`: the whole pipeline on the embedded local stack.
 
 Embedded PostgreSQL (unless DATABASE_URL is set), the Rekognition emulator on loopback, and moto's
-SQS: half the sample jobs go through `backfill`, the other half arrive as SNS-enveloped completion
-notifications (plus a duplicate and a poison message) that the SQS worker drains.
+SQS and S3: half the sample jobs go through `backfill`, the other half arrive as SNS-enveloped completion
+notifications (plus a duplicate and a poison message) that the SQS worker drains. Then a video library
+in S3 goes the whole way: `submit` records it, and the worker starts its jobs under an account limit of
+4 concurrent jobs, collects their notifications (one of which Rekognition loses) and ingests them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -26,18 +29,30 @@ from worker.local.emulator import EmulatorConfig, EmulatorThread
 from worker.local.pg import start_embedded_postgres, stop_embedded_postgres
 from worker.local.sqs import create_queue_with_dlq, notification, sns_envelope, start_moto_server
 from worker.logs import configure_logging
-from worker.messages import JobRef
+from worker.messages import Api, JobRef
 from worker.queue import describe_queue
 from worker.runtime import open_runtime
-from worker.service import SqsWorker
+from worker.service import SqsWorker, open_scheduler
+from worker.submissions import StartOptions
+from worker.submit import run_submit
 
 PGDATA = Path(".local") / "pgdata"
+
+
+# The demo library: videos Rekognition analyses, and files `submit` passes over.
+LIBRARY_BUCKET = "demo-video-library"
+LIBRARY_VIDEOS = ("lobby/monday.mp4", "lobby/tuesday.MP4", "keynote/part-1.mov", "keynote/part-2.mov",
+                  "interviews/anna.m4v", "interviews/ben.mp4")
+LIBRARY_OTHERS = ("lobby/README.txt", "keynote/slides.pdf", "interviews/anna.jpg")
+DEMO_TOPIC = "arn:aws:sns:us-east-1:123456789012:rekognition-demo"
+DEMO_ROLE = "arn:aws:iam::123456789012:role/rekognition-demo-publish"
 
 
 def _local_aws_env(rekognition_url: str, sqs_url: str) -> None:
     # The demo's own stack: point botocore's standard endpoint variables at it, with dummy keys.
     os.environ["AWS_ENDPOINT_URL_REKOGNITION"] = rekognition_url
     os.environ["AWS_ENDPOINT_URL_SQS"] = sqs_url
+    os.environ["AWS_ENDPOINT_URL_S3"] = sqs_url  # moto's server answers both
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -65,20 +80,57 @@ async def _queue_path(settings: Settings, fixtures: list[synth.JobFixture]) -> t
                 int(left["Attributes"]["ApproximateNumberOfMessages"]))
 
 
+async def _library_path(settings: Settings, emu: EmulatorThread, moto_url: str) -> dict[str, Any]:
+    """`submit` a library in moto's S3, then one worker starts, collects and ingests it."""
+    session = get_session()
+    async with session.create_client("s3", region_name=settings.aws_region) as s3, \
+            session.create_client("sqs", region_name=settings.aws_region) as sqs:
+        await s3.create_bucket(Bucket=LIBRARY_BUCKET)
+        for key in LIBRARY_VIDEOS + LIBRARY_OTHERS:
+            await s3.put_object(Bucket=LIBRARY_BUCKET, Key=key, Body=b"demo")
+        queue_url, _ = await create_queue_with_dlq(sqs, "rekognition-demo-library", visibility_timeout_s=30,
+                                                   max_receive_count=3)
+        # An account that allows 4 concurrent jobs and loses one completion notification.
+        emu.configure(max_concurrent_jobs=4, job_duration_s=1.0, drop_notifications=1, started_job_faces=300,
+                      notification_queue_url=queue_url, sqs_endpoint_url=moto_url)
+        run_settings = settings.with_(queue_url=queue_url, poll_wait_s=1, heartbeat_interval_s=10.0,
+                                      visibility_timeout_s=30, rekognition_sns_topic_arn=DEMO_TOPIC,
+                                      rekognition_role_arn=DEMO_ROLE, submit_sweep_after_s=4.0,
+                                      submit_poll_interval_s=0.5)
+        t0 = time.perf_counter()
+        submitted = await run_submit(run_settings, StartOptions.create(Api.FACE_DETECTION, face_attributes="ALL"),
+                                     [f"s3://{LIBRARY_BUCKET}/"], None, force=False)
+        async with contextlib.AsyncExitStack() as stack:
+            rt = await stack.enter_async_context(open_runtime(run_settings))
+            scheduler = await open_scheduler(run_settings, rt, sqs, queue_url, stack)
+            worker = SqsWorker(run_settings, rt, sqs, await describe_queue(sqs, queue_url), scheduler=scheduler)
+            await asyncio.wait_for(worker.run(exit_when_idle=True), timeout=300)
+        elapsed_s = time.perf_counter() - t0
+        again = await run_submit(run_settings, StartOptions.create(Api.FACE_DETECTION, face_attributes="ALL"),
+                                 [f"s3://{LIBRARY_BUCKET}/"], None, force=False)
+    stats = emu.stats()
+    return {"submitted": submitted, "again": again, "seconds": elapsed_s, "stats": stats}
+
+
 async def _backfill_path(settings: Settings, fixtures: list[synth.JobFixture]) -> list[JobOutcome]:
     async with open_runtime(settings) as rt:
         refs = [JobRef.create(f.job_id, f.api) for f in fixtures]
         return await rt.ingestor.ingest_many(refs, concurrency=settings.max_concurrent_jobs)
 
 
-async def _summary(settings: Settings) -> list[dict[str, Any]]:
+async def _summary(settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     conn = await connect(settings.asyncpg_dsn)
     try:
         rows = await conn.fetch(
             "SELECT job_id, api, job_status, ingest_state, pages, faces, persons, collection_matches, "
             "coalesce(failure_reason, '') AS reason FROM reporting.job_summary ORDER BY job_id"
         )
-        return [dict(r) for r in rows]
+        library = await conn.fetch(
+            "SELECT s.video_name, s.state, s.job_id, s.probes, j.faces, "
+            "extract(epoch FROM s.ingested_at - s.submitted_at) AS seconds "
+            "FROM reporting.submissions s LEFT JOIN reporting.job_summary j USING (job_id) "
+            "WHERE s.video_bucket = $1 ORDER BY s.video_name", LIBRARY_BUCKET)
+        return [dict(r) for r in rows], [dict(r) for r in library]
     finally:
         await conn.close()
 
@@ -105,9 +157,10 @@ def run_demo(settings: Settings, console: Console) -> int:
             backfill_s = time.perf_counter() - t0
             by_outcome, dlq_depth, left = asyncio.run(_queue_path(settings, queued))
             stats = emu.stats()
+            library = asyncio.run(_library_path(settings, emu, sqs_url))
     finally:
         moto_server.stop()
-    jobs = asyncio.run(_summary(settings))
+    jobs, videos = asyncio.run(_summary(settings))
     table = Table(title="demo: jobs in reporting.job_summary")
     for col in ("job", "api", "job status", "ingest", "pages", "faces", "persons", "matches", "reason"):
         table.add_column(col)
@@ -125,13 +178,33 @@ def run_demo(settings: Settings, console: Console) -> int:
         f"matches {sum(j['collection_matches'] for j in jobs)}; Rekognition calls {stats.get('requests')}, "
         f"throttled {stats.get('throttled')}; total {time.perf_counter() - started:.1f} s"
     )
+    _print_library(console, library, videos)
     console.print(f"explore: psql '{redact_url(settings.asyncpg_dsn)}'  (e.g. SELECT * FROM reporting.job_summary;)")
     if settings.database_url and PGDATA.exists():
         console.print("stop the embedded PostgreSQL with: .venv/bin/python -m worker demo --stop")
     ingested = {j["job_id"] for j in jobs if j["ingest_state"] == "ingested"}
     expected = {f.job_id for f in fixtures if f.job_status == "SUCCEEDED"}
-    failed_ok = all(j["ingest_state"] == "failed" for j in jobs if j["job_id"] not in expected)
-    return 0 if expected <= ingested and failed_ok and dlq_depth == 1 else 1
+    library_jobs = {v["job_id"] for v in videos}
+    failed_ok = all(j["ingest_state"] == "failed" for j in jobs if j["job_id"] not in expected | library_jobs)
+    library_ok = (len(videos) == len(LIBRARY_VIDEOS) and all(v["state"] == "ingested" for v in videos)
+                  and library["again"].new == 0)
+    return 0 if expected <= ingested and failed_ok and dlq_depth == 1 and library_ok else 1
+
+
+def _print_library(console: Console, library: dict[str, Any], videos: list[dict[str, Any]]) -> None:
+    table = Table(title=f"demo: the library s3://{LIBRARY_BUCKET}/ in reporting.submissions")
+    for col in ("video", "state", "job", "faces", "probes", "submit to rows (s)"):
+        table.add_column(col)
+    for v in videos:
+        table.add_row(v["video_name"], v["state"], v["job_id"] or "", str(v["faces"] or 0), str(v["probes"]),
+                      f"{float(v['seconds'] or 0):.1f}")
+    console.print(table)
+    sub, again, stats = library["submitted"], library["again"], library["stats"]
+    console.print(
+        f"library path: submit found {sub.new} videos and skipped {sub.skipped} other files; the account allowed 4 "
+        f"jobs at once (peak {stats.get('peak_running')}, LimitExceeded {stats.get('limit_exceeded')} times, "
+        f"waited out), Rekognition lost {stats.get('notifications_dropped')} notification(s) (found by a probe); "
+        f"all rows in {library['seconds']:.1f} s; submitting again: {again.new} new, {again.known} already known")
 
 
 def stop_demo(console: Console) -> int:
