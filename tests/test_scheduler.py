@@ -24,7 +24,7 @@ from worker.local.emulator import EmulatorConfig, EmulatorThread
 from worker.messages import Api, start_request_body
 from worker.queue import RetryPolicy, describe_queue
 from worker.runtime import open_runtime
-from worker.scheduler import Scheduler, StartBackoff, open_start_limiter
+from worker.scheduler import Scheduler, StartBackoff, early_probe_after_s, open_start_limiter
 from worker.service import SqsWorker
 from worker.submissions import StartOptions, Video
 
@@ -69,7 +69,7 @@ def ssettings(settings: Settings, queues: Queues) -> Settings:
 
 
 @asynccontextmanager
-async def replica(settings: Settings, sqs: Any) -> AsyncIterator[SqsWorker]:
+async def replica(settings: Settings, sqs: Any, **scheduler_options: Any) -> AsyncIterator[SqsWorker]:
     """One pod: a runtime, a scheduler and an SqsWorker that exits once the queue and submissions are done."""
     assert settings.queue_url is not None
     async with AsyncExitStack() as stack:
@@ -80,14 +80,16 @@ async def replica(settings: Settings, sqs: Any) -> AsyncIterator[SqsWorker]:
             await sqs.send_message(QueueUrl=settings.queue_url, MessageBody=body)
 
         scheduler = Scheduler(settings, SchedulerStore(settings.asyncpg_dsn), rt.client, rt.fetcher, limiter,
-                              enqueue, backoff=FAST_BACKOFF)
+                              enqueue, backoff=FAST_BACKOFF, **scheduler_options)
         yield SqsWorker(settings, rt, sqs, await describe_queue(sqs, settings.queue_url), retry_policy=FAST,
                         scheduler=scheduler)
 
 
-async def run_replicas(settings: Settings, sqs: Any, count: int, timeout_s: float = 60.0) -> list[SqsWorker]:
+async def run_replicas(settings: Settings, sqs: Any, count: int, timeout_s: float = 60.0,
+                       **scheduler_options: Any) -> list[SqsWorker]:
     async with AsyncExitStack() as stack:
-        workers = [await stack.enter_async_context(replica(settings, sqs)) for _ in range(count)]
+        workers = [await stack.enter_async_context(replica(settings, sqs, **scheduler_options))
+                   for _ in range(count)]
         async with asyncio.timeout(timeout_s):
             assert await asyncio.gather(*(w.run(exit_when_idle=True) for w in workers)) == [0] * count
         return workers
@@ -177,6 +179,29 @@ async def test_a_lost_notification_is_recovered_by_one_probe(
     finally:
         await conn.close()
     assert job["job_tag"] == "sweep" and job["video_name"] == "b.mp4" and job["faces"] == 30
+
+
+async def test_a_lost_notification_among_short_jobs_is_probed_before_the_sweep_wait(
+    ssettings: Settings, sqs: Any, queues: Queues, emu_for: Any, db_url: str,
+) -> None:
+    """SUBMIT_SWEEP_AFTER_S at 15 minutes, jobs that take a fraction of a second: the job whose notification
+    was lost has run far longer than the others, so it is probed long before the 15 minutes."""
+    emu = emu_for(queues, job_duration_s=0.3, drop_notifications_for=("e.mp4",))
+    settings = ssettings.with_(submit_sweep_after_s=900.0, queue_depth_interval_s=0.5)
+    await submit(settings, sqs, [f"{c}.mp4" for c in "abcdef"])
+    await run_replicas(settings, sqs, 1, timeout_s=45, early_probe_min_s=2.0)
+    assert emu.stats()["notifications_dropped"] == 1
+    rows = {r["video_name"]: r for r in await submissions(db_url)}
+    assert {r["state"] for r in rows.values()} == {"ingested"}
+    assert rows["e.mp4"]["probes"] == 1
+
+
+def test_an_early_probe_needs_enough_recent_jobs_and_a_floor() -> None:
+    assert early_probe_after_s(None, 0) is None
+    assert early_probe_after_s(10.0, 2) is None, "two jobs are not a pattern"
+    assert early_probe_after_s(10.0, 3) == 30.0
+    assert early_probe_after_s(120.0, 50) == 360.0
+    assert early_probe_after_s(0.1, 50) == 30.0, "never sooner than the floor"
 
 
 async def test_a_crash_between_start_and_recording_the_job_id_reuses_the_token(

@@ -12,6 +12,9 @@ Every replica runs one. Each pass:
 2. **Sweeps**: a started job with no notification after SUBMIT_SWEEP_AFTER_S gets one Get* call with
    MaxResults 1, through the Get* limiter. Finished: a notification is put on the queue for it, and the
    job is ingested as if Rekognition had sent it. Still running: probed again later, the wait doubling.
+   A job that has run three times longer than this deployment's recent jobs (90th percentile of the last
+   50 notified ones, at least 3 of them, and at least EARLY_PROBE_MIN_S) gets its first probe sooner: with
+   a long SUBMIT_SWEEP_AFTER_S, a lost notification among short videos then costs minutes, not the full wait.
 
 Between passes it sleeps SUBMIT_POLL_INTERVAL_S, or less when woken: by a start request from `submit`, or
 by a completion notification (a slot is free).
@@ -59,6 +62,11 @@ REFUSED_CODES = frozenset({
 })
 # An error this version does not know fails the submission only after this many starts answered it.
 MAX_UNKNOWN_ERROR_STARTS = 5
+# The early first probe (module docstring): how many notified jobs it needs, how many times their 90th
+# percentile run a job must exceed, and never sooner than this after the start.
+EARLY_PROBE_MIN_JOBS = 3
+EARLY_PROBE_FACTOR = 3.0
+EARLY_PROBE_MIN_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +129,7 @@ class Scheduler:
     def __init__(self, settings: Settings, store: SchedulerStore, client: Any, fetcher: Fetcher,
                  start_limiter: Limiter, enqueue: Callable[[str], Awaitable[Any]], *,
                  backoff: StartBackoff | None = None, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, early_probe_min_s: float = EARLY_PROBE_MIN_S) -> None:
         self.settings = settings
         self.store = store
         self._client = client
@@ -136,6 +144,8 @@ class Scheduler:
         self._limit_streak = 0
         self._channel_warned = False
         self._counted_at = float("-inf")
+        self._early_probe_after_s: float | None = None
+        self._early_probe_min_s = early_probe_min_s
         # Every series exists from the start (at 0), so alerts on their increase see the first event.
         for api in Api:
             for outcome in ("started", "limit_exceeded", "throttled", "credentials_error", "error", "failed"):
@@ -193,6 +203,8 @@ class Scheduler:
             for state, n in counts.items():
                 metrics.SUBMISSIONS.labels(state).set(n)
             metrics.REKOGNITION_JOBS_RUNNING.set(counts["starting"] + counts["started"])
+            p90_run_s, jobs = await self.store.recent_run_s()
+            self._early_probe_after_s = early_probe_after_s(p90_run_s, jobs, min_s=self._early_probe_min_s)
 
     # --- starting --------------------------------------------------------------------------------------
 
@@ -265,7 +277,8 @@ class Scheduler:
 
     async def _sweep_some(self) -> None:
         cap_s = max(self.settings.submit_sweep_after_s, 3600.0)
-        while (probe := await self.store.claim_probe(self.settings.submit_sweep_after_s, cap_s)) is not None:
+        while (probe := await self.store.claim_probe(self.settings.submit_sweep_after_s, cap_s,
+                                                     self._early_probe_after_s)) is not None:
             await self._probe(probe)
 
     async def _probe(self, probe: Probe) -> None:
@@ -296,6 +309,13 @@ class Scheduler:
         metrics.PROBES.labels("finished").inc()
         log.warning("completion notification never arrived: the job is ingested from a probe", job_status=status,
                     **bound)
+
+
+def early_probe_after_s(p90_run_s: float | None, jobs: int, *, min_s: float = EARLY_PROBE_MIN_S) -> float | None:
+    """When a started job is overdue judging by this deployment's recent jobs; None without enough of them."""
+    if p90_run_s is None or jobs < EARLY_PROBE_MIN_JOBS:
+        return None
+    return max(min_s, EARLY_PROBE_FACTOR * p90_run_s)
 
 
 def _status(exc: BaseException) -> int:

@@ -8,7 +8,9 @@ JobId keeps its slot until ``lease_s`` has passed; then any replica retries it w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -76,7 +78,8 @@ WHERE submission_id = $1 AND generation = $2 AND state = 'starting'
 _CLAIM_PROBE = """
 WITH pick AS (
     SELECT submission_id FROM submissions
-    WHERE state = 'started' AND next_probe_at <= now()
+    WHERE state = 'started'
+      AND (next_probe_at <= now() OR (probes = 0 AND started_at < now() - make_interval(secs => $3::float8)))
     ORDER BY next_probe_at
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -99,6 +102,16 @@ UPDATE submissions SET state = 'failed', failure_reason = $2, finished_at = coal
 WHERE submission_id = $1 AND state = 'started'
 """
 
+# How long this deployment's jobs ran lately, start to Rekognition's completion time (notified ones only:
+# a probed job's finish is when the probe found it).
+_RECENT_RUN_S = """
+SELECT percentile_cont(0.9) WITHIN GROUP (ORDER BY run_s), count(*)
+FROM (SELECT extract(epoch FROM finished_at - started_at)::float8 AS run_s
+      FROM submissions
+      WHERE finished_at IS NOT NULL AND started_at IS NOT NULL AND probes = 0 AND finished_at >= started_at
+      ORDER BY finished_at DESC
+      LIMIT 50) recent
+"""
 _OPEN = "SELECT count(*) FROM submissions WHERE state = ANY(ARRAY['submitted', 'starting', 'started'])"
 _BY_STATE = "SELECT state, count(*) AS n FROM submissions GROUP BY state"
 
@@ -228,29 +241,37 @@ class SubmissionStore:
 
 
 class SchedulerStore(SubmissionStore):
-    """The statements of `run`'s scheduler, on one connection it keeps (reopened after a failure)."""
+    """The statements of `run`'s scheduler, on one connection it keeps (reopened after a failure).
+
+    The scheduler's loop and the service's message handlers (``open_count``) share it: one statement or
+    transaction at a time, under a lock.
+    """
 
     def __init__(self, dsn: str) -> None:
         super().__init__(dsn)
         self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             self._conn = await connect(self._dsn)
         return self._conn
 
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await self._connection()
-        try:
-            return list(await conn.fetch(sql, *args))
-        except BaseException:
-            await self._drop_if_broken(conn)
-            raise
+    @contextlib.asynccontextmanager
+    async def _using(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                yield conn
+            except BaseException:
+                # Interrupted or failed mid-statement: the connection's state is unknown, so it goes (the
+                # next call opens another); a transaction on it rolls back with it.
+                await self.close()
+                raise
 
-    async def _drop_if_broken(self, conn: asyncpg.Connection) -> None:
-        # A lost connection is opened again on the next call; a failed statement leaves it usable.
-        if conn.is_closed() or conn.is_in_transaction():
-            await self.close()
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._using() as conn:
+            return list(await conn.fetch(sql, *args))
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -263,15 +284,10 @@ class SchedulerStore(SubmissionStore):
 
     async def claim(self, max_running: int, lease_s: float) -> Claim | None:
         """Take one submission to start, if a slot is free (or a stale claim waits); None when there is none."""
-        conn = await self._connection()
-        try:
-            async with conn.transaction():
-                await conn.execute(_SLOTS_LOCK)
-                running = int(await conn.fetchval(_RUNNING, list(RUNNING_STATES)))
-                row = await conn.fetchrow(_CLAIM, float(lease_s), running < max_running)
-        except BaseException:
-            await self._drop_if_broken(conn)
-            raise
+        async with self._using() as conn, conn.transaction():
+            await conn.execute(_SLOTS_LOCK)
+            running = int(await conn.fetchval(_RUNNING, list(RUNNING_STATES)))
+            row = await conn.fetchrow(_CLAIM, float(lease_s), running < max_running)
         if row is None:
             return None
         return Claim(int(row["submission_id"]), Video(row["video_bucket"], row["video_name"]),
@@ -279,14 +295,9 @@ class SchedulerStore(SubmissionStore):
                      int(row["start_attempts"]))
 
     async def started(self, claim: Claim, job_id: str, probe_after_s: float) -> None:
-        conn = await self._connection()
-        try:
-            async with conn.transaction():
-                await conn.execute(_RECORD_STARTED, claim.submission_id, claim.generation, job_id, float(probe_after_s))
-                await conn.execute(_CATCH_UP, claim.submission_id)
-        except BaseException:
-            await self._drop_if_broken(conn)
-            raise
+        async with self._using() as conn, conn.transaction():
+            await conn.execute(_RECORD_STARTED, claim.submission_id, claim.generation, job_id, float(probe_after_s))
+            await conn.execute(_CATCH_UP, claim.submission_id)
 
     async def retry_later(self, claim: Claim, delay_s: float) -> None:
         await self._fetch(_RETRY_LATER, claim.submission_id, claim.generation, float(delay_s))
@@ -294,13 +305,22 @@ class SchedulerStore(SubmissionStore):
     async def start_failed(self, claim: Claim, reason: str) -> None:
         await self._fetch(_START_FAILED, claim.submission_id, claim.generation, reason[:2000])
 
-    async def claim_probe(self, first_after_s: float, cap_s: float) -> Probe | None:
-        rows = await self._fetch(_CLAIM_PROBE, float(first_after_s), float(cap_s))
+    async def claim_probe(self, first_after_s: float, cap_s: float, early_after_s: float | None = None
+                          ) -> Probe | None:
+        """One started job to probe: its notification overdue (``first_after_s`` after its start, then
+        doubling up to ``cap_s``), or, for a first probe, running longer than ``early_after_s``."""
+        early = first_after_s if early_after_s is None else min(early_after_s, first_after_s)
+        rows = await self._fetch(_CLAIM_PROBE, float(first_after_s), float(cap_s), float(early))
         if not rows:
             return None
         row = rows[0]
         return Probe(int(row["submission_id"]), row["job_id"], _options(row["api"], row["options"]),
                      Video(row["video_bucket"], row["video_name"]), row["started_at"], int(row["probes"]))
+
+    async def recent_run_s(self) -> tuple[float | None, int]:
+        """The 90th percentile of how long the last 50 notified jobs ran, and how many there were."""
+        p90, n = (await self._fetch(_RECENT_RUN_S))[0]
+        return (None if p90 is None else float(p90)), int(n)
 
     async def probed_finished(self, probe: Probe) -> None:
         await self._fetch(_PROBED_FINISHED, probe.submission_id)
