@@ -23,6 +23,7 @@ by a completion notification (a slot is free).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -183,16 +184,16 @@ class Scheduler:
             await self.store.close()
 
     async def _sleep_until_woken(self, stopping: asyncio.Event) -> None:
+        """Until the poll interval ends, the LimitExceeded pause ends, or :meth:`wake` (the worker's stop
+        wakes it too). No helper tasks: an idle replica's task count stays flat."""
         wait_s = self.settings.submit_poll_interval_s
         if self._paused_until > self._clock():
             wait_s = min(wait_s, self._paused_until - self._clock())
-        waiters = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self._wake.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=max(wait_s, 0.0), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+        if stopping.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(wait_s, 0.0)):
+                await self._wake.wait()
 
     async def run_pass(self) -> None:
         await self._start_some()

@@ -115,6 +115,8 @@ class SqsWorker:
             log.info("shutdown requested: no new messages will be taken", in_flight=len(self._in_flight))
             self._stop_requested_at = self._clock()
             self.stopping.set()
+            if self.scheduler is not None:
+                self.scheduler.wake()
 
     async def run(self, *, exit_when_idle: bool = False) -> int:
         started = self._clock()
