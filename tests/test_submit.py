@@ -173,3 +173,12 @@ async def _in_thread(argv: list[str]) -> int:
     import asyncio
 
     return await asyncio.to_thread(main, argv)
+
+
+async def test_a_listing_s3_refuses_records_nothing_and_exits_1(
+    library: str, cli_env: Any, db_url: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["submit", "--api", "FACE_DETECTION", f"s3://{library}/archive/", "s3://no-such-bucket-here/x/"]
+    assert await _in_thread(args) == 1
+    assert "listing s3://no-such-bucket-here/x/ failed" in capsys.readouterr().err
+    assert await _rows(db_url) == []
