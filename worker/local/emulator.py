@@ -269,6 +269,8 @@ class RekognitionEmulator:
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
         self._starts = StartBook(clock)
+        # The epoch of each started job's entry in _jobs: completion leaves a job replaced by add_job alone.
+        self._started_epochs: dict[str, int] = {}
         self._start_bucket: _TokenBucket | None = None
         # The notification task, in the loop that serves the app; started and stopped with it.
         self._notifier: asyncio.Task[None] | None = None
@@ -499,7 +501,7 @@ class RekognitionEmulator:
             self._config = replace(config, drop_notifications=config.drop_notifications - drops_used)
         for started in done:
             job = self._jobs.get(started.job_id)
-            if job is not None and job.fixture.job_status == "IN_PROGRESS":  # not replaced by add_job
+            if job is not None and job.epoch == self._started_epochs.get(started.job_id):
                 job.fixture = started.finished_fixture()
                 job.reset_views()
         if self._starts.outbox:
@@ -521,9 +523,9 @@ class RekognitionEmulator:
             self._starts.delivered(outgoing, error)
 
     def _start(self, operation: str, params: dict[str, Any]) -> bytes:
+        """Answer a Start* call; the caller has completed the jobs due by now."""
         now_s = self._clock()
         request = StartRequest.parse(operation, params)
-        self._complete_due(now_s)
         config = self._config
         started, created = self._starts.start(
             request, now_s, max_running=config.max_concurrent_jobs, duration_s=config.job_duration_s,
@@ -532,6 +534,7 @@ class RekognitionEmulator:
         if created:
             self._epochs += 1
             self._jobs[started.job_id] = _Job(fixture=started.pending_fixture(), epoch=self._epochs)
+            self._started_epochs[started.job_id] = self._epochs
             self._wake_notifier()  # its sleep may now end too late
         return orjson.dumps({"JobId": started.job_id})
 
@@ -785,7 +788,7 @@ class RekognitionEmulator:
             if not isinstance(data, dict) or set(data) != {"jobs", "duration_s"}:
                 raise ValueError('expected {"jobs": N, "duration_s": D}')
             jobs, duration_s = data["jobs"], data["duration_s"]
-            if not isinstance(jobs, int) or not isinstance(duration_s, int | float):
+            if type(jobs) is not int or isinstance(duration_s, bool) or not isinstance(duration_s, int | float):
                 raise ValueError("jobs must be an integer and duration_s a number")
             self.occupy(jobs, float(duration_s))
         except (TypeError, ValueError) as exc:
