@@ -118,3 +118,46 @@ async def test_a_library_goes_from_s3_objects_to_rows_with_each_video_started_on
     finally:
         again.kill()
     assert library_emu.stats()["jobs_created"] == len(VIDEOS)
+
+
+async def test_a_worker_killed_between_start_and_recording_leaves_one_job_that_the_next_collects(
+    db_url: str, queues: Queues, moto_url: str, library_emu: Any,
+) -> None:
+    """SIGKILL while Rekognition has created the job but its answer is still on the way: the JobId was never
+    recorded. The next worker, once the claim's lease is over, starts the video again with the same
+    ClientRequestToken, gets the same JobId, and ingests the job (whose notification came in between)."""
+    library_emu.configure(drop_notifications=0, start_answer_delay_s=3.0)
+    bucket = f"media-{uuid.uuid4().hex[:10]}"
+    async with get_session().create_client("s3", region_name="us-east-1", endpoint_url=moto_url) as s3:
+        await s3.create_bucket(Bucket=bucket)
+        await s3.put_object(Bucket=bucket, Key="crash/one.mp4", Body=b"\x00")
+    env = {**_env(db_url, queues, moto_url, library_emu), "SUBMIT_START_LEASE_S": "2"}
+    assert "1 new" in _submit(env, f"s3://{bucket}/crash/")
+
+    first = WorkerProcess([], env)
+    try:
+        deadline = time.monotonic() + 30
+        while library_emu.stats()["jobs_created"] < 1:
+            assert time.monotonic() < deadline and first.proc.poll() is None, first.lines[-10:]
+            time.sleep(0.05)
+    finally:
+        first.kill()  # SIGKILL, the Start* answer still delayed
+    conn = await asyncpg.connect(db_url)
+    try:
+        row = await conn.fetchrow("SELECT state, job_id FROM submissions")
+        assert (row["state"], row["job_id"]) == ("starting", None)
+        library_emu.configure(start_answer_delay_s=0.0)
+        second = WorkerProcess(["--exit-when-idle"], env)
+        try:
+            assert second.wait(90) == 0, second.lines[-10:]
+        finally:
+            second.kill()
+        [created] = [r for r in library_emu.stats()["started_jobs"] if r["video_bucket"] == bucket]
+        row = await conn.fetchrow("SELECT s.state, s.job_id, s.start_attempts, j.faces FROM submissions s "
+                                  "JOIN jobs j USING (job_id)")
+    finally:
+        await conn.close()
+    stats = library_emu.stats()
+    assert stats["jobs_created"] == 1 and stats["idempotent_starts"] == 1
+    assert (row["state"], row["job_id"], row["start_attempts"], row["faces"]) == (
+        "ingested", created["job_id"], 2, FACES)

@@ -149,6 +149,9 @@ class EmulatorConfig:
     drop_notifications_for: tuple[str, ...] = ()
     # Starts naming these S3 object names answer InvalidS3ObjectException.
     invalid_videos: tuple[str, ...] = ()
+    # A Start* that created its job answers only this much later: a caller killed meanwhile has started a
+    # job whose JobId it never learned (the crash between Start and recording it).
+    start_answer_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.quota_tps is not None and not self.quota_tps > 0:
@@ -161,6 +164,8 @@ class EmulatorConfig:
             raise ValueError(f"fault_rate must be within 0..1 (got {self.fault_rate!r})")
         if not self.latency_s >= 0.0:
             raise ValueError(f"latency_s must be >= 0 (got {self.latency_s!r})")
+        if not self.start_answer_delay_s >= 0.0:
+            raise ValueError(f"start_answer_delay_s must be >= 0 (got {self.start_answer_delay_s!r})")
         self._check_start_fields()
 
     def _check_start_fields(self) -> None:
@@ -621,6 +626,8 @@ class RekognitionEmulator:
             else:
                 self._record(op_key, arrival_s, _outcome_of(rejected.code), rejected.code, False)
         request_id = str(uuid.uuid4())
+        if rejected is None and operation in START_OPERATIONS and config.start_answer_delay_s > 0:
+            await asyncio.sleep(config.start_answer_delay_s)
         if rejected is not None:
             return _error_response(rejected, request_id)
         return web.Response(body=body, content_type=CONTENT_TYPE, headers={"x-amzn-RequestId": request_id})
