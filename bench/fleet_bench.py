@@ -34,9 +34,12 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +67,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quota", type=float, default=5.0, help="the emulator's account quota, calls/s (default 5)")
     p.add_argument("--latency-s", type=float, default=0.4, help="the emulator's latency per call (default 0.4)")
     p.add_argument("--stagger-s", type=float, default=0.0, help="delay between process starts (default 0)")
+    p.add_argument("--load", type=int, default=0,
+                   help="busy-loop processes to run meanwhile, as on a machine shared with other work (default 0)")
     p.add_argument("--compare", metavar="REV", help="first run the worker/ package of this git revision")
     p.add_argument("--repeat", type=int, default=1, help="runs of each variant, alternating (default 1)")
-    p.add_argument("--bucket-capacity", type=float, default=1.0, help="the fleet bucket's capacity, tokens")
     p.add_argument("--json", type=Path, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -184,7 +188,7 @@ class BucketSampler:
         self._url = database_url
         self._interval_s = interval_s
         self._stop = threading.Event()
-        self.rows: list[tuple[float, float, float, float, int, int]] = []
+        self.rows: list[tuple[float, float, float, float, int, int, float]] = []
         self._thread = threading.Thread(target=lambda: asyncio.run(self._poll()), daemon=True)
 
     def __enter__(self) -> BucketSampler:
@@ -200,31 +204,40 @@ class BucketSampler:
         try:
             while not self._stop.is_set():
                 row = await conn.fetchrow(
-                    "SELECT rate_per_s, tokens, extract(epoch FROM refilled_at)::float8 AS refilled_s, grants, cuts "
+                    "SELECT rate_per_s, tokens, extract(epoch FROM refilled_at)::float8 AS refilled_s, grants, cuts, "
+                    "extract(epoch FROM updated_at)::float8 AS updated_s "
                     "FROM rekognition.rate_limit_buckets ORDER BY updated_at DESC LIMIT 1")
                 if row is not None:
                     self.rows.append((time.monotonic(), row["rate_per_s"], row["tokens"], row["refilled_s"],
-                                      row["grants"], row["cuts"]))
+                                      row["grants"], row["cuts"], row["updated_s"]))
                 await asyncio.sleep(self._interval_s)
         finally:
             await conn.close()
 
-    def figures(self, first_s: float, last_s: float, capacity: float) -> dict[str, Any]:
-        """Mean rate over [first_s, last_s], and tokens lost to the capacity between row versions seen."""
+    def figures(self, first_s: float, last_s: float) -> dict[str, Any]:
+        """Mean rate over [first_s, last_s], and tokens lost to the capacity between row versions seen.
+
+        The row's balance is a line: ``tokens`` at ``refilled_at``, growing at ``rate_per_s``. A take at
+        ``updated_at`` that left less than (balance before) - 1 threw the difference away.
+        """
         rows = [r for r in self.rows if first_s <= r[0] <= last_s]
         if len(rows) < 2:
             return {}
-        area = sum((b[0] - a[0]) * a[1] for a, b in zip(rows, rows[1:], strict=False))
+        area = sum((b[0] - a[0]) * a[1] for a, b in pairwise(rows))
         lost = 0.0
         missed = 0
         sizes = Counter[str]()
-        for a, b in zip(rows, rows[1:], strict=False):
+        for a, b in pairwise(rows):
             if b[4] == a[4]:
                 continue
             missed += b[4] - a[4] - 1  # versions between two samples: their refills are not seen
-            spill = max(0.0, a[2] + (b[3] - a[3]) * a[1] - capacity)
+            if b[4] - a[4] != 1 or b[5] != a[5]:
+                continue  # a take not seen, or a cut in between: no exact balance to compare
+            before = a[2] + (b[6] - a[3]) * a[1]
+            after = b[2] + (b[6] - b[3]) * b[1]
+            spill = max(0.0, before - 1.0 - after)
             lost += spill
-            if spill > 0:
+            if spill > 1e-3:
                 sizes["<=1" if spill <= 1 else "<=2" if spill <= 2 else "<=5" if spill <= 5 else ">5"] += 1
         return {"mean_rate_per_s": round(area / (rows[-1][0] - rows[0][0]), 3),
                 "bucket_overflow_tokens": round(lost, 1), "overflows_by_size": dict(sizes), "versions_unseen": missed,
@@ -272,8 +285,18 @@ def run_fleet(args: argparse.Namespace, code_root: Path, emulator: EmulatorThrea
             raise SystemExit(f"backfill exited {p.returncode}:\n{out[-2000:]}\n{err[-2000:]}")
     calls = emulator.stats()["calls"]
     out = figures(calls, [_parse_log(err, wall_to_mono_s) for _, err in logs], args.quota)
-    out["bucket"] = sampler.figures(calls[0][0], calls[-1][0], capacity=args.bucket_capacity)
+    out["bucket"] = sampler.figures(calls[0][0], calls[-1][0])
     return out
+
+
+@contextmanager
+def _terminated(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def _line(name: str, f: dict[str, Any]) -> str:
@@ -296,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare:
                 variants.insert(0, (args.compare, _extract(args.compare, work / "before")))
             results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
-            with EmulatorThread(EmulatorConfig(quota_tps=args.quota, latency_s=args.latency_s)) as emulator:
+            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+            with EmulatorThread(EmulatorConfig(quota_tps=args.quota, latency_s=args.latency_s)) as emulator, \
+                    _terminated(hogs):
                 for _ in range(args.repeat):
                     for name, code_root in variants:
                         f = run_fleet(args, code_root, emulator, database_url, work)
@@ -308,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 server.cleanup_mode = "delete"
                 server.cleanup()
     out = {"processes": args.processes, "jobs_per_process": args.jobs, "pages": args.pages,
-           "ceiling": args.ceiling, "quota": args.quota, "latency_s": args.latency_s, "results": results}
+           "ceiling": args.ceiling, "quota": args.quota, "latency_s": args.latency_s, "load": args.load,
+           "results": results}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

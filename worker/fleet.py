@@ -43,19 +43,25 @@ SET ceiling_per_s = EXCLUDED.ceiling_per_s,
 RETURNING b.rate_per_s
 """
 
-# One slot: refill by elapsed time at the old rate, maybe raise the rate (AIMD, as
+# One slot: refill by elapsed time at the old rate up to the burst capacity, maybe raise the rate (AIMD, as
 # ratelimit.AimdController.on_success: a step is due, and some call waited for a slot during it), take a
 # token, and note whether this call has to wait. The row subquery is re-evaluated if the row was updated
 # while this statement waited for its lock, so "now" is always read after the lock.
+# The row holds the balance as a line: ``tokens`` at ``refilled_at``, growing at ``rate_per_s`` since. A
+# balance above one token is stored as one token at an earlier time (the column is capped at 1 by
+# migration 0003's CHECK); the next refill gives the credit back. ``updated_at`` is the take's own time.
 # $1 name, $2 now (NULL: clock_timestamp(); tests pass times), $3 quiet_s, $4 step_interval_s,
-# $5 increase_fraction_per_s, $6 probe_fraction_per_s, $7 probe_band, $8 forget_after_s.
+# $5 increase_fraction_per_s, $6 probe_fraction_per_s, $7 probe_band, $8 forget_after_s, $9 burst_s.
 TAKE_SQL = """
 UPDATE rate_limit_buckets AS b
 SET (rate_per_s, increased_at, tokens, refilled_at, waited_at, grants, updated_at) = (
-    SELECT s.rate_per_s, s.increased_at, s.tokens, greatest(b.refilled_at, s.now),
+    SELECT s.rate_per_s, s.increased_at, least(1.0, s.tokens),
+           greatest(b.refilled_at, s.now - greatest(0.0, s.tokens - 1.0) / s.rate_per_s * interval '1 second'),
            CASE WHEN s.tokens < 0 THEN s.now ELSE b.waited_at END, b.grants + 1, s.now
     FROM (
-        SELECT d.now, least(1.0, b.tokens + d.elapsed_s * b.rate_per_s) - 1.0 AS tokens,
+        SELECT d.now,
+               least(greatest(1.0, $9::float8 * b.rate_per_s), b.tokens + d.elapsed_s * b.rate_per_s) - 1.0
+                   AS tokens,
                CASE WHEN NOT (d.step_due AND b.waited_at >= d.step_from) THEN b.rate_per_s
                     WHEN b.cut_rate_per_s IS NULL OR d.quiet_for_s >= $8::float8
                         THEN least(b.ceiling_per_s, b.rate_per_s + $5::float8 * b.ceiling_per_s * d.since_s)
@@ -80,7 +86,7 @@ SET (rate_per_s, increased_at, tokens, refilled_at, waited_at, grants, updated_a
     ) AS s
 )
 WHERE b.name = $1
-RETURNING b.rate_per_s, b.tokens, b.refilled_at
+RETURNING b.rate_per_s, b.tokens, b.refilled_at, b.updated_at
 """
 
 # A throttle: cut the shared rate, unless the throttled call was reserved before the last cut (it was
@@ -97,6 +103,10 @@ WHERE b.name = $1 AND b.cut_at <= $5::timestamptz
 RETURNING b.rate_per_s
 """
 
+# Slots nobody asked for in time are kept as credit up to this many seconds of the rate (at least one
+# token), so a moment when every process is busy elsewhere costs no quota; see docs/rate-limiting.md.
+DEFAULT_BURST_S = 0.5
+
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
@@ -109,13 +119,17 @@ class FleetRateLimiter:
 
     def __init__(self, dsn: str, *, ceiling_per_s: float, name: str = "rekognition",
                  params: AimdParams | None = None, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
-                 on_change: OnRateChange | None = None, statement_timeout_s: float = 10.0) -> None:
+                 on_change: OnRateChange | None = None, statement_timeout_s: float = 10.0,
+                 burst_s: float = DEFAULT_BURST_S) -> None:
         if not ceiling_per_s > 0:
             raise ValueError(f"ceiling_per_s must be > 0 (got {ceiling_per_s})")
+        if not burst_s >= 0:
+            raise ValueError(f"burst_s must be >= 0 (got {burst_s})")
         self.dsn = dsn
         self.name = name
         self.ceiling_per_s = ceiling_per_s
         self.params = params or AimdParams()
+        self.burst_s = burst_s
         self._clock = clock
         self._sleep = sleep
         self._on_change = on_change
@@ -156,13 +170,13 @@ class FleetRateLimiter:
             wait_s = max(0.0, -float(row["tokens"])) / rate_per_s
             if wait_s > 0:
                 await self._sleep(wait_s)
-        return Permit(sent_s=self._clock(), fleet_slot=row["refilled_at"])
+        return Permit(sent_s=self._clock(), fleet_slot=row["updated_at"])
 
     async def _take(self) -> Any:
         p = self.params
         return await self._fetchrow(TAKE_SQL, self.name, None, p.quiet_s, p.step_interval_s,
                                     p.increase_fraction_per_s, p.probe_fraction_per_s, p.probe_band,
-                                    p.forget_after_s)
+                                    p.forget_after_s, self.burst_s)
 
     async def __aexit__(self, *exc: object) -> None:
         return None

@@ -1,0 +1,104 @@
+"""The fleet bucket's burst credit: slots nobody asked for in time are kept, up to ``burst_s`` of the rate.
+
+Each take runs the production statement against a real PostgreSQL with a fixed ``now`` (no sleeping).
+Quota use of three real processes is measured by bench/fleet_bench.py, not asserted here.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from worker.fleet import CUT_SQL, DEFAULT_BURST_S, TAKE_SQL, FleetRateLimiter
+from worker.ratelimit import AimdParams
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+P = AimdParams()
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+async def new_bucket(db: asyncpg.Connection, name: str, rate_per_s: float) -> None:
+    await db.execute("INSERT INTO rate_limit_buckets (name, ceiling_per_s, rate_per_s, refilled_at, updated_at) "
+                     "VALUES ($1, $2, $2, $3, $3)", name, rate_per_s, T0)
+
+
+async def take(db: asyncpg.Connection, name: str, now_s: float, burst_s: float) -> asyncpg.Record:
+    return await db.fetchrow(TAKE_SQL, name, at(now_s), P.quiet_s, P.step_interval_s, P.increase_fraction_per_s,
+                             P.probe_fraction_per_s, P.probe_band, P.forget_after_s, burst_s)
+
+
+async def slots(db: asyncpg.Connection, name: str, asks_s: list[float], burst_s: float) -> list[float]:
+    """When each ask gets its slot: the time it asked plus the wait the statement hands back."""
+    out = []
+    for now_s in asks_s:
+        row = await take(db, name, now_s, burst_s)
+        out.append(round(now_s + max(0.0, -row["tokens"]) / row["rate_per_s"], 6))
+    return out
+
+
+async def test_unused_slots_are_kept_as_credit_up_to_the_burst(db: asyncpg.Connection) -> None:
+    await new_bucket(db, "credit", 5.0)
+    # Idle for 10 s, then five asks at once: 0.5 s of credit at 5/s is 2.5 tokens, so three go at once
+    # (one of them on the half token plus the first slot's refill) and the rest are paced from there.
+    assert await slots(db, "credit", [0.0, 10.0, 10.0, 10.0, 10.0, 10.0], burst_s=0.5) == \
+        [0.0, 10.0, 10.0, 10.1, 10.3, 10.5]
+    # Without credit (the old bucket of one token) only one goes at once.
+    await new_bucket(db, "no-credit", 5.0)
+    assert await slots(db, "no-credit", [0.0, 10.0, 10.0, 10.0, 10.0, 10.0], burst_s=0.0) == \
+        [0.0, 10.0, 10.2, 10.4, 10.6, 10.8]
+
+
+async def test_a_late_ask_takes_the_slot_it_missed(db: asyncpg.Connection) -> None:
+    # Three processes each ask late for their next slot (every process busy elsewhere for a moment): with a
+    # bucket of one token those slots are gone for good; with credit the fleet catches up at once.
+    asks = [0.0, 0.2, 0.4, 1.0, 1.0, 1.0, 1.0]
+    await new_bucket(db, "late", 5.0)
+    caught_up = await slots(db, "late", asks, burst_s=0.5)
+    await new_bucket(db, "late-old", 5.0)
+    lost = await slots(db, "late-old", asks, burst_s=0.0)
+    # 0.6 s since the last slot is three tokens: a bucket of one keeps one, and two slots are gone for good.
+    assert lost == [0.0, 0.2, 0.4, 1.0, 1.2, 1.4, 1.6]
+    # 0.5 s of credit keeps 2.5 of them: two asks go at once and the fleet is back on its old schedule.
+    assert caught_up == [0.0, 0.2, 0.4, 1.0, 1.0, 1.1, 1.3]
+
+
+async def test_credit_never_exceeds_the_burst_and_survives_storage(db: asyncpg.Connection) -> None:
+    await new_bucket(db, "cap", 4.0)
+    row = await take(db, "cap", 100.0, burst_s=1.0)  # 4 tokens of credit after a long idle, one taken
+    # The column holds at most one token (migration 0003's CHECK): the rest is the line's earlier start.
+    assert row["tokens"] == 1.0
+    assert row["updated_at"] == at(100.0)
+    assert (row["updated_at"] - row["refilled_at"]).total_seconds() == pytest.approx(2.0 / 4.0)
+    assert await slots(db, "cap", [100.0, 100.0, 100.0, 100.0], burst_s=1.0) == [100.0, 100.0, 100.0, 100.25]
+
+
+async def test_a_throttle_after_a_cut_is_judged_by_the_take_time_not_the_credit(db: asyncpg.Connection) -> None:
+    await new_bucket(db, "judge", 5.0)
+    await take(db, "judge", 0.0, burst_s=1.0)
+    assert await db.fetchrow(CUT_SQL, "judge", at(9.95), P.decrease_factor, P.floor_per_s, at(0.0)) is not None
+    # Asked at 10.0, after the cut, on credit whose line starts before the cut: its throttle is new evidence.
+    row = await take(db, "judge", 10.0, burst_s=1.0)
+    assert row["refilled_at"] < at(9.95) < row["updated_at"] == at(10.0)
+    cut = await db.fetchrow(CUT_SQL, "judge", at(10.4), P.decrease_factor, P.floor_per_s, row["updated_at"])
+    assert cut is not None and cut["rate_per_s"] == pytest.approx(1.25)
+
+
+async def test_a_cut_shrinks_the_credit_with_the_rate(db: asyncpg.Connection) -> None:
+    await new_bucket(db, "shrink", 5.0)
+    await take(db, "shrink", 10.0, burst_s=0.5)  # 1.5 tokens left: one stored, half a token as 0.1 s
+    # (Uncut, the next three would go at 10.0, 10.0 and 10.1.)
+    await db.fetchrow(CUT_SQL, "shrink", at(10.0), P.decrease_factor, P.floor_per_s, at(10.0))
+    # At 2.5/s those 0.1 s are a quarter token, and the burst is 1.25 tokens: one goes at once, then paced.
+    assert await slots(db, "shrink", [10.0, 10.0, 10.0], burst_s=0.5) == [10.0, 10.3, 10.7]
+
+
+def test_limiter_rejects_a_negative_burst() -> None:
+    with pytest.raises(ValueError, match="burst_s"):
+        FleetRateLimiter("postgresql://unused", ceiling_per_s=5.0, burst_s=-1.0)
+    assert FleetRateLimiter("postgresql://unused", ceiling_per_s=5.0, name="rekognition-start").burst_s == \
+        DEFAULT_BURST_S
