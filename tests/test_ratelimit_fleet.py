@@ -1,4 +1,5 @@
-"""The fleet bucket's burst credit: slots nobody asked for in time are kept, up to ``burst_s`` of the rate.
+"""The fleet bucket's burst credit (slots nobody asked for in time are kept, up to ``burst_s`` of the rate)
+and its answer to a lone throttle (a gentle cut, climbed straight back).
 
 Each take runs the production statement against a real PostgreSQL with a fixed ``now`` (no sleeping).
 Quota use of three real processes is measured by bench/fleet_bench.py, not asserted here.
@@ -11,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from worker.fleet import CUT_SQL, DEFAULT_BURST_S, TAKE_SQL, FleetRateLimiter
+from worker.fleet import CUT_SQL, DEFAULT_BURST_S, FLEET_AIMD_PARAMS, TAKE_SQL, FleetRateLimiter
 from worker.ratelimit import AimdParams
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -30,6 +31,12 @@ async def new_bucket(db: asyncpg.Connection, name: str, rate_per_s: float) -> No
 async def take(db: asyncpg.Connection, name: str, now_s: float, burst_s: float) -> asyncpg.Record:
     return await db.fetchrow(TAKE_SQL, name, at(now_s), P.quiet_s, P.step_interval_s, P.increase_fraction_per_s,
                              P.probe_fraction_per_s, P.probe_band, P.forget_after_s, burst_s)
+
+
+async def cut(db: asyncpg.Connection, name: str, now_s: float, reserved_s: float,
+              p: AimdParams = P) -> asyncpg.Record | None:
+    return await db.fetchrow(CUT_SQL, name, at(now_s), p.decrease_factor, p.floor_per_s, at(reserved_s),
+                             p.isolated_decrease_factor, p.forget_after_s)
 
 
 async def slots(db: asyncpg.Connection, name: str, asks_s: list[float], burst_s: float) -> list[float]:
@@ -80,19 +87,20 @@ async def test_credit_never_exceeds_the_burst_and_survives_storage(db: asyncpg.C
 async def test_a_throttle_after_a_cut_is_judged_by_the_take_time_not_the_credit(db: asyncpg.Connection) -> None:
     await new_bucket(db, "judge", 5.0)
     await take(db, "judge", 0.0, burst_s=1.0)
-    assert await db.fetchrow(CUT_SQL, "judge", at(9.95), P.decrease_factor, P.floor_per_s, at(0.0)) is not None
+    assert await cut(db, "judge", 9.95, reserved_s=0.0) is not None
     # Asked at 10.0, after the cut, on credit whose line starts before the cut: its throttle is new evidence.
     row = await take(db, "judge", 10.0, burst_s=1.0)
     assert row["refilled_at"] < at(9.95) < row["updated_at"] == at(10.0)
-    cut = await db.fetchrow(CUT_SQL, "judge", at(10.4), P.decrease_factor, P.floor_per_s, row["updated_at"])
-    assert cut is not None and cut["rate_per_s"] == pytest.approx(1.25)
+    again = await db.fetchrow(CUT_SQL, "judge", at(10.4), P.decrease_factor, P.floor_per_s, row["updated_at"],
+                              P.isolated_decrease_factor, P.forget_after_s)
+    assert again is not None and again["rate_per_s"] == pytest.approx(1.25)
 
 
 async def test_a_cut_shrinks_the_credit_with_the_rate(db: asyncpg.Connection) -> None:
     await new_bucket(db, "shrink", 5.0)
     await take(db, "shrink", 10.0, burst_s=0.5)  # 1.5 tokens left: one stored, half a token as 0.1 s
     # (Uncut, the next three would go at 10.0, 10.0 and 10.1.)
-    await db.fetchrow(CUT_SQL, "shrink", at(10.0), P.decrease_factor, P.floor_per_s, at(10.0))
+    await cut(db, "shrink", 10.0, reserved_s=10.0)
     # At 2.5/s those 0.1 s are a quarter token, and the burst is 1.25 tokens: one goes at once, then paced.
     assert await slots(db, "shrink", [10.0, 10.0, 10.0], burst_s=0.5) == [10.0, 10.3, 10.7]
 
@@ -102,3 +110,28 @@ def test_limiter_rejects_a_negative_burst() -> None:
         FleetRateLimiter("postgresql://unused", ceiling_per_s=5.0, burst_s=-1.0)
     assert FleetRateLimiter("postgresql://unused", ceiling_per_s=5.0, name="rekognition-start").burst_s == \
         DEFAULT_BURST_S
+
+
+async def test_a_lone_throttle_is_a_blip_and_the_rate_climbs_straight_back(db: asyncpg.Connection) -> None:
+    p = FLEET_AIMD_PARAMS
+    await new_bucket(db, "blip", 5.0)
+
+    async def rate_after_busy_second(now_s: float) -> float:
+        # Three asks at once: the fleet is waiting for slots, so the rate may climb.
+        for _ in range(3):
+            row = await db.fetchrow(TAKE_SQL, "blip", at(now_s), p.quiet_s, p.step_interval_s,
+                                    p.increase_fraction_per_s, p.probe_fraction_per_s, p.probe_band,
+                                    p.forget_after_s, 0.0)
+        return float(row["rate_per_s"])
+
+    # The first throttle in a minute: -20 %, and no knee (the rate held at 5/s is what the quota allowed).
+    row = await cut(db, "blip", 100.0, reserved_s=100.0, p=p)
+    assert row is not None and row["rate_per_s"] == pytest.approx(4.0)
+    assert await db.fetchval("SELECT cut_rate_per_s FROM rate_limit_buckets WHERE name = 'blip'") is None
+    # After the quiet second, +10 % of the ceiling per second, all the way back.
+    assert [await rate_after_busy_second(100.0 + t) for t in (1.0, 2.0, 3.0, 4.0)] == \
+        pytest.approx([4.0, 4.5, 5.0, 5.0])
+    # A second throttle within the minute is no blip: halve, and remember the knee below 5/s.
+    row = await cut(db, "blip", 110.0, reserved_s=110.0, p=p)
+    assert row is not None and row["rate_per_s"] == pytest.approx(2.5)
+    assert await db.fetchval("SELECT cut_rate_per_s FROM rate_limit_buckets WHERE name = 'blip'") == 5.0

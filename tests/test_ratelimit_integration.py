@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import unique_job_id
 from tests.helpers import runtime
 from worker.config import Settings
-from worker.fleet import CUT_SQL, DEFAULT_BURST_S, TAKE_SQL, FleetRateLimiter
+from worker.fleet import CUT_SQL, DEFAULT_BURST_S, FLEET_AIMD_PARAMS, TAKE_SQL, FleetRateLimiter
 from worker.local import synth
 from worker.messages import JobRef
 from worker.ratelimit import AimdController, AimdParams
@@ -177,8 +177,9 @@ async def test_fleet_bucket_paces_by_reservation(db: asyncpg.Connection) -> None
     assert waits == [0.0, 0.2, 0.4, 0.5, 0.0, 0.0, 0.2]
 
 
-async def test_fleet_sql_follows_the_same_aimd_rules_as_the_process_limiter(db: asyncpg.Connection) -> None:
-    p = AimdParams()
+@pytest.mark.parametrize("p", [AimdParams(), FLEET_AIMD_PARAMS], ids=["process-rules", "fleet-rules"])
+async def test_fleet_sql_follows_the_same_aimd_rules_as_the_process_limiter(
+        p: AimdParams, db: asyncpg.Connection) -> None:
     await new_bucket(db, "aimd", 20.0)
     python = AimdController(ceiling_per_s=20.0, params=p)
     # (time, event, reservation time of the throttled call); "burst" is two takes at once, so one waits
@@ -193,7 +194,8 @@ async def test_fleet_sql_follows_the_same_aimd_rules_as_the_process_limiter(db: 
     for now_s, event, reserved_s in events:
         if event == "throttle":
             assert reserved_s is not None
-            row = await db.fetchrow(CUT_SQL, "aimd", at(now_s), p.decrease_factor, p.floor_per_s, at(reserved_s))
+            row = await db.fetchrow(CUT_SQL, "aimd", at(now_s), p.decrease_factor, p.floor_per_s, at(reserved_s),
+                                    p.isolated_decrease_factor, p.forget_after_s)
             assert (row is not None) == python.on_throttle(now_s, reserved_s), now_s
             rate = await db.fetchval("SELECT rate_per_s FROM rate_limit_buckets WHERE name = 'aimd'")
         else:
@@ -241,7 +243,7 @@ async def test_a_throttle_seen_by_one_process_slows_every_process(db_url: str) -
         await a.record_throttle(permit)
         await b.record_throttle(permit)  # the same event, reported twice: one cut
         await b.__aenter__()
-        assert a.rate_per_s == b.rate_per_s == 4.0
+        assert a.rate_per_s == b.rate_per_s == 6.4  # the fleet's first throttle is a blip: -20 %
     finally:
         await a.close()
         await b.close()

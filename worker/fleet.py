@@ -90,18 +90,31 @@ RETURNING b.rate_per_s, b.tokens, b.refilled_at, b.updated_at
 """
 
 # A throttle: cut the shared rate, unless the throttled call was reserved before the last cut (it was
-# paced at the old rate; its throttle is part of the event already acted on). No row: nothing cut.
-# $1 name, $2 now (NULL: clock_timestamp()), $3 decrease_factor, $4 floor_per_s, $5 the call's reservation time.
+# paced at the old rate; its throttle is part of the event already acted on). No row: nothing cut. As
+# ratelimit.AimdController.on_throttle: the first throttle after $7 seconds without one is a blip, cut by
+# $6 with no knee remembered ($6 NULL: every cut is by $3 and remembers the rate it cut).
+# $1 name, $2 now (NULL: clock_timestamp()), $3 decrease_factor, $4 floor_per_s, $5 the call's reservation time,
+# $6 isolated_decrease_factor, $7 forget_after_s.
 CUT_SQL = """
 UPDATE rate_limit_buckets AS b
 SET (cut_rate_per_s, rate_per_s, cut_at, cuts, updated_at) = (
-    SELECT b.rate_per_s, greatest(least($4::float8, b.ceiling_per_s), b.rate_per_s * $3::float8),
+    SELECT CASE WHEN c.isolated THEN NULL ELSE b.rate_per_s END,
+           greatest(least($4::float8, b.ceiling_per_s),
+                    b.rate_per_s * CASE WHEN c.isolated THEN $6::float8 ELSE $3::float8 END),
            c.now, b.cuts + 1, c.now
-    FROM (SELECT coalesce($2::timestamptz, clock_timestamp()) AS now) AS c
+    FROM (
+        SELECT n.now, $6::float8 IS NOT NULL AND extract(epoch FROM n.now - b.cut_at)::float8 >= $7::float8
+                   AS isolated
+        FROM (SELECT coalesce($2::timestamptz, clock_timestamp()) AS now) AS n
+    ) AS c
 )
 WHERE b.name = $1 AND b.cut_at <= $5::timestamptz
 RETURNING b.rate_per_s
 """
+
+# The fleet's rate sits at REKOGNITION_TPS, set below the quota: a lone throttle is a blip (calls of several
+# processes that bunched up on the way), cut by the probe band and climbed straight back (docs/rate-limiting.md).
+FLEET_AIMD_PARAMS = AimdParams(isolated_decrease_factor=0.8)
 
 # Slots nobody asked for in time are kept as credit up to this many seconds of the rate (at least one
 # token), so a moment when every process is busy elsewhere costs no quota; see docs/rate-limiting.md.
@@ -128,7 +141,7 @@ class FleetRateLimiter:
         self.dsn = dsn
         self.name = name
         self.ceiling_per_s = ceiling_per_s
-        self.params = params or AimdParams()
+        self.params = params or FLEET_AIMD_PARAMS
         self.burst_s = burst_s
         self._clock = clock
         self._sleep = sleep
@@ -186,7 +199,8 @@ class FleetRateLimiter:
         if not isinstance(reserved_at, datetime):
             return  # not one of ours: nothing to compare with the last cut
         p = self.params
-        row = await self._fetchrow(CUT_SQL, self.name, None, p.decrease_factor, p.floor_per_s, reserved_at)
+        row = await self._fetchrow(CUT_SQL, self.name, None, p.decrease_factor, p.floor_per_s, reserved_at,
+                                   p.isolated_decrease_factor, p.forget_after_s)
         if row is not None:
             self._observe(float(row["rate_per_s"]), "throttled")
 
