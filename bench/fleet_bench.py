@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -69,6 +70,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stagger-s", type=float, default=0.0, help="delay between process starts (default 0)")
     p.add_argument("--load", type=int, default=0,
                    help="busy-loop processes to run meanwhile, as on a machine shared with other work (default 0)")
+    p.add_argument("--pause-s", type=float, default=0.0,
+                   help="stop every worker process (SIGSTOP) this long, as a machine-wide stall (default 0: never)")
+    p.add_argument("--pause-every-s", type=float, default=4.0, help="one stall this often (default 4)")
     p.add_argument("--compare", metavar="REV", help="first run the worker/ package of this git revision")
     p.add_argument("--repeat", type=int, default=1, help="runs of each variant, alternating (default 1)")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -279,7 +283,8 @@ def run_fleet(args: argparse.Namespace, code_root: Path, emulator: EmulatorThrea
                                           stderr=subprocess.PIPE, text=True))
             if args.stagger_s > 0:
                 time.sleep(args.stagger_s)
-        logs = [p.communicate(timeout=600) for p in procs]
+        with _stalls(procs, args.pause_s, args.pause_every_s):
+            logs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, logs, strict=True):
         if p.returncode != 0:
             raise SystemExit(f"backfill exited {p.returncode}:\n{out[-2000:]}\n{err[-2000:]}")
@@ -287,6 +292,34 @@ def run_fleet(args: argparse.Namespace, code_root: Path, emulator: EmulatorThrea
     out = figures(calls, [_parse_log(err, wall_to_mono_s) for _, err in logs], args.quota)
     out["bucket"] = sampler.figures(calls[0][0], calls[-1][0])
     return out
+
+
+@contextmanager
+def _stalls(procs: list[subprocess.Popen[str]], pause_s: float, every_s: float) -> Iterator[None]:
+    """Every ``every_s``, stop all the processes for ``pause_s`` at once (a starved machine), then go on."""
+    done = threading.Event()
+
+    def stall() -> None:
+        while not done.wait(every_s - pause_s):
+            running = [p for p in procs if p.poll() is None]
+            for p in running:
+                p.send_signal(signal.SIGSTOP)
+            done.wait(pause_s)
+            for p in running:
+                p.send_signal(signal.SIGCONT)
+
+    thread = threading.Thread(target=stall, daemon=True)
+    if pause_s > 0:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if pause_s > 0:
+            thread.join()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
 
 
 @contextmanager
@@ -334,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.cleanup()
     out = {"processes": args.processes, "jobs_per_process": args.jobs, "pages": args.pages,
            "ceiling": args.ceiling, "quota": args.quota, "latency_s": args.latency_s, "load": args.load,
+           "pause_s": args.pause_s, "pause_every_s": args.pause_every_s,
            "results": results}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

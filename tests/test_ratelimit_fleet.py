@@ -2,19 +2,26 @@
 and its answer to a lone throttle (a gentle cut, climbed straight back).
 
 Each take runs the production statement against a real PostgreSQL with a fixed ``now`` (no sleeping).
-Quota use of three real processes is measured by bench/fleet_bench.py, not asserted here.
+Quota use of three real processes is measured by bench/fleet_bench.py, not asserted here (its smoke run
+below proves only that it runs).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
 
-from worker.fleet import CUT_SQL, DEFAULT_BURST_S, FLEET_AIMD_PARAMS, TAKE_SQL, FleetRateLimiter
+from worker.fleet import CUT_SQL, DEFAULT_BURST_S, FLEET_AIMD_PARAMS, LATE_SQL, TAKE_SQL, FleetRateLimiter
 from worker.ratelimit import AimdParams
 
+ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 P = AimdParams()
 
@@ -72,6 +79,23 @@ async def test_a_late_ask_takes_the_slot_it_missed(db: asyncpg.Connection) -> No
     assert lost == [0.0, 0.2, 0.4, 1.0, 1.2, 1.4, 1.6]
     # 0.5 s of credit keeps 2.5 of them: two asks go at once and the fleet is back on its old schedule.
     assert caught_up == [0.0, 0.2, 0.4, 1.0, 1.0, 1.1, 1.3]
+
+
+async def test_calls_sent_late_spend_the_credit_instead_of_adding_to_it(db: asyncpg.Connection) -> None:
+    await new_bucket(db, "late-calls", 5.0)
+    # Three processes hold reservations for 0.2, 0.4 and 0.6 s; the machine stalls until 2.0 s.
+    assert await slots(db, "late-calls", [0.0, 0.0, 0.0, 0.0], burst_s=0.5) == [0.0, 0.2, 0.4, 0.6]
+    # Each late call goes out at 2.0 s, bunched: it spends the credit above one token (2.5 by then)...
+    spent = [await db.fetchrow(LATE_SQL, "late-calls", at(2.0), 0.5) for _ in range(3)]
+    balances = [r["tokens"] + (at(2.0) - r["refilled_at"]).total_seconds() * 5.0 for r in spent]
+    assert balances == pytest.approx([1.5, 1.0, 1.0])  # ... never less than one token: no debt, no wait
+    # So one more goes with the three late ones, as a bucket of one token allows, not 2.5 more.
+    assert await slots(db, "late-calls", [2.0, 2.0], burst_s=0.5) == [2.0, 2.2]
+    # With reservations outstanding a late call changes nothing.
+    await slots(db, "late-calls", [2.0, 2.0], burst_s=0.5)
+    before = await db.fetchrow("SELECT tokens, refilled_at FROM rate_limit_buckets WHERE name = 'late-calls'")
+    after = await db.fetchrow(LATE_SQL, "late-calls", at(2.0), 0.5)
+    assert after["tokens"] == before["tokens"] < 0 and after["refilled_at"] == before["refilled_at"]
 
 
 async def test_credit_never_exceeds_the_burst_and_survives_storage(db: asyncpg.Connection) -> None:
@@ -135,3 +159,18 @@ async def test_a_lone_throttle_is_a_blip_and_the_rate_climbs_straight_back(db: a
     row = await cut(db, "blip", 110.0, reserved_s=110.0, p=p)
     assert row is not None and row["rate_per_s"] == pytest.approx(2.5)
     assert await db.fetchval("SELECT cut_rate_per_s FROM rate_limit_buckets WHERE name = 'blip'") == 5.0
+
+
+@pytest.mark.slow
+def test_fleet_bench_runs_end_to_end(tmp_path: Path, pg_server_url: str) -> None:
+    """The fleet benchmark runs on a tiny workload, so it cannot rot. No figure is asserted."""
+    out = tmp_path / "fleet.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["DATABASE_URL"] = pg_server_url
+    result = subprocess.run([sys.executable, "bench/fleet_bench.py", "--processes", "2", "--jobs", "1", "--pages",
+                             "3", "--latency-s", "0", "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "quota used" in result.stdout
+    [run] = json.loads(out.read_text())["results"]["this tree"]
+    assert run["calls"] >= 6 and run["jobs"] == {"ingested": 2} and "mean_rate_per_s" in run["bucket"]

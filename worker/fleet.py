@@ -120,6 +120,34 @@ FLEET_AIMD_PARAMS = AimdParams(isolated_decrease_factor=0.8)
 # token), so a moment when every process is busy elsewhere costs no quota; see docs/rate-limiting.md.
 DEFAULT_BURST_S = 0.5
 
+# A call sent late (its process was stopped or starved past its slot) goes out bunched with the calls
+# after it, as with a bucket of one token; burst credit on top would make the bunch bigger than the
+# account's bucket can take. So it spends the credit above one token: refill up to the burst, then take
+# up to one token, never leaving less than one (what a bucket of one token would hold). No new debt, no
+# wait; counts nothing and changes no AIMD state.
+# $1 name, $2 now (NULL: clock_timestamp()), $3 burst_s.
+LATE_SQL = """
+UPDATE rate_limit_buckets AS b
+SET (tokens, refilled_at) = (
+    SELECT least(1.0, s.tokens),
+           greatest(b.refilled_at, s.now - greatest(0.0, s.tokens - 1.0) / b.rate_per_s * interval '1 second')
+    FROM (
+        SELECT r.now, r.tokens - least(1.0, greatest(0.0, r.tokens - 1.0)) AS tokens
+        FROM (
+            SELECT c.now, least(greatest(1.0, $3::float8 * b.rate_per_s),
+                                b.tokens + greatest(0.0, extract(epoch FROM c.now - b.refilled_at)::float8)
+                                           * b.rate_per_s) AS tokens
+            FROM (SELECT coalesce($2::timestamptz, clock_timestamp()) AS now) AS c
+        ) AS r
+    ) AS s
+)
+WHERE b.name = $1
+RETURNING b.tokens, b.refilled_at
+"""
+
+# A call this far past its slot (or one slot period, if longer) was held up on its way: see LATE_SQL.
+LATE_AFTER_S = 0.05
+
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
@@ -181,8 +209,11 @@ class FleetRateLimiter:
             self._observe(rate_per_s, "fleet")
             # A negative balance is this call's place in the fleet's queue.
             wait_s = max(0.0, -float(row["tokens"])) / rate_per_s
+            due_s = self._clock() + wait_s
             if wait_s > 0:
                 await self._sleep(wait_s)
+            if self._clock() - due_s > max(LATE_AFTER_S, 1.0 / rate_per_s):
+                await self._fetchrow(LATE_SQL, self.name, None, self.burst_s)
         return Permit(sent_s=self._clock(), fleet_slot=row["updated_at"])
 
     async def _take(self) -> Any:
