@@ -48,6 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402  (after the path: run as a script from anywhere)
+import botocore.config  # noqa: E402
+import botocore.exceptions  # noqa: E402
+import botocore.session  # noqa: E402
 
 from worker.config import Settings  # noqa: E402
 from worker.db.migrate import upgrade_to_head  # noqa: E402
@@ -73,6 +76,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pause-s", type=float, default=0.0,
                    help="stop every worker process (SIGSTOP) this long, as a machine-wide stall (default 0: never)")
     p.add_argument("--pause-every-s", type=float, default=4.0, help="one stall this often (default 4)")
+    p.add_argument("--other-calls", type=int, default=0,
+                   help="another caller in the account sends this many Get* calls at once, mid-run (default 0)")
+    p.add_argument("--other-every-s", type=float, default=15.0, help="... this often (default 15)")
     p.add_argument("--compare", metavar="REV", help="first run the worker/ package of this git revision")
     p.add_argument("--repeat", type=int, default=1, help="runs of each variant, alternating (default 1)")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -150,11 +156,17 @@ def unspent_by_phase(calls: list[tuple[float, str]], quota: float,
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def figures(calls: list[tuple[float, str]], procs: list[Proc], quota: float) -> dict[str, Any]:
+def figures(calls: list[tuple[float, str]], procs: list[Proc], quota: float,
+            other: dict[str, int] | None = None) -> dict[str, Any]:
+    """``quota_used`` counts every admitted call, another caller's too (it is the account's quota);
+    ``calls`` and ``throttled`` are the fleet's own."""
+    other = other or {}
     first_s, last_s = calls[0][0], calls[-1][0]
     window_s = last_s - first_s
     by = Counter(outcome for _, outcome in calls)
     admitted = len(calls) - by["throttled"]
+    by["throttled"] -= other.get("throttled", 0)
+    fleet_calls = len(calls) - other.get("throttled", 0) - other.get("admitted", 0)
     joined = [p.joined_s for p in procs if p.joined_s is not None]
     finished = [p.last_job_s for p in procs if p.last_job_s is not None]
     # Every process's first call follows its join line within one take statement.
@@ -164,9 +176,9 @@ def figures(calls: list[tuple[float, str]], procs: list[Proc], quota: float) -> 
               ("tail", max(first_s, all_joined_s, first_done_s))]
     per_s = Counter(int(t - first_s) for t, outcome in calls if outcome != "throttled")
     return {
-        "calls": len(calls), "throttled": by["throttled"], "window_s": round(window_s, 2),
+        "calls": fleet_calls, "throttled": by["throttled"], "window_s": round(window_s, 2),
         "admitted_per_s": round(admitted / window_s, 3), "quota_used": round(admitted / window_s / quota, 3),
-        "throttled_share": round(by["throttled"] / len(calls), 3),
+        "throttled_share": round(by["throttled"] / fleet_calls, 3), "other_caller": other,
         "startup_s": round(phases[1][1] - first_s, 2), "tail_s": round(last_s - phases[2][1], 2),
         "unspent_calls": unspent_by_phase(calls, quota, phases),
         "admitted_each_second": [per_s.get(s, 0) for s in range(int(window_s) + 1)],
@@ -283,13 +295,16 @@ def run_fleet(args: argparse.Namespace, code_root: Path, emulator: EmulatorThrea
                                           stderr=subprocess.PIPE, text=True))
             if args.stagger_s > 0:
                 time.sleep(args.stagger_s)
-        with _stalls(procs, args.pause_s, args.pause_every_s):
+        with _stalls(procs, args.pause_s, args.pause_every_s), \
+                _other_caller(emulator.url, groups[0][0].job_id, args.other_calls, args.other_every_s, procs):
             logs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, logs, strict=True):
         if p.returncode != 0:
             raise SystemExit(f"backfill exited {p.returncode}:\n{out[-2000:]}\n{err[-2000:]}")
     calls = emulator.stats()["calls"]
-    out = figures(calls, [_parse_log(err, wall_to_mono_s) for _, err in logs], args.quota)
+    out = figures(calls, [_parse_log(err, wall_to_mono_s) for _, err in logs], args.quota,
+                  other=dict(OTHER_CALLS))
+    OTHER_CALLS.clear()
     out["bucket"] = sampler.figures(calls[0][0], calls[-1][0])
     return out
 
@@ -320,6 +335,46 @@ def _stalls(procs: list[subprocess.Popen[str]], pause_s: float, every_s: float) 
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)
+
+
+# The other caller's outcomes (Counter updates are atomic enough under the GIL for a tally).
+OTHER_CALLS: Counter[str] = Counter()
+
+
+@contextmanager
+def _other_caller(url: str, job_id: str, calls: int, every_s: float,
+                  procs: list[subprocess.Popen[str]]) -> Iterator[None]:
+    """Another application in the same account: every ``every_s``, ``calls`` Get* calls at once."""
+    done = threading.Event()
+    client = botocore.session.get_session().create_client(
+        "rekognition", region_name="us-east-1", endpoint_url=url, aws_access_key_id="other",
+        aws_secret_access_key="other", config=botocore.config.Config(retries={"total_max_attempts": 1}))
+
+    def call() -> None:
+        try:
+            client.get_face_detection(JobId=job_id, MaxResults=1)
+        except botocore.exceptions.ClientError:
+            OTHER_CALLS["throttled"] += 1
+        else:
+            OTHER_CALLS["admitted"] += 1
+
+    def burst() -> None:
+        while not done.wait(every_s) and any(p.poll() is None for p in procs):
+            threads = [threading.Thread(target=call) for _ in range(calls)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+    thread = threading.Thread(target=burst, daemon=True)
+    if calls > 0:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if calls > 0:
+            thread.join()
 
 
 @contextmanager
@@ -367,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                 server.cleanup()
     out = {"processes": args.processes, "jobs_per_process": args.jobs, "pages": args.pages,
            "ceiling": args.ceiling, "quota": args.quota, "latency_s": args.latency_s, "load": args.load,
-           "pause_s": args.pause_s, "pause_every_s": args.pause_every_s,
+           "pause_s": args.pause_s, "pause_every_s": args.pause_every_s, "other_calls": args.other_calls,
+           "other_every_s": args.other_every_s,
            "results": results}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

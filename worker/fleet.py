@@ -3,13 +3,17 @@
 The budget is one row of ``rate_limit_buckets`` (migration 0003). Each call takes its slot with one
 atomic ``UPDATE ... RETURNING`` that refills the bucket by elapsed *server* time (``clock_timestamp()``,
 so all processes share one clock) and takes a token; a negative balance is a reservation, and the
-statement returns how long to wait for it. That is a token bucket of capacity one, i.e. even pacing
-at ``rate_per_s`` across the fleet, with exactly one statement per call and no polling.
+statement returns how long to wait for it. That is even pacing at ``rate_per_s`` across the fleet,
+with exactly one statement per call and no polling. Slots nobody asked for in time are kept as credit
+up to ``burst_s`` of the rate (a bucket capped at one token threw them away whenever every process was
+busy elsewhere at once); a call whose process was held up past its slot spends that credit, so the
+calls that go out together after a stall are never more than a bucket of one token would send.
 
 The AIMD rules of :mod:`worker.ratelimit` run in the same row: a throttle seen by any process cuts
 the shared rate (once per round: only for calls reserved after the last cut), and the take statement
-raises it again after a quiet period. So the fleet behaves like one process with one limiter, and
-REKOGNITION_TPS is the ceiling of the whole fleet.
+raises it again after a quiet period. A lone throttle (none for a minute) is a blip: a 20 % cut with
+no knee, climbed straight back (``FLEET_AIMD_PARAMS``). So the fleet behaves like one process with one
+limiter, and REKOGNITION_TPS is the ceiling of the whole fleet. Why: docs/rate-limiting.md.
 
 Each process keeps at most one reservation outstanding (a local lock held while it waits), so a cut
 reaches the next call of every process, and the connection is its own: a job's long write
