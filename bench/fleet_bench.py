@@ -1,7 +1,10 @@
 """Quota use of a fleet: N `backfill` processes sharing one Get* budget (RATE_LIMIT_SCOPE=fleet).
 
     .venv/bin/python bench/fleet_bench.py                      # this tree's worker
-    .venv/bin/python bench/fleet_bench.py --compare HEAD~3     # that revision's worker/, then this tree's
+    .venv/bin/python bench/fleet_bench.py --compare 4259ac0    # the limiter before issue 17, then this tree's
+    ... --load 4                        # 4 busy loops meanwhile (a shared machine)
+    ... --pause-s 1 --pause-every-s 5   # every worker process stopped 1 s in 5 (a starved machine)
+    ... --other-calls 10 --other-every-s 20   # another caller in the account, 10 calls at once every 20 s
 
 Starts one Rekognition emulator enforcing the account quota (a token bucket holding ``quota`` tokens, as
 the service's; it answers ProvisionedThroughputExceededException above it) and one PostgreSQL (embedded
@@ -14,10 +17,13 @@ Figures, from the emulator's own record of every call:
 
 - ``quota_used``: admitted calls per second over the busy window (first call to last), divided by the quota.
   The emulator's bucket starts full, so a short run can show a little over 100 %.
-- ``throttled_share``: throttled calls / all calls.
+- ``throttled_share``: the fleet's throttled calls / the fleet's calls.
 - ``unspent_calls`` by phase: quota that overflowed the emulator's bucket (calls the quota would have
   admitted that nobody made) in ``startup`` (before every process's first call), ``all_running``, and
   ``tail`` (after the first process finished its last job). This is where the quota was left unused.
+
+and from a thread polling the shared bucket row every 10 ms (``bucket``): the fleet's mean rate, its
+cuts, and the tokens its refill threw away at the bucket's capacity. docs/rate-limiting.md has figures.
 """
 
 from __future__ import annotations
