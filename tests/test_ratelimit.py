@@ -99,6 +99,26 @@ def test_aimd_cuts_once_per_round_of_calls() -> None:
     assert c.rate_per_s == 5.0 and c.cut_rate_per_s == 10.0
 
 
+def test_aimd_treats_a_lone_throttle_as_a_blip_when_asked_to() -> None:
+    p = AimdParams(isolated_decrease_factor=0.8, forget_after_s=60.0)
+    c = AimdController(ceiling_per_s=5.0, params=p)
+    assert c.on_throttle(now_s=100.0, sent_s=99.9)
+    assert c.rate_per_s == 4.0 and c.cut_rate_per_s is None  # -20 %, and no knee to stop the climb at
+    for t in (101.5, 102.5, 103.5):
+        c.on_wait(t - 0.2)
+        c.on_success(t)
+    assert c.rate_per_s == 5.0  # back at the ceiling 2.5 s after the blip (halved, it would take 14 s)
+    assert c.on_throttle(now_s=110.0, sent_s=109.9)  # within the minute: a real cut
+    assert c.rate_per_s == 2.5 and c.cut_rate_per_s == 5.0
+    assert c.on_throttle(now_s=180.0, sent_s=179.9)  # a minute later, a blip again
+    assert c.rate_per_s == 2.0 and c.cut_rate_per_s is None
+    # Without the setting (process mode's default) every throttle halves and remembers the knee.
+    d = AimdController(ceiling_per_s=5.0)
+    assert d.on_throttle(now_s=100.0, sent_s=99.9) and (d.rate_per_s, d.cut_rate_per_s) == (2.5, 5.0)
+    with pytest.raises(ValueError, match="isolated_decrease_factor"):
+        AimdParams(isolated_decrease_factor=1.0)
+
+
 def test_aimd_without_send_times_uses_a_holdoff() -> None:
     c = AimdController(ceiling_per_s=8.0, params=AimdParams(holdoff_s=1.0))
     assert c.on_throttle(now_s=1.0)

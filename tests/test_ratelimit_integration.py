@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import unique_job_id
 from tests.helpers import runtime
 from worker.config import Settings
-from worker.fleet import CUT_SQL, TAKE_SQL, FleetRateLimiter
+from worker.fleet import CUT_SQL, DEFAULT_BURST_S, FLEET_AIMD_PARAMS, TAKE_SQL, FleetRateLimiter
 from worker.local import synth
 from worker.messages import JobRef
 from worker.ratelimit import AimdController, AimdParams
@@ -160,9 +160,10 @@ async def new_bucket(db: asyncpg.Connection, name: str, ceiling_per_s: float) ->
                      "VALUES ($1, $2, $2, $3, $3)", name, ceiling_per_s, T0)
 
 
-async def take(db: asyncpg.Connection, name: str, now_s: float, p: AimdParams) -> asyncpg.Record:
+async def take(db: asyncpg.Connection, name: str, now_s: float, p: AimdParams,
+               burst_s: float = DEFAULT_BURST_S) -> asyncpg.Record:
     return await db.fetchrow(TAKE_SQL, name, at(now_s), p.quiet_s, p.step_interval_s, p.increase_fraction_per_s,
-                             p.probe_fraction_per_s, p.probe_band, p.forget_after_s)
+                             p.probe_fraction_per_s, p.probe_band, p.forget_after_s, burst_s)
 
 
 async def test_fleet_bucket_paces_by_reservation(db: asyncpg.Connection) -> None:
@@ -170,17 +171,19 @@ async def test_fleet_bucket_paces_by_reservation(db: asyncpg.Connection) -> None
     await new_bucket(db, "pace", 5.0)
     waits = []
     for now_s in (0.0, 0.0, 0.0, 0.1, 2.0, 10.0, 10.0):
-        row = await take(db, "pace", now_s, p)
+        row = await take(db, "pace", now_s, p, burst_s=0.0)
         waits.append(round(max(0.0, -row["tokens"]) / row["rate_per_s"], 6))
-    # Slots 0, 0.2, 0.4, 0.6 (asked at 0.1), then idle: no burst credit, so 10.0 and 10.2.
+    # Slots 0, 0.2, 0.4, 0.6 (asked at 0.1), then idle: with no burst credit, 10.0 and 10.2.
     assert waits == [0.0, 0.2, 0.4, 0.5, 0.0, 0.0, 0.2]
 
 
-async def test_fleet_sql_follows_the_same_aimd_rules_as_the_process_limiter(db: asyncpg.Connection) -> None:
-    p = AimdParams()
+@pytest.mark.parametrize("p", [AimdParams(), FLEET_AIMD_PARAMS], ids=["process-rules", "fleet-rules"])
+async def test_fleet_sql_follows_the_same_aimd_rules_as_the_process_limiter(
+        p: AimdParams, db: asyncpg.Connection) -> None:
     await new_bucket(db, "aimd", 20.0)
     python = AimdController(ceiling_per_s=20.0, params=p)
-    # (time, event, reservation time of the throttled call); "burst" is two takes at once, so one waits.
+    # (time, event, reservation time of the throttled call); "burst" is two takes at once, so one waits
+    # (in a bucket without burst credit: the credit's own tests are in test_ratelimit_fleet.py).
     events = [(0.1, "take", None), (0.5, "throttle", 0.1), (0.6, "throttle", 0.1), (0.9, "burst", None),
               (1.3, "throttle", 0.9), (1.5, "take", None), (2.4, "burst", None), (2.8, "take", None),
               (3.9, "burst", None), (5.0, "take", None), (6.2, "burst", None), (7.0, "throttle", 3.9),
@@ -191,12 +194,13 @@ async def test_fleet_sql_follows_the_same_aimd_rules_as_the_process_limiter(db: 
     for now_s, event, reserved_s in events:
         if event == "throttle":
             assert reserved_s is not None
-            row = await db.fetchrow(CUT_SQL, "aimd", at(now_s), p.decrease_factor, p.floor_per_s, at(reserved_s))
+            row = await db.fetchrow(CUT_SQL, "aimd", at(now_s), p.decrease_factor, p.floor_per_s, at(reserved_s),
+                                    p.isolated_decrease_factor, p.forget_after_s)
             assert (row is not None) == python.on_throttle(now_s, reserved_s), now_s
             rate = await db.fetchval("SELECT rate_per_s FROM rate_limit_buckets WHERE name = 'aimd'")
         else:
             for _ in range(2 if event == "burst" else 1):
-                row = await take(db, "aimd", now_s, p)
+                row = await take(db, "aimd", now_s, p, burst_s=0.0)
                 python.on_success(now_s)
                 if row["tokens"] < 0:
                     python.on_wait(now_s)
@@ -213,10 +217,10 @@ async def test_fleet_take_reads_the_clock_after_waiting_for_the_row(db_url: str,
         async with other.transaction():
             first = await other.fetchrow(TAKE_SQL, "lock", None, p.quiet_s, p.step_interval_s,
                                          p.increase_fraction_per_s, p.probe_fraction_per_s, p.probe_band,
-                                         p.forget_after_s)
+                                         p.forget_after_s, DEFAULT_BURST_S)
             blocked = asyncio.create_task(db.fetchrow(TAKE_SQL, "lock", None, p.quiet_s, p.step_interval_s,
                                                       p.increase_fraction_per_s, p.probe_fraction_per_s,
-                                                      p.probe_band, p.forget_after_s))
+                                                      p.probe_band, p.forget_after_s, DEFAULT_BURST_S))
             await asyncio.sleep(0.8)
         second = await blocked
     finally:
@@ -239,7 +243,7 @@ async def test_a_throttle_seen_by_one_process_slows_every_process(db_url: str) -
         await a.record_throttle(permit)
         await b.record_throttle(permit)  # the same event, reported twice: one cut
         await b.__aenter__()
-        assert a.rate_per_s == b.rate_per_s == 4.0
+        assert a.rate_per_s == b.rate_per_s == 6.4  # the fleet's first throttle is a blip: -20 %
     finally:
         await a.close()
         await b.close()

@@ -59,10 +59,19 @@ class AimdParams:
     floor_per_s: float = 0.05
     # When the caller cannot say when a throttled call was sent, throttles this close to a cut are one event.
     holdoff_s: float = 1.0
+    # A throttle after ``forget_after_s`` without one is a blip (calls that bunched up on their way, another
+    # caller's burst), not evidence of a lower quota: cut by this factor only and keep no knee, so the rate
+    # climbs straight back; a second throttle within ``forget_after_s`` is a real cut. None: every throttle
+    # is a real cut. Fleet mode sets it (worker.fleet.FLEET_AIMD_PARAMS): its rate sits at a ceiling chosen
+    # below the quota, so a lone throttle says little about the rate.
+    isolated_decrease_factor: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decrease_factor < 1.0:
             raise ValueError(f"decrease_factor must be within (0, 1) (got {self.decrease_factor})")
+        if self.isolated_decrease_factor is not None and not 0.0 < self.isolated_decrease_factor < 1.0:
+            raise ValueError(f"isolated_decrease_factor must be within (0, 1) or None "
+                             f"(got {self.isolated_decrease_factor})")
         if not 0.0 <= self.probe_band < 1.0:
             raise ValueError(f"probe_band must be within [0, 1) (got {self.probe_band})")
         for name in ("quiet_s", "step_interval_s", "increase_fraction_per_s", "probe_fraction_per_s",
@@ -94,7 +103,9 @@ class AimdController:
 
     A throttle cuts the rate unless the throttled call was sent before the last cut (it was paced
     at the old rate, so it says nothing about the new one). The rate at the cut is remembered: after
-    ``quiet_s`` the rate climbs back fast to just below it and probes slowly beyond. It climbs only
+    ``quiet_s`` the rate climbs back fast to just below it and probes slowly beyond (with
+    ``isolated_decrease_factor`` set, a throttle after a throttle-free ``forget_after_s`` cuts gently
+    and remembers no rate, so the climb goes straight back). It climbs only
     while the rate is what holds calls back (a call waited for its slot, see :meth:`on_wait`): a
     rate that nobody used is no evidence that the quota allows it.
     """
@@ -125,9 +136,12 @@ class AimdController:
                 return False
         elif now_s - self._last_cut_s < self.params.holdoff_s:
             return False
-        self.cut_rate_per_s = self.rate_per_s
-        self.rate_per_s = max(min(self.params.floor_per_s, self.ceiling_per_s),
-                              self.rate_per_s * self.params.decrease_factor)
+        factor = self.params.decrease_factor
+        if self.params.isolated_decrease_factor is not None and now_s - self._last_cut_s >= self.params.forget_after_s:
+            factor, self.cut_rate_per_s = self.params.isolated_decrease_factor, None
+        else:
+            self.cut_rate_per_s = self.rate_per_s
+        self.rate_per_s = max(min(self.params.floor_per_s, self.ceiling_per_s), self.rate_per_s * factor)
         self._last_cut_s = now_s
         return True
 
