@@ -29,7 +29,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -49,7 +49,8 @@ class Workload:
 
     @property
     def job_ids(self) -> list[str]:
-        return [f"bench-{self.name}-{i:03d}" for i in range(self.jobs)]
+        # Real JobIds are 64 characters: the key's width is part of what a face costs.
+        return [f"bench-{self.name}-{i:03d}-".ljust(64, "x") for i in range(self.jobs)]
 
 
 FULL = (
@@ -74,6 +75,10 @@ class Result:
     peak_rss_mb: float
     cpu_s: float = 0.0  # user + system CPU of the pipeline's processes (not PostgreSQL's)
     postgres_cpu_s: float | None = None  # the local PostgreSQL server's CPU during the run
+    pages: int = 0
+    wal_bytes: int = 0  # WAL PostgreSQL wrote during the run (the cluster's insert position moved by this much)
+    # Bytes the run left in its database, by kind: heap, index, toast, archive (raw_pages: heap, TOAST, index).
+    stored: dict[str, int] = field(default_factory=dict)
 
     @property
     def faces_per_s(self) -> float:
@@ -169,7 +174,7 @@ def _run_worker(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any)
     if bad:
         raise SystemExit(f"worker failed: {bad[0].job_id}: {bad[0].outcome}: {bad[0].reason}")
     conn.send(Result(w.name, "worker", sum(o.faces for o in outcomes), sum(o.rows for o in outcomes), seconds,
-                     _peak_rss_mb(), _cpu_s() - cpu_before))
+                     _peak_rss_mb(), _cpu_s() - cpu_before, pages=sum(o.pages for o in outcomes)))
 
 
 # Plain tables, as the reference is defined: no keys, no indexes, but logged like any real table.
@@ -265,7 +270,7 @@ def _run_reference(workload: dict[str, Any], db_url: str, endpoint: str, unlogge
     started = time.perf_counter()
     faces, rows = asyncio.run(_reference(w, db_url, endpoint, unlogged))
     conn.send(Result(w.name, "reference", faces, rows, time.perf_counter() - started, _peak_rss_mb(),
-                     _cpu_s() - cpu_before))
+                     _cpu_s() - cpu_before, pages=w.jobs * w.pages))
 
 
 def _in_child(target: Any, *args: Any) -> Result:
@@ -319,12 +324,78 @@ def _admin(base_url: str, *statements: str) -> None:
     asyncio.run(run())
 
 
+# Bytes on disk per table of a database's own schemas: heap (main fork + free space map + visibility map),
+# TOAST (its table and its index) and the table's own indexes. The archive (raw_pages) is counted apart.
+_STORED_SQL = """
+SELECT c.relname = 'raw_pages' AS archive,
+       pg_table_size(c.oid) - coalesce(pg_total_relation_size(c.reltoastrelid), 0) AS heap,
+       coalesce(pg_total_relation_size(c.reltoastrelid), 0) AS toast,
+       pg_indexes_size(c.oid) AS index
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  AND c.relname <> 'alembic_version'
+"""
+
+
+def _stored(db_url: str) -> dict[str, int]:
+    """Bytes stored by kind (heap, index, toast, archive) in ``db_url``, after a checkpoint and a vacuum so
+    the free space map and visibility map exist as they would on a live database."""
+    import asyncpg
+
+    async def run() -> dict[str, int]:
+        conn = await asyncpg.connect(db_url)
+        try:
+            await conn.execute("VACUUM")
+            out = {"heap": 0, "index": 0, "toast": 0, "archive": 0}
+            for r in await conn.fetch(_STORED_SQL):
+                if r["archive"]:
+                    out["archive"] += r["heap"] + r["toast"] + r["index"]
+                else:
+                    out["heap"] += r["heap"]
+                    out["index"] += r["index"]
+                    out["toast"] += r["toast"]
+            return out
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _wal_lsn(base_url: str) -> int:
+    import asyncpg
+
+    async def run() -> int:
+        conn = await asyncpg.connect(base_url)
+        try:
+            return int(await conn.fetchval("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def _cpu_note(r: Result) -> str:
     """CPU ms per 1000 faces: the pipeline's own processes, and PostgreSQL's when it runs here."""
     note = f"CPU ms per 1000 faces: {r.cpu_s * 1e6 / r.faces:,.0f} own"
     if r.postgres_cpu_s is not None:
         note += f" + {r.postgres_cpu_s * 1e6 / r.faces:,.0f} PostgreSQL"
     return note
+
+
+def _cost(results: list[Result], prefix: str) -> dict[str, float]:
+    """Cost figures, medians over the runs: bytes stored and WAL bytes per face, CPU ms per page."""
+    out: dict[str, float] = {
+        f"{prefix}_wal_bytes_per_face": median(r.wal_bytes / r.faces for r in results if r.faces),
+        f"{prefix}_cpu_ms_per_page": median(r.cpu_s * 1e3 / r.pages for r in results if r.pages),
+    }
+    pg = [r.postgres_cpu_s * 1e3 / r.pages for r in results if r.pages and r.postgres_cpu_s is not None]
+    if pg:
+        out[f"{prefix}_postgres_cpu_ms_per_page"] = median(pg)
+    if all(r.stored for r in results):
+        for kind in ("heap", "index", "toast", "archive"):
+            out[f"{prefix}_{kind}_bytes_per_face"] = median(r.stored[kind] / r.faces for r in results if r.faces)
+        out[f"{prefix}_stored_bytes_per_face"] = median(sum(r.stored.values()) / r.faces for r in results if r.faces)
+    return out
 
 
 def _summarize(w: Workload, runs: list[tuple[Result, Result]]) -> dict[str, Any]:
@@ -342,6 +413,7 @@ def _summarize(w: Workload, runs: list[tuple[Result, Result]]) -> dict[str, Any]
         "reference_peak_rss_mb": max(r.peak_rss_mb for r in refs),
         "worker_cpu_ms_per_1000_faces": median(r.cpu_s * 1e6 / r.faces for r in workers if r.faces),
         "reference_cpu_ms_per_1000_faces": median(r.cpu_s * 1e6 / r.faces for r in refs if r.faces),
+        **_cost(workers, "worker"), **_cost(refs, "reference"),
         "runs": [{"worker": asdict(wr), "reference": asdict(rr)} for wr, rr in runs],
     }
 
@@ -394,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                 # pays for the other's dirty pages or for drift on a shared machine.
                 for pipeline in ("worker", "reference")[::(-1 if rep % 2 else 1)]:
                     _admin(base_url, "CHECKPOINT")
+                    empty = _stored(dbs[pipeline]) if pipeline == "worker" else {}
+                    wal_before = _wal_lsn(base_url)
                     pg_before = _postgres_cpu_s()
                     if pipeline == "worker":
                         result = _in_child(_run_worker, asdict(w), dbs[pipeline], endpoint)
@@ -404,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
                     pg_after = _postgres_cpu_s()
                     if pg_before is not None and pg_after is not None:
                         result.postgres_cpu_s = pg_after - pg_before
+                    result.wal_bytes = _wal_lsn(base_url) - wal_before
+                    if pipeline == "worker":  # what the run added to the freshly migrated database
+                        result.stored = {k: v - empty[k] for k, v in _stored(dbs[pipeline]).items()}
                     measured[pipeline] = result
                 _admin(base_url, *(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names.values()))
                 wr, rr = measured["worker"], measured["reference"]
@@ -433,6 +510,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['worker_rows_per_s']:>14,.0f} {r['reference_faces_per_s']:>12,.0f} "
               f"{r['reference_rows_per_s']:>11,.0f} {r['ratio']:>6.2f} {spread:>12} "
               f"{r['worker_peak_rss_mb']:>14.0f} {r['reference_peak_rss_mb']:>11.0f}")
+    print("\nwhat a face costs the worker (medians): bytes stored per face by kind, WAL bytes per face, CPU ms per page")
+    header = (f"{'workload':<14} {'heap':>6} {'index':>6} {'toast':>6} {'archive':>8} {'stored':>7} {'WAL':>7} "
+              f"{'worker CPU ms/page':>19} {'PostgreSQL CPU ms/page':>23} {'ref WAL':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in table:
+        pg_ms = r.get("worker_postgres_cpu_ms_per_page")
+        print(f"{r['workload']:<14} {r['worker_heap_bytes_per_face']:>6,.0f} {r['worker_index_bytes_per_face']:>6,.0f} "
+              f"{r['worker_toast_bytes_per_face']:>6,.0f} {r['worker_archive_bytes_per_face']:>8,.0f} "
+              f"{r['worker_stored_bytes_per_face']:>7,.0f} {r['worker_wal_bytes_per_face']:>7,.0f} "
+              f"{r['worker_cpu_ms_per_page']:>19,.0f} {'-' if pg_ms is None else f'{pg_ms:,.0f}':>23} "
+              f"{r['reference_wal_bytes_per_face']:>8,.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": _machine(), "repeats": repeat,
                                                "reference_tables": reference, "results": table}, indent=2))
