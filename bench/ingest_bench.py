@@ -418,6 +418,27 @@ def _summarize(w: Workload, runs: list[tuple[Result, Result]]) -> dict[str, Any]
     }
 
 
+def _measure(pipeline: str, w: Workload, db_url: str, base_url: str, endpoint: str, unlogged: bool) -> Result:
+    """One run of one pipeline from a checkpoint, with the server's CPU and WAL and what it stored."""
+    _admin(base_url, "CHECKPOINT")
+    empty = _stored(db_url) if pipeline == "worker" else {}
+    wal_before = _wal_lsn(base_url)
+    pg_before = _postgres_cpu_s()
+    if pipeline == "worker":
+        result = _in_child(_run_worker, asdict(w), db_url, endpoint)
+    else:
+        result = _in_child(_run_reference, asdict(w), db_url, endpoint,
+                           unlogged)
+    time.sleep(0.2)  # let the postmaster reap the pipeline's backends
+    pg_after = _postgres_cpu_s()
+    if pg_before is not None and pg_after is not None:
+        result.postgres_cpu_s = pg_after - pg_before
+    result.wal_bytes = _wal_lsn(base_url) - wal_before
+    if pipeline == "worker":  # what the run added to the freshly migrated database
+        result.stored = {k: v - empty[k] for k, v in _stored(db_url).items()}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny workloads, for CI")
@@ -465,23 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Alternate which pipeline goes first, and start each from a checkpoint, so neither
                 # pays for the other's dirty pages or for drift on a shared machine.
                 for pipeline in ("worker", "reference")[::(-1 if rep % 2 else 1)]:
-                    _admin(base_url, "CHECKPOINT")
-                    empty = _stored(dbs[pipeline]) if pipeline == "worker" else {}
-                    wal_before = _wal_lsn(base_url)
-                    pg_before = _postgres_cpu_s()
-                    if pipeline == "worker":
-                        result = _in_child(_run_worker, asdict(w), dbs[pipeline], endpoint)
-                    else:
-                        result = _in_child(_run_reference, asdict(w), dbs[pipeline], endpoint,
-                                           args.unlogged_reference)
-                    time.sleep(0.2)  # let the postmaster reap the pipeline's backends
-                    pg_after = _postgres_cpu_s()
-                    if pg_before is not None and pg_after is not None:
-                        result.postgres_cpu_s = pg_after - pg_before
-                    result.wal_bytes = _wal_lsn(base_url) - wal_before
-                    if pipeline == "worker":  # what the run added to the freshly migrated database
-                        result.stored = {k: v - empty[k] for k, v in _stored(dbs[pipeline]).items()}
-                    measured[pipeline] = result
+                    measured[pipeline] = _measure(pipeline, w, dbs[pipeline], base_url, endpoint,
+                                                  args.unlogged_reference)
                 _admin(base_url, *(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names.values()))
                 wr, rr = measured["worker"], measured["reference"]
                 runs.append((wr, rr))
@@ -510,24 +516,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['worker_rows_per_s']:>14,.0f} {r['reference_faces_per_s']:>12,.0f} "
               f"{r['reference_rows_per_s']:>11,.0f} {r['ratio']:>6.2f} {spread:>12} "
               f"{r['worker_peak_rss_mb']:>14.0f} {r['reference_peak_rss_mb']:>11.0f}")
-    print("\nwhat a face costs the worker (medians): bytes stored per face by kind, WAL bytes per face, CPU ms per page")
-    header = (f"{'workload':<14} {'heap':>6} {'index':>6} {'toast':>6} {'archive':>8} {'stored':>7} {'WAL':>7} "
-              f"{'worker CPU ms/page':>19} {'PostgreSQL CPU ms/page':>23} {'ref WAL':>8}")
-    print(header)
-    print("-" * len(header))
-    for r in table:
-        pg_ms = r.get("worker_postgres_cpu_ms_per_page")
-        print(f"{r['workload']:<14} {r['worker_heap_bytes_per_face']:>6,.0f} {r['worker_index_bytes_per_face']:>6,.0f} "
-              f"{r['worker_toast_bytes_per_face']:>6,.0f} {r['worker_archive_bytes_per_face']:>8,.0f} "
-              f"{r['worker_stored_bytes_per_face']:>7,.0f} {r['worker_wal_bytes_per_face']:>7,.0f} "
-              f"{r['worker_cpu_ms_per_page']:>19,.0f} {'-' if pg_ms is None else f'{pg_ms:,.0f}':>23} "
-              f"{r['reference_wal_bytes_per_face']:>8,.0f}")
+    _print_cost(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": _machine(), "repeats": repeat,
                                                "reference_tables": reference, "results": table}, indent=2))
     if args.plot:
         _plot(table, args.plot)
     return 0
+
+
+def _print_cost(table: list[dict[str, Any]]) -> None:
+    print("\nwhat a face costs (medians): the worker's bytes stored per face by kind, WAL bytes per face and CPU ms "
+          "per page; the reference's WAL per face")
+    header = (f"{'workload':<14} {'heap':>6} {'index':>6} {'toast':>6} {'archive':>8} {'stored':>7} {'WAL':>7} "
+              f"{'worker CPU ms/page':>19} {'PostgreSQL CPU ms/page':>23} {'ref WAL':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in table:
+        pg_ms = r.get("worker_postgres_cpu_ms_per_page")
+        print(f"{r['workload']:<14} {r['worker_heap_bytes_per_face']:>6,.0f} "
+              f"{r['worker_index_bytes_per_face']:>6,.0f} {r['worker_toast_bytes_per_face']:>6,.0f} "
+              f"{r['worker_archive_bytes_per_face']:>8,.0f} "
+              f"{r['worker_stored_bytes_per_face']:>7,.0f} {r['worker_wal_bytes_per_face']:>7,.0f} "
+              f"{r['worker_cpu_ms_per_page']:>19,.0f} {'-' if pg_ms is None else f'{pg_ms:,.0f}':>23} "
+              f"{r['reference_wal_bytes_per_face']:>8,.0f}")
 
 
 def _plot(table: list[dict[str, Any]], path: str) -> None:

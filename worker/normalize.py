@@ -57,7 +57,7 @@ _BOOL_ATTRS = (
 )
 
 FACE_COLUMNS: tuple[str, ...] = (
-    "job_id", "face_seq", "timestamp_ms", "person_index",
+    "ingest_id", "face_seq", "timestamp_ms", "person_index",
     "person_bbox_width", "person_bbox_height", "person_bbox_left", "person_bbox_top",
     "has_face", "bbox_width", "bbox_height", "bbox_left", "bbox_top", "confidence",
     "age_low", "age_high",
@@ -69,11 +69,11 @@ FACE_COLUMNS: tuple[str, ...] = (
     "face_occluded_value", "face_occluded_confidence",
     "eye_direction_yaw", "eye_direction_pitch", "eye_direction_confidence",
 )
-LANDMARK_COLUMNS = ("job_id", "face_seq", "ordinal", "type", "x", "y")
-EMOTION_COLUMNS = ("job_id", "face_seq", "ordinal", "type", "confidence")
-MATCH_COLUMNS = ("job_id", "face_seq", "ordinal", "face_id", "similarity")
+LANDMARK_COLUMNS = ("ingest_id", "face_seq", "ordinal", "type", "x", "y")
+EMOTION_COLUMNS = ("ingest_id", "face_seq", "ordinal", "type", "confidence")
+MATCH_COLUMNS = ("ingest_id", "face_seq", "ordinal", "face_id", "similarity")
 COLLECTION_FACE_COLUMNS = (
-    "job_id", "face_id", "image_id", "external_image_id", "user_id", "index_faces_model_version",
+    "ingest_id", "face_id", "image_id", "external_image_id", "user_id", "index_faces_model_version",
     "bbox_width", "bbox_height", "bbox_left", "bbox_top", "confidence",
 )
 
@@ -308,7 +308,7 @@ def _face_columns(face: Mapping[str, Any], path: str, unknown: UnknownValues) ->
     return tuple(cols)
 
 
-def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any], path: str) -> None:
+def _face_children(rows: PageRows, ingest_id: int, seq: int, face: Mapping[str, Any], path: str) -> None:
     landmarks = rows.landmarks
     items = _list(face.get("Landmarks"), path + ".Landmarks")
     if len(items) > _MAX_CHILDREN:
@@ -325,7 +325,7 @@ def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any
             # The rare path (ints, wrong types): full checks, one at a time.
             x = _num(x, f"{path}.Landmarks[{i}].X")
             y = _num(y, f"{path}.Landmarks[{i}].Y")
-        landmarks.append((job_id, seq, i, kind, x, y))
+        landmarks.append((ingest_id, seq, i, kind, x, y))
     emotions = rows.emotions
     items = _list(face.get("Emotions"), path + ".Emotions")
     if len(items) > _MAX_CHILDREN:
@@ -337,10 +337,10 @@ def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any
         kind = _EMOTION_TYPE.get(raw) if type(raw) is str else None
         if kind is None:
             kind = _new_value(raw, "emotion_type", rows.unknown, f"{path}.Emotions[{i}].Type")
-        emotions.append((job_id, seq, i, kind, _num(em.get("Confidence"), f"{path}.Emotions[{i}].Confidence")))
+        emotions.append((ingest_id, seq, i, kind, _num(em.get("Confidence"), f"{path}.Emotions[{i}].Confidence")))
 
 
-def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: str) -> None:
+def _matches(rows: PageRows, ingest_id: int, seq: int, matches: list[Any], path: str) -> None:
     if len(matches) > _MAX_CHILDREN:
         raise _too_many(path, matches)
     for i, match in enumerate(matches):
@@ -354,11 +354,11 @@ def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: st
         if type(face_id) is not str or not face_id or len(face_id) > _MAX_KEY_CHARS or "\x00" in face_id:
             raise _bad(mpath + ".Face.FaceId", f"non-empty string of at most {_MAX_KEY_CHARS} characters without NUL",
                        face_id)
-        rows.matches.append((job_id, seq, i, face_id, _num(match.get("Similarity"), mpath + ".Similarity")))
+        rows.matches.append((ingest_id, seq, i, face_id, _num(match.get("Similarity"), mpath + ".Similarity")))
         # Every occurrence is validated; the first in the stream wins, as the store keeps the first
         # row of a FaceId across pages.
         rows.collection_faces.setdefault(face_id, (
-            job_id, face_id,
+            ingest_id, face_id,
             _str(face.get("ImageId"), mpath + ".Face.ImageId"),
             _key(face.get("ExternalImageId"), mpath + ".Face.ExternalImageId"),
             _str(face.get("UserId"), mpath + ".Face.UserId"),
@@ -368,7 +368,7 @@ def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: st
         ))
 
 
-def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: int) -> PageRows:
+def normalize_page(page: Mapping[str, Any], api: Api, ingest_id: int, seq_start: int) -> PageRows:
     """Rows for one page. ``seq_start`` is the stream position of the page's first element."""
     unknown: UnknownValues = {}
     rows = PageRows(meta=parse_meta(page, unknown), unknown=unknown)
@@ -392,16 +392,16 @@ def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: in
             pbox = _box(person.get("BoundingBox"), path + ".Person.BoundingBox")
             face = _obj(person.get("Face"), path + ".Person.Face")
             fpath = path + ".Person.Face"
-            _matches(rows, job_id, seq, _list(element.get("FaceMatches"), path + ".FaceMatches"),
+            _matches(rows, ingest_id, seq, _list(element.get("FaceMatches"), path + ".FaceMatches"),
                      path + ".FaceMatches")
         else:
             index, pbox = None, _NO_BOX
             face = _obj(element.get("Face"), path + ".Face")
             fpath = path + ".Face"
         if face is None:
-            faces.append((job_id, seq, ts, index, *pbox, False, *_NO_FACE))
+            faces.append((ingest_id, seq, ts, index, *pbox, False, *_NO_FACE))
             continue
-        faces.append((job_id, seq, ts, index, *pbox, *_face_columns(face, fpath, unknown)))
-        _face_children(rows, job_id, seq, face, fpath)
+        faces.append((ingest_id, seq, ts, index, *pbox, *_face_columns(face, fpath, unknown)))
+        _face_children(rows, ingest_id, seq, face, fpath)
     rows.elements = len(elements)
     return rows
