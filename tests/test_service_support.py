@@ -20,6 +20,7 @@ from aiobotocore.session import get_session
 from rich.console import Console
 
 from tests.conftest import create_database as create_database_as
+from tests.helpers import job_rows_sql
 from worker.backfill import run_backfill
 from worker.config import Settings
 from worker.db.store import ArchivedPage
@@ -157,10 +158,10 @@ async def snapshot(database_url: str, job_id: str) -> dict[str, Any]:
         job = await conn.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
         out["jobs"] = None if job is None else {k: v for k, v in dict(job).items() if k not in BOOKKEEPING}
         for table, order in RESULT_ORDER.items():
-            rows = await conn.fetch(f"SELECT * FROM {table} WHERE job_id = $1 ORDER BY {order}", job_id)
-            out[table] = [tuple(r) for r in rows]
-        pages = await conn.fetch("SELECT page_no, encoding, body_bytes, body FROM raw_pages WHERE job_id = $1 "
-                                 "ORDER BY page_no", job_id)
+            rows = await conn.fetch(job_rows_sql(table) + f" ORDER BY {order}", job_id)
+            out[table] = [tuple(v for k, v in r.items() if k != "ingest_id") for r in rows]
+        pages = await conn.fetch(job_rows_sql("raw_pages", "page_no, encoding, body_bytes, body") + " ORDER BY page_no",
+                                 job_id)
         out["raw_pages"] = [
             (p["page_no"], p["encoding"], p["body_bytes"],
              ArchivedPage(bytes(p["body"]), p["body_bytes"], p["encoding"]).decompress())
@@ -181,12 +182,12 @@ async def job_row(database_url: str, job_id: str) -> dict[str, Any] | None:
 
 
 async def stored_rows(database_url: str, job_id: str) -> int:
-    """Rows of the job in every result table (0: nothing partial was left behind)."""
+    """Rows of the job in every result table, as readers see them (0: nothing partial was left behind)."""
     conn = await asyncpg.connect(database_url)
     try:
         total = 0
         for table in (*RESULT_ORDER, "raw_pages"):
-            total += int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", job_id))
+            total += int(await conn.fetchval(job_rows_sql(table, "count(*)"), job_id))
         return total
     finally:
         await conn.close()

@@ -297,7 +297,8 @@ _OLD_FACES = (
     *(f"person_bbox_{s} double precision" for s in ("width", "height", "left", "top")), "has_face boolean NOT NULL",
     *(f"bbox_{s} double precision" for s in ("width", "height", "left", "top")), "confidence double precision",
     "age_low bigint", "age_high bigint",
-    *(f"{a}_value {'text' if a == 'gender' else 'boolean'}, {a}_confidence double precision" for a in _CONF),
+    *(column for a in _CONF
+      for column in (f"{a}_value {'text' if a == 'gender' else 'boolean'}", f"{a}_confidence double precision")),
     "pose_roll double precision", "pose_yaw double precision", "pose_pitch double precision",
     "quality_brightness double precision", "quality_sharpness double precision",
     "face_occluded_value boolean", "face_occluded_confidence double precision",
@@ -349,7 +350,7 @@ OLD_VIEW_SQL = {
         GROUP BY f.job_id, f.person_index, m.face_id, cf.external_image_id
     ) g
     JOIN jobs j ON j.job_id = g.job_id AND j.ingest_state = 'ingested'
-    
+
     """,
     "person_appearances": """
     CREATE VIEW reporting.person_appearances AS
@@ -359,7 +360,7 @@ OLD_VIEW_SQL = {
              WHERE f.job_id = p.job_id AND f.person_index = p.person_index) AS seconds_present
     FROM persons p
     JOIN jobs j ON j.job_id = p.job_id AND j.ingest_state = 'ingested'
-    
+
     """,
     "collection_face_sightings": """
     CREATE VIEW reporting.collection_face_sightings AS
@@ -376,7 +377,7 @@ OLD_VIEW_SQL = {
         GROUP BY m.job_id, m.face_id, cf.external_image_id, cf.image_id, cf.user_id
     ) s
     JOIN jobs j ON j.job_id = s.job_id AND j.ingest_state = 'ingested'
-    
+
     """,
     "person_seconds": """
     CREATE VIEW reporting.person_seconds AS
@@ -391,14 +392,14 @@ OLD_VIEW_SQL = {
     ) t
     JOIN jobs j ON j.job_id = t.job_id AND j.ingest_state = 'ingested'
     GROUP BY t.job_id, t.person_index, t.second
-    
+
     """,
     "face_observations": """
     CREATE VIEW reporting.face_observations AS
     SELECT f.*, j.api
     FROM faces f
     JOIN jobs j ON j.job_id = f.job_id AND j.ingest_state = 'ingested'
-    
+
     """,
 }
 
