@@ -109,10 +109,12 @@ async def test_future_values_are_stored_as_sent_counted_and_logged_once(
 
     job = await db.fetchrow("SELECT job_status, color_range FROM jobs WHERE job_id = $1", job_id)
     assert (job["job_status"], job["color_range"]) == sent["job"] == ("SUCCEEDED", f"HDR_{tag}")
-    landmarks = await db.fetch("SELECT face_seq, ordinal, type FROM landmarks WHERE "
+    landmarks = await db.fetch("SELECT face_seq, u.n - 1 AS ordinal, u.type FROM landmarks, "
+                               "unnest(types) WITH ORDINALITY u(type, n) WHERE "
                                "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", job_id)
     assert {(r["face_seq"], r["ordinal"]): r["type"] for r in landmarks} == sent["landmarks"]
-    emotions = await db.fetch("SELECT face_seq, ordinal, type FROM emotions WHERE "
+    emotions = await db.fetch("SELECT face_seq, u.n - 1 AS ordinal, u.type FROM emotions, "
+                              "unnest(types) WITH ORDINALITY u(type, n) WHERE "
                               "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", job_id)
     assert {(r["face_seq"], r["ordinal"]): r["type"] for r in emotions} == sent["emotions"]
     genders = await db.fetch("SELECT face_seq, gender_value FROM faces WHERE "

@@ -69,8 +69,11 @@ class _Db:
     def __init__(self, tables: dict[str, list[dict[str, Any]]]) -> None:
         self.job = tables["jobs"][0]
         self.faces = {r["face_seq"]: r for r in tables["faces"]}
-        self.landmarks = {(r["face_seq"], r["ordinal"]): r for r in tables["landmarks"]}
-        self.emotions = {(r["face_seq"], r["ordinal"]): r for r in tables["emotions"]}
+        # One row per face, the elements as arrays: element i is Landmarks[i] (Emotions[i]).
+        self.landmarks = {(r["face_seq"], i): {"type": t, "x": x, "y": y} for r in tables["landmarks"]
+                          for i, (t, x, y) in enumerate(zip(r["types"], r["xs"], r["ys"], strict=True))}
+        self.emotions = {(r["face_seq"], i): {"type": t, "confidence": c} for r in tables["emotions"]
+                         for i, (t, c) in enumerate(zip(r["types"], r["confidences"], strict=True))}
         self.matches = {(r["face_seq"], r["ordinal"]): r for r in tables["face_matches"]}
         self.collection = {r["face_id"]: r for r in tables["collection_faces"]}
 

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the job's current ingest key and one of an earlier attempt that stopped (its rows are the job's too).
 _KEYED = {
     "faces": "(ingest_id, face_seq, timestamp_ms, has_face) VALUES ($1, 0, 0, true)",
-    "landmarks": "(ingest_id, face_seq, ordinal, type) VALUES ($1, 0, 0, 'nose')",
-    "emotions": "(ingest_id, face_seq, ordinal, type) VALUES ($1, 0, 0, 'CALM')",
+    "landmarks": "(ingest_id, face_seq, types, xs, ys) VALUES ($1, 0, '{nose}', '{0.5}', '{0.5}')",
+    "emotions": "(ingest_id, face_seq, types, confidences) VALUES ($1, 0, '{CALM}', '{99}')",
     "face_matches": "(ingest_id, face_seq, ordinal, face_id) VALUES ($1, 0, 0, 'f-1')",
     "collection_faces": "(ingest_id, face_id) VALUES ($1, 'f-1')",
     "persons": "(ingest_id, person_index, first_seen_ms, last_seen_ms, detections) VALUES ($1, 0, 0, 0, 1)",

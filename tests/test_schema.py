@@ -25,8 +25,9 @@ COPY_COLUMNS = {
     "face_matches": store.MATCH_COLUMNS, "collection_faces": store.COLLECTION_FACE_COLUMNS,
 }
 # Columns that hold Rekognition's enumeration values: text since 0005, so newer values are stored as sent.
-ENUM_COLUMNS = {("landmarks", "type"), ("emotions", "type"), ("faces", "gender_value"), ("jobs", "color_range"),
-                ("jobs", "job_status")}
+ENUM_COLUMNS = {("faces", "gender_value"), ("jobs", "color_range"), ("jobs", "job_status")}
+# Landmark and emotion types: text arrays since 0012 (one row per face).
+ENUM_ARRAY_COLUMNS = {("landmarks", "types"), ("emotions", "types")}
 OLD_ENUM_TYPES = ("landmark_type", "emotion_type", "gender", "color_range", "job_status")
 
 
@@ -74,6 +75,11 @@ async def test_enumeration_columns_are_text_and_the_old_types_are_gone(db: async
                                       "WHERE table_schema = 'rekognition' AND table_name = $1 AND column_name = $2",
                                       table, column)
         assert data_type == "text", (table, column)
+    for table, column in ENUM_ARRAY_COLUMNS:
+        udt = await db.fetchval("SELECT udt_name FROM information_schema.columns "
+                                "WHERE table_schema = 'rekognition' AND table_name = $1 AND column_name = $2",
+                                table, column)
+        assert udt == "_text", (table, column)
     assert await db.fetch("SELECT typname FROM pg_type WHERE typname = ANY($1)", list(OLD_ENUM_TYPES)) == []
 
 
@@ -152,7 +158,8 @@ async def test_0012_carries_jobs_over_and_back(db_url: str, db: asyncpg.Connecti
     assert await read() == before
     key = await db.fetchval("SELECT ingest_id FROM jobs WHERE job_id = 'k-1'")
     assert await db.fetchval("SELECT job_id FROM ingests WHERE ingest_id = $1", key) == "k-1"
-    assert await db.fetchval("SELECT x FROM landmarks WHERE ingest_id = $1", key) == 0.5
+    assert await db.fetchval("SELECT xs[1] FROM landmarks WHERE ingest_id = $1", key) == 0.5
+    assert await db.fetchval("SELECT types FROM landmarks WHERE ingest_id = $1", key) == ["nose"]
     assert await db.fetchval("SELECT count(*) FROM raw_pages WHERE ingest_id = $1", key) == 1
     await asyncio.to_thread(command.downgrade, cfg, "0010")
     assert await read() == before

@@ -458,8 +458,10 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
         "SELECT face_seq FROM faces WHERE ingest_id = $1 AND person_index = ANY($2::bigint[])", key, list(persons))]
     removed = dict.fromkeys(("landmarks", "emotions", "face_matches", "faces", "persons", "collection_faces"), 0)
     for table in _FACE_DETAIL_TABLES:
-        removed[table] = _affected(await conn.execute(
-            f"DELETE FROM {table} WHERE ingest_id = $1 AND face_seq = ANY($2::int[])", key, seqs))
+        # One row per face, its landmarks (emotions) as arrays: the counters and the audit count the elements.
+        removed[table] = int(await conn.fetchval(
+            f"WITH gone AS (DELETE FROM {table} WHERE ingest_id = $1 AND face_seq = ANY($2::int[]) "
+            f"RETURNING cardinality(types) AS n) SELECT coalesce(sum(n), 0) FROM gone", key, seqs))
     removed["face_matches"] = _affected(await conn.execute(
         "DELETE FROM face_matches WHERE ingest_id = $1 AND (face_seq = ANY($2::int[]) OR face_id = ANY($3::text[]))",
         key, seqs, list(face_ids)))

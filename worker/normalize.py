@@ -69,8 +69,10 @@ FACE_COLUMNS: tuple[str, ...] = (
     "face_occluded_value", "face_occluded_confidence",
     "eye_direction_yaw", "eye_direction_pitch", "eye_direction_confidence",
 )
-LANDMARK_COLUMNS = ("ingest_id", "face_seq", "ordinal", "type", "x", "y")
-EMOTION_COLUMNS = ("ingest_id", "face_seq", "ordinal", "type", "confidence")
+# One row per face with its landmarks (emotions) as arrays: element i of each array is Landmarks[i]
+# (Emotions[i]). Rows per landmark cost a tuple header, an index entry and a WAL record each.
+LANDMARK_COLUMNS = ("ingest_id", "face_seq", "types", "xs", "ys")
+EMOTION_COLUMNS = ("ingest_id", "face_seq", "types", "confidences")
 MATCH_COLUMNS = ("ingest_id", "face_seq", "ordinal", "face_id", "similarity")
 COLLECTION_FACE_COLUMNS = (
     "ingest_id", "face_id", "image_id", "external_image_id", "user_id", "index_faces_model_version",
@@ -80,8 +82,8 @@ COLLECTION_FACE_COLUMNS = (
 _NO_FACE = (None,) * (len(FACE_COLUMNS) - 9)
 _NO_BOX = (None, None, None, None)
 _MAX_BIGINT = 2**63 - 1
-# face_seq is an integer column; landmarks, emotions and face_matches are keyed by a smallint
-# ordinal (0..32767), so one face holds at most 2**15 of each.
+# face_seq is an integer column; face_matches are keyed by a smallint ordinal (0..32767), and landmarks and
+# emotions (array elements) are held to the same bound: one face holds at most 2**15 of each.
 _MAX_SEQ = 2**31 - 1
 _MAX_CHILDREN = 2**15
 # An int in a double precision column must convert to a float (JSON ints beyond ~1.8e308 cannot).
@@ -127,8 +129,11 @@ class PageRows:
     meta: JobMeta
     elements: int = 0
     faces: list[tuple[Any, ...]] = field(default_factory=list)
+    # One row per face that has any, with arrays; *_elements count the landmarks (emotions) themselves.
     landmarks: list[tuple[Any, ...]] = field(default_factory=list)
     emotions: list[tuple[Any, ...]] = field(default_factory=list)
+    landmark_elements: int = 0
+    emotion_elements: int = 0
     matches: list[tuple[Any, ...]] = field(default_factory=list)
     # FaceId -> row: a collection face appears once per job however often it matched.
     collection_faces: dict[str, tuple[Any, ...]] = field(default_factory=dict)
@@ -309,10 +314,12 @@ def _face_columns(face: Mapping[str, Any], path: str, unknown: UnknownValues) ->
 
 
 def _face_children(rows: PageRows, ingest_id: int, seq: int, face: Mapping[str, Any], path: str) -> None:
-    landmarks = rows.landmarks
     items = _list(face.get("Landmarks"), path + ".Landmarks")
     if len(items) > _MAX_CHILDREN:
         raise _too_many(path + ".Landmarks", items)
+    types: list[str] = []
+    xs: list[Any] = []
+    ys: list[Any] = []
     for i, lm in enumerate(items):
         if type(lm) is not dict:
             raise _bad(f"{path}.Landmarks[{i}]", "object", lm)
@@ -325,11 +332,17 @@ def _face_children(rows: PageRows, ingest_id: int, seq: int, face: Mapping[str, 
             # The rare path (ints, wrong types): full checks, one at a time.
             x = _num(x, f"{path}.Landmarks[{i}].X")
             y = _num(y, f"{path}.Landmarks[{i}].Y")
-        landmarks.append((ingest_id, seq, i, kind, x, y))
-    emotions = rows.emotions
+        types.append(kind)
+        xs.append(x)
+        ys.append(y)
+    if types:
+        rows.landmarks.append((ingest_id, seq, types, xs, ys))
+        rows.landmark_elements += len(types)
     items = _list(face.get("Emotions"), path + ".Emotions")
     if len(items) > _MAX_CHILDREN:
         raise _too_many(path + ".Emotions", items)
+    types = []
+    confidences: list[Any] = []
     for i, em in enumerate(items):
         if type(em) is not dict:
             raise _bad(f"{path}.Emotions[{i}]", "object", em)
@@ -337,7 +350,11 @@ def _face_children(rows: PageRows, ingest_id: int, seq: int, face: Mapping[str, 
         kind = _EMOTION_TYPE.get(raw) if type(raw) is str else None
         if kind is None:
             kind = _new_value(raw, "emotion_type", rows.unknown, f"{path}.Emotions[{i}].Type")
-        emotions.append((ingest_id, seq, i, kind, _num(em.get("Confidence"), f"{path}.Emotions[{i}].Confidence")))
+        types.append(kind)
+        confidences.append(_num(em.get("Confidence"), f"{path}.Emotions[{i}].Confidence"))
+    if types:
+        rows.emotions.append((ingest_id, seq, types, confidences))
+        rows.emotion_elements += len(types)
 
 
 def _matches(rows: PageRows, ingest_id: int, seq: int, matches: list[Any], path: str) -> None:

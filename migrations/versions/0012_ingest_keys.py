@@ -11,9 +11,10 @@ The JobId stays in ``jobs`` (and ``ingests``, ``job_retries``) and in every repo
 same columns as before. Per face, the 64-character JobId repeated in each landmark, emotion and match row
 and in each index entry was more than half of what a face cost; the key is 4 bytes. The tables are
 rebuilt (not altered) so their columns can be laid out without alignment padding: 8-byte values first,
-then the booleans, then text. landmarks, emotions and face_matches keep one non-unique
-(ingest_id, face_seq) index, which btree deduplication stores as one entry per face instead of one per
-row; uniqueness of their rows comes from the key (one writer per key).
+then the booleans, then text. landmarks and emotions become one row per face, their elements as arrays
+in the order sent (a row per landmark cost a tuple header, an index entry and a WAL record each: 30 per
+full-attribute face). face_matches keeps one non-unique (ingest_id, face_seq) index, which btree
+deduplication stores as one entry per face; uniqueness of its rows comes from the key (one writer per key).
 
 The views over the bulk tables are recreated with their columns, grants and comments; those that aggregate
 read one job's rows in a LATERAL subquery, so ``WHERE job_id = ...`` reaches the tables' indexes through
@@ -62,13 +63,13 @@ TABLES = {
         "CREATE INDEX faces_job_person_idx ON faces (ingest_id, person_index, timestamp_ms) "
         "WHERE person_index IS NOT NULL",
     )),
-    "landmarks": (("ingest_id integer NOT NULL", "face_seq integer NOT NULL", "x double precision",
-                   "y double precision", "ordinal smallint NOT NULL", "type text NOT NULL"), (
-        "CREATE INDEX landmarks_face_idx ON landmarks (ingest_id, face_seq)",
+    "landmarks": (("ingest_id integer NOT NULL", "face_seq integer NOT NULL", "xs double precision[] NOT NULL",
+                   "ys double precision[] NOT NULL", "types text[] NOT NULL"), (
+        "ALTER TABLE landmarks ADD CONSTRAINT landmarks_pkey PRIMARY KEY (ingest_id, face_seq)",
     )),
-    "emotions": (("ingest_id integer NOT NULL", "face_seq integer NOT NULL", "confidence double precision",
-                  "ordinal smallint NOT NULL", "type text NOT NULL"), (
-        "CREATE INDEX emotions_face_idx ON emotions (ingest_id, face_seq)",
+    "emotions": (("ingest_id integer NOT NULL", "face_seq integer NOT NULL", "confidences double precision[] NOT NULL",
+                  "types text[] NOT NULL"), (
+        "ALTER TABLE emotions ADD CONSTRAINT emotions_pkey PRIMARY KEY (ingest_id, face_seq)",
     )),
     "face_matches": (("ingest_id integer NOT NULL", "face_seq integer NOT NULL", "similarity double precision",
                       "ordinal smallint NOT NULL", "face_id text NOT NULL"), (
@@ -94,6 +95,9 @@ TABLES = {
         "ALTER TABLE raw_pages ADD CONSTRAINT raw_pages_pkey PRIMARY KEY (ingest_id, page_no)",
     )),
 }
+# landmarks and emotions become one row per face: array column -> the per-element column it gathers.
+PACKED = {"landmarks": {"xs": "x", "ys": "y", "types": "type"},
+          "emotions": {"confidences": "confidence", "types": "type"}}
 # Views over the bulk tables, recreated here; job_summary and pending_jobs read jobs only and stay.
 VIEWS = ("person_identities", "person_appearances", "collection_face_sightings", "person_seconds", "face_observations")
 
@@ -279,9 +283,16 @@ def upgrade() -> None:
                 {"t": old}).scalars().all():
             op.execute(f"ALTER TABLE {old} RENAME CONSTRAINT {con} TO {con}_0011")
         op.execute(f"CREATE TABLE {table} ({', '.join(columns)})")
-        selected = ", ".join("j.ingest_id" if n == "ingest_id" else f"o.{n}" for n in names)
-        op.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {selected} FROM {old} o "
-                   f"JOIN jobs j ON j.job_id = o.job_id WHERE j.ingest_id IS NOT NULL ORDER BY 1, 2")
+        if table in PACKED:
+            # One row per face: the elements as arrays in ordinal order.
+            arrays = ", ".join(f"array_agg(o.{c} ORDER BY o.ordinal)" for c in PACKED[table].values())
+            op.execute(f"INSERT INTO {table} (ingest_id, face_seq, {', '.join(PACKED[table])}) "
+                       f"SELECT j.ingest_id, o.face_seq, {arrays} FROM {old} o JOIN jobs j ON j.job_id = o.job_id "
+                       f"WHERE j.ingest_id IS NOT NULL GROUP BY j.ingest_id, o.face_seq ORDER BY 1, 2")
+        else:
+            selected = ", ".join("j.ingest_id" if n == "ingest_id" else f"o.{n}" for n in names)
+            op.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {selected} FROM {old} o "
+                       f"JOIN jobs j ON j.job_id = o.job_id WHERE j.ingest_id IS NOT NULL ORDER BY 1, 2")
         op.execute(f"DROP TABLE {old}")
         for statement in after:
             op.execute(statement)
@@ -421,9 +432,17 @@ def downgrade() -> None:
                 {"t": f"{table}_0012"}).scalars().all():
             op.execute(f"ALTER TABLE {table}_0012 RENAME CONSTRAINT {con} TO {con}_0012")
         op.execute(f"CREATE TABLE {table} ({', '.join(columns)}, CONSTRAINT {table}_pkey PRIMARY KEY ({key}))")
-        selected = ", ".join("j.job_id" if n == "job_id" else f"o.{n}" for n in names)
-        op.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {selected} FROM {table}_0012 o "
-                   f"JOIN jobs j ON j.ingest_id = o.ingest_id")
+        if table in PACKED:
+            arrays = ", ".join(f"o.{c}" for c in PACKED[table])
+            elements = ", ".join(f"u.{c}" for c in PACKED[table].values())
+            op.execute(f"INSERT INTO {table} (job_id, face_seq, ordinal, {', '.join(PACKED[table].values())}) "
+                       f"SELECT j.job_id, o.face_seq, u.n - 1, {elements} FROM {table}_0012 o "
+                       f"JOIN jobs j ON j.ingest_id = o.ingest_id, "
+                       f"unnest({arrays}) WITH ORDINALITY u({', '.join(PACKED[table].values())}, n)")
+        else:
+            selected = ", ".join("j.job_id" if n == "job_id" else f"o.{n}" for n in names)
+            op.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {selected} FROM {table}_0012 o "
+                       f"JOIN jobs j ON j.ingest_id = o.ingest_id")
         op.execute(f"DROP TABLE {table}_0012")
         for statement in indexes:
             op.execute(statement)

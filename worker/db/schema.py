@@ -132,30 +132,29 @@ faces = sa.Table(
              postgresql_where=sa.text("person_index IS NOT NULL")),
 )
 
-# Landmarks, emotions and matches hang off a face: one non-unique (ingest_id, face_seq) index each, which
-# btree deduplication keeps as one entry per face (a key has one writer, so rows do not repeat).
+# A face's landmarks and emotions: one row per face that has any, the elements as arrays in the order
+# Rekognition sent them (element i of every array of the row is Landmarks[i] or Emotions[i]). A row per
+# element cost a tuple header, an index entry and a WAL record each: 30 of them per full-attribute face.
+_FLOATS = postgresql.ARRAY(postgresql.DOUBLE_PRECISION)
 landmarks = sa.Table(
     "landmarks", metadata,
-    _key(),
-    sa.Column("face_seq", sa.Integer, nullable=False),
-    _float("x"),
-    _float("y"),
-    sa.Column("ordinal", sa.SmallInteger, nullable=False),
-    sa.Column("type", sa.Text, nullable=False),
-    sa.Index("landmarks_face_idx", _KEY, "face_seq"),
+    sa.Column(_KEY, sa.Integer, primary_key=True),
+    sa.Column("face_seq", sa.Integer, primary_key=True),
+    sa.Column("xs", _FLOATS, nullable=False),
+    sa.Column("ys", _FLOATS, nullable=False),
+    sa.Column("types", postgresql.ARRAY(sa.Text), nullable=False),
 )
 
 emotions = sa.Table(
     "emotions", metadata,
-    _key(),
-    sa.Column("face_seq", sa.Integer, nullable=False),
-    _float("confidence"),
-    sa.Column("ordinal", sa.SmallInteger, nullable=False),
-    sa.Column("type", sa.Text, nullable=False),
-    sa.Index("emotions_face_idx", _KEY, "face_seq"),
+    sa.Column(_KEY, sa.Integer, primary_key=True),
+    sa.Column("face_seq", sa.Integer, primary_key=True),
+    sa.Column("confidences", _FLOATS, nullable=False),
+    sa.Column("types", postgresql.ARRAY(sa.Text), nullable=False),
 )
 
-# Every FaceMatch of every person element is kept, not only the best one.
+# Every FaceMatch of every person element is kept, not only the best one. One non-unique (ingest_id,
+# face_seq) index, which btree deduplication keeps as one entry per face (a key has one writer).
 face_matches = sa.Table(
     "face_matches", metadata,
     _key(),

@@ -313,8 +313,8 @@ class JobWriter:
         self._seen_faces.update(row[1] for row in new_faces)
         c.pages += 1
         c.faces += len(rows.faces)
-        c.landmarks += len(rows.landmarks)
-        c.emotions += len(rows.emotions)
+        c.landmarks += rows.landmark_elements
+        c.emotions += rows.emotion_elements
         c.face_matches += len(rows.matches)
         c.collection_faces += len(new_faces)
         c.rows += len(rows.faces) + len(rows.landmarks) + len(rows.emotions) + len(rows.matches) + len(new_faces)
