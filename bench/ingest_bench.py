@@ -119,28 +119,49 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _postgres_cpu_s() -> float | None:
-    """CPU of the local PostgreSQL server so far: its live processes plus the backends it has reaped.
-
-    None when no PostgreSQL runs on this machine (a remote DATABASE_URL) or /proc is unavailable.
-    """
-    hz, total, found = os.sysconf("SC_CLK_TCK"), 0, False
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 onwards), or None."""
     try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    for pid in pids:
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _postmaster_pid(base_url: str) -> int | None:
+    """The pid of the PostgreSQL server behind ``base_url`` when it runs on this machine (a backend's parent)."""
+    import asyncpg
+
+    async def run() -> int:
+        conn = await asyncpg.connect(base_url)
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.index("(") + 1:stat.rindex(")")] not in ("postgres", "postmaster"):
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        found = True
-        # utime + stime, and cutime + cstime: exited backends are counted in the postmaster's children.
-        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-    return total / hz if found else None
+            return int(await conn.fetchval("SELECT pg_backend_pid()"))
+        finally:
+            await conn.close()
+
+    fields = _stat(asyncio.run(run()))
+    return int(fields[1]) if fields is not None else None
+
+
+def _postgres_cpu_s(postmaster: int | None) -> float | None:
+    """CPU of the benchmark's PostgreSQL server so far: the postmaster, its live processes, and the backends
+    it has reaped (counted in its children's times). Other servers on the machine are not counted.
+
+    None when the server is not on this machine (a remote DATABASE_URL) or /proc is unavailable.
+    """
+    if postmaster is None:
+        return None
+    hz, total = os.sysconf("SC_CLK_TCK"), 0
+    own = _stat(postmaster)
+    if own is None:
+        return None
+    # utime + stime, and cutime + cstime: exited backends are counted in the postmaster's children.
+    total += int(own[11]) + int(own[12]) + int(own[13]) + int(own[14])
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        fields = _stat(pid)
+        if fields is not None and int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / hz
 
 
 def _peak_rss_mb() -> float:
@@ -418,19 +439,20 @@ def _summarize(w: Workload, runs: list[tuple[Result, Result]]) -> dict[str, Any]
     }
 
 
-def _measure(pipeline: str, w: Workload, db_url: str, base_url: str, endpoint: str, unlogged: bool) -> Result:
+def _measure(pipeline: str, w: Workload, db_url: str, base_url: str, endpoint: str, unlogged: bool,
+             postmaster: int | None) -> Result:
     """One run of one pipeline from a checkpoint, with the server's CPU and WAL and what it stored."""
     _admin(base_url, "CHECKPOINT")
     empty = _stored(db_url) if pipeline == "worker" else {}
     wal_before = _wal_lsn(base_url)
-    pg_before = _postgres_cpu_s()
+    pg_before = _postgres_cpu_s(postmaster)
     if pipeline == "worker":
         result = _in_child(_run_worker, asdict(w), db_url, endpoint)
     else:
         result = _in_child(_run_reference, asdict(w), db_url, endpoint,
                            unlogged)
     time.sleep(0.2)  # let the postmaster reap the pipeline's backends
-    pg_after = _postgres_cpu_s()
+    pg_after = _postgres_cpu_s(postmaster)
     if pg_before is not None and pg_after is not None:
         result.postgres_cpu_s = pg_after - pg_before
     result.wal_bytes = _wal_lsn(base_url) - wal_before
@@ -473,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     emu = ctx.Process(target=_serve, args=([asdict(w) for w in workloads], ready_child, stop_child), daemon=True)
     emu.start()
     table: list[dict[str, Any]] = []
+    postmaster = _postmaster_pid(base_url)
     try:
         print(f"rendering {sum(w.jobs * w.pages for w in workloads)} pages in the emulator ...", flush=True)
         endpoint = ready_parent.recv()
@@ -487,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 # pays for the other's dirty pages or for drift on a shared machine.
                 for pipeline in ("worker", "reference")[::(-1 if rep % 2 else 1)]:
                     measured[pipeline] = _measure(pipeline, w, dbs[pipeline], base_url, endpoint,
-                                                  args.unlogged_reference)
+                                                  args.unlogged_reference, postmaster)
                 _admin(base_url, *(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names.values()))
                 wr, rr = measured["worker"], measured["reference"]
                 runs.append((wr, rr))

@@ -31,15 +31,17 @@ from worker.messages import JobRef
 # Result tables of one job and a total order for each, for row-by-row comparison.
 RESULT_ORDER = {
     "faces": "face_seq",
-    "landmarks": "face_seq, ordinal",
-    "emotions": "face_seq, ordinal",
+    "landmarks": "face_seq",  # one row per face since 0012
+    "emotions": "face_seq",
     "face_matches": "face_seq, ordinal",
     "collection_faces": "face_id",
     "persons": "person_index",
 }
 # jobs columns that record when and how often a job was written, not what was stored.
 # completed_at too: it comes from the notification, which a backfill does not have.
-BOOKKEEPING = ("attempts", "notified_at", "completed_at", "ingest_started_at", "ingested_at", "updated_at")
+# ingest_id too: each ingest writes under a key of its own (0012).
+BOOKKEEPING = ("attempts", "notified_at", "completed_at", "ingest_started_at", "ingested_at", "updated_at",
+               "ingest_id")
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,8 @@ async def count_job_rows(conn: asyncpg.Connection, job_id: str) -> dict[str, int
     keys = await _keys(conn, job_id)
     for table in JOB_TABLES:
         if table in _KEYED:
-            sql = f"SELECT count(*) FROM {table} WHERE ingest_id = ANY($1::int[])"
-            counts[table] = int(await conn.fetchval(sql, keys))
+            counts[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE ingest_id = ANY($1::int[])",
+                                                    keys))
         else:
             counts[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", job_id))
     return counts

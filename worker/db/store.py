@@ -45,6 +45,9 @@ DROP_CHUNK_FACES = 5000
 # Children first, then the faces they hang off; then what is keyed by the ingest alone.
 _FACE_CHUNK_TABLES = ("landmarks", "emotions", "face_matches", "faces")
 _KEY_TABLES = ("persons", "collection_faces", "raw_pages", "ingests")
+_DROP_TABLES = (*_FACE_CHUNK_TABLES, *_KEY_TABLES)
+# Everything a key holds, for the one-transaction drop of a failure record.
+_KEYED_AND_INGESTS = (*RESULT_TABLES, "ingests")
 _LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
 # Held by a writer for a whole ingest without a transaction (released by _unlock, or with the session).
 _SESSION_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
@@ -239,7 +242,7 @@ async def drop_ingest(conn: asyncpg.Connection, ingest_id: int, *, chunk_faces: 
                 if rows is not None:
                     rows[table] = rows.get(table, 0) + n
     async with conn.transaction():
-        for table in (*_FACE_CHUNK_TABLES, *_KEY_TABLES):
+        for table in _DROP_TABLES:
             n = _affected(await conn.execute(f"DELETE FROM {table} WHERE ingest_id = $1", ingest_id))
             if rows is not None and table != "ingests":
                 rows[table] = rows.get(table, 0) + n
@@ -505,7 +508,7 @@ class Store:
             async with conn.transaction():
                 if await conn.fetchval(_LOCK_SQL, ref.job_id):
                     for key in [r["ingest_id"] for r in await conn.fetch(_STALE_KEYS_SQL, ref.job_id)]:
-                        for table in (*RESULT_TABLES, "ingests"):
+                        for table in _KEYED_AND_INGESTS:
                             await conn.execute(f"DELETE FROM {table} WHERE ingest_id = $1", key)
             return recorded
 
