@@ -132,14 +132,14 @@ def _postmaster_pid(base_url: str) -> int | None:
     """The pid of the PostgreSQL server behind ``base_url`` when it runs on this machine (a backend's parent)."""
     import asyncpg
 
-    async def run() -> int:
+    async def run() -> list[str] | None:
         conn = await asyncpg.connect(base_url)
-        try:
-            return int(await conn.fetchval("SELECT pg_backend_pid()"))
+        try:  # read while the backend lives: it exits with the connection
+            return _stat(int(await conn.fetchval("SELECT pg_backend_pid()")))
         finally:
             await conn.close()
 
-    fields = _stat(asyncio.run(run()))
+    fields = asyncio.run(run())
     return int(fields[1]) if fields is not None else None
 
 
