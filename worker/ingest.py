@@ -324,11 +324,12 @@ class Ingestor:
         return JobOutcome(ref.job_id, name, "failed", reason=exc.reason)
 
     async def _quarantine(self, ref: JobRef, exc: PermanentJobError) -> JobOutcome:
-        """Record ``ref`` failed with its raw pages archived, in a transaction of its own.
+        """Record ``ref`` failed with its raw pages archived under a key of their own.
 
-        The row transaction is gone (rolled back), and keeping its pages in memory until then would
-        not be bounded (thousands of ~3.5 MB pages), so the pages are fetched again, through the
-        limiter, without normalizing, compressed one at a time and inserted as they come. An outage
+        The failed attempt's rows are under a key no job names (dropped by the quarantine), and keeping
+        its pages in memory would not be bounded (thousands of ~3.5 MB pages), so the pages are fetched
+        again, through the limiter, without normalizing, compressed one at a time and inserted as they
+        come, a short transaction each. An outage
         meanwhile leaves nothing and hands the job back (``transient``): Rekognition still has it.
         """
         name = ref.api.value
