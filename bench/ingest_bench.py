@@ -29,7 +29,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -49,7 +49,8 @@ class Workload:
 
     @property
     def job_ids(self) -> list[str]:
-        return [f"bench-{self.name}-{i:03d}" for i in range(self.jobs)]
+        # Real JobIds are 64 characters: the key's width is part of what a face costs.
+        return [f"bench-{self.name}-{i:03d}-".ljust(64, "x") for i in range(self.jobs)]
 
 
 FULL = (
@@ -74,6 +75,10 @@ class Result:
     peak_rss_mb: float
     cpu_s: float = 0.0  # user + system CPU of the pipeline's processes (not PostgreSQL's)
     postgres_cpu_s: float | None = None  # the local PostgreSQL server's CPU during the run
+    pages: int = 0
+    wal_bytes: int = 0  # WAL PostgreSQL wrote during the run (the cluster's insert position moved by this much)
+    # Bytes the run left in its database, by kind: heap, index, toast, archive (raw_pages: heap, TOAST, index).
+    stored: dict[str, int] = field(default_factory=dict)
 
     @property
     def faces_per_s(self) -> float:
@@ -114,28 +119,49 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _postgres_cpu_s() -> float | None:
-    """CPU of the local PostgreSQL server so far: its live processes plus the backends it has reaped.
-
-    None when no PostgreSQL runs on this machine (a remote DATABASE_URL) or /proc is unavailable.
-    """
-    hz, total, found = os.sysconf("SC_CLK_TCK"), 0, False
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 onwards), or None."""
     try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.index("(") + 1:stat.rindex(")")] not in ("postgres", "postmaster"):
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        found = True
-        # utime + stime, and cutime + cstime: exited backends are counted in the postmaster's children.
-        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-    return total / hz if found else None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _postmaster_pid(base_url: str) -> int | None:
+    """The pid of the PostgreSQL server behind ``base_url`` when it runs on this machine (a backend's parent)."""
+    import asyncpg
+
+    async def run() -> list[str] | None:
+        conn = await asyncpg.connect(base_url)
+        try:  # read while the backend lives: it exits with the connection
+            return _stat(int(await conn.fetchval("SELECT pg_backend_pid()")))
+        finally:
+            await conn.close()
+
+    fields = asyncio.run(run())
+    return int(fields[1]) if fields is not None else None
+
+
+def _postgres_cpu_s(postmaster: int | None) -> float | None:
+    """CPU of the benchmark's PostgreSQL server so far: the postmaster, its live processes, and the backends
+    it has reaped (counted in its children's times). Other servers on the machine are not counted.
+
+    None when the server is not on this machine (a remote DATABASE_URL) or /proc is unavailable.
+    """
+    if postmaster is None:
+        return None
+    hz, total = os.sysconf("SC_CLK_TCK"), 0
+    own = _stat(postmaster)
+    if own is None:
+        return None
+    # utime + stime, and cutime + cstime: exited backends are counted in the postmaster's children.
+    total += int(own[11]) + int(own[12]) + int(own[13]) + int(own[14])
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        fields = _stat(pid)
+        if fields is not None and int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / hz
 
 
 def _peak_rss_mb() -> float:
@@ -169,7 +195,7 @@ def _run_worker(workload: dict[str, Any], db_url: str, endpoint: str, conn: Any)
     if bad:
         raise SystemExit(f"worker failed: {bad[0].job_id}: {bad[0].outcome}: {bad[0].reason}")
     conn.send(Result(w.name, "worker", sum(o.faces for o in outcomes), sum(o.rows for o in outcomes), seconds,
-                     _peak_rss_mb(), _cpu_s() - cpu_before))
+                     _peak_rss_mb(), _cpu_s() - cpu_before, pages=sum(o.pages for o in outcomes)))
 
 
 # Plain tables, as the reference is defined: no keys, no indexes, but logged like any real table.
@@ -265,7 +291,7 @@ def _run_reference(workload: dict[str, Any], db_url: str, endpoint: str, unlogge
     started = time.perf_counter()
     faces, rows = asyncio.run(_reference(w, db_url, endpoint, unlogged))
     conn.send(Result(w.name, "reference", faces, rows, time.perf_counter() - started, _peak_rss_mb(),
-                     _cpu_s() - cpu_before))
+                     _cpu_s() - cpu_before, pages=w.jobs * w.pages))
 
 
 def _in_child(target: Any, *args: Any) -> Result:
@@ -319,12 +345,78 @@ def _admin(base_url: str, *statements: str) -> None:
     asyncio.run(run())
 
 
+# Bytes on disk per table of a database's own schemas: heap (main fork + free space map + visibility map),
+# TOAST (its table and its index) and the table's own indexes. The archive (raw_pages) is counted apart.
+_STORED_SQL = """
+SELECT c.relname = 'raw_pages' AS archive,
+       pg_table_size(c.oid) - coalesce(pg_total_relation_size(c.reltoastrelid), 0) AS heap,
+       coalesce(pg_total_relation_size(c.reltoastrelid), 0) AS toast,
+       pg_indexes_size(c.oid) AS index
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  AND c.relname <> 'alembic_version'
+"""
+
+
+def _stored(db_url: str) -> dict[str, int]:
+    """Bytes stored by kind (heap, index, toast, archive) in ``db_url``, after a checkpoint and a vacuum so
+    the free space map and visibility map exist as they would on a live database."""
+    import asyncpg
+
+    async def run() -> dict[str, int]:
+        conn = await asyncpg.connect(db_url)
+        try:
+            await conn.execute("VACUUM")
+            out = {"heap": 0, "index": 0, "toast": 0, "archive": 0}
+            for r in await conn.fetch(_STORED_SQL):
+                if r["archive"]:
+                    out["archive"] += r["heap"] + r["toast"] + r["index"]
+                else:
+                    out["heap"] += r["heap"]
+                    out["index"] += r["index"]
+                    out["toast"] += r["toast"]
+            return out
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _wal_lsn(base_url: str) -> int:
+    import asyncpg
+
+    async def run() -> int:
+        conn = await asyncpg.connect(base_url)
+        try:
+            return int(await conn.fetchval("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def _cpu_note(r: Result) -> str:
     """CPU ms per 1000 faces: the pipeline's own processes, and PostgreSQL's when it runs here."""
     note = f"CPU ms per 1000 faces: {r.cpu_s * 1e6 / r.faces:,.0f} own"
     if r.postgres_cpu_s is not None:
         note += f" + {r.postgres_cpu_s * 1e6 / r.faces:,.0f} PostgreSQL"
     return note
+
+
+def _cost(results: list[Result], prefix: str) -> dict[str, float]:
+    """Cost figures, medians over the runs: bytes stored and WAL bytes per face, CPU ms per page."""
+    out: dict[str, float] = {
+        f"{prefix}_wal_bytes_per_face": median(r.wal_bytes / r.faces for r in results if r.faces),
+        f"{prefix}_cpu_ms_per_page": median(r.cpu_s * 1e3 / r.pages for r in results if r.pages),
+    }
+    pg = [r.postgres_cpu_s * 1e3 / r.pages for r in results if r.pages and r.postgres_cpu_s is not None]
+    if pg:
+        out[f"{prefix}_postgres_cpu_ms_per_page"] = median(pg)
+    if all(r.stored for r in results):
+        for kind in ("heap", "index", "toast", "archive"):
+            out[f"{prefix}_{kind}_bytes_per_face"] = median(r.stored[kind] / r.faces for r in results if r.faces)
+        out[f"{prefix}_stored_bytes_per_face"] = median(sum(r.stored.values()) / r.faces for r in results if r.faces)
+    return out
 
 
 def _summarize(w: Workload, runs: list[tuple[Result, Result]]) -> dict[str, Any]:
@@ -342,8 +434,31 @@ def _summarize(w: Workload, runs: list[tuple[Result, Result]]) -> dict[str, Any]
         "reference_peak_rss_mb": max(r.peak_rss_mb for r in refs),
         "worker_cpu_ms_per_1000_faces": median(r.cpu_s * 1e6 / r.faces for r in workers if r.faces),
         "reference_cpu_ms_per_1000_faces": median(r.cpu_s * 1e6 / r.faces for r in refs if r.faces),
+        **_cost(workers, "worker"), **_cost(refs, "reference"),
         "runs": [{"worker": asdict(wr), "reference": asdict(rr)} for wr, rr in runs],
     }
+
+
+def _measure(pipeline: str, w: Workload, db_url: str, base_url: str, endpoint: str, unlogged: bool,
+             postmaster: int | None) -> Result:
+    """One run of one pipeline from a checkpoint, with the server's CPU and WAL and what it stored."""
+    _admin(base_url, "CHECKPOINT")
+    empty = _stored(db_url) if pipeline == "worker" else {}
+    wal_before = _wal_lsn(base_url)
+    pg_before = _postgres_cpu_s(postmaster)
+    if pipeline == "worker":
+        result = _in_child(_run_worker, asdict(w), db_url, endpoint)
+    else:
+        result = _in_child(_run_reference, asdict(w), db_url, endpoint,
+                           unlogged)
+    time.sleep(0.2)  # let the postmaster reap the pipeline's backends
+    pg_after = _postgres_cpu_s(postmaster)
+    if pg_before is not None and pg_after is not None:
+        result.postgres_cpu_s = pg_after - pg_before
+    result.wal_bytes = _wal_lsn(base_url) - wal_before
+    if pipeline == "worker":  # what the run added to the freshly migrated database
+        result.stored = {k: v - empty[k] for k, v in _stored(db_url).items()}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     emu = ctx.Process(target=_serve, args=([asdict(w) for w in workloads], ready_child, stop_child), daemon=True)
     emu.start()
     table: list[dict[str, Any]] = []
+    postmaster = _postmaster_pid(base_url)
     try:
         print(f"rendering {sum(w.jobs * w.pages for w in workloads)} pages in the emulator ...", flush=True)
         endpoint = ready_parent.recv()
@@ -393,18 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Alternate which pipeline goes first, and start each from a checkpoint, so neither
                 # pays for the other's dirty pages or for drift on a shared machine.
                 for pipeline in ("worker", "reference")[::(-1 if rep % 2 else 1)]:
-                    _admin(base_url, "CHECKPOINT")
-                    pg_before = _postgres_cpu_s()
-                    if pipeline == "worker":
-                        result = _in_child(_run_worker, asdict(w), dbs[pipeline], endpoint)
-                    else:
-                        result = _in_child(_run_reference, asdict(w), dbs[pipeline], endpoint,
-                                           args.unlogged_reference)
-                    time.sleep(0.2)  # let the postmaster reap the pipeline's backends
-                    pg_after = _postgres_cpu_s()
-                    if pg_before is not None and pg_after is not None:
-                        result.postgres_cpu_s = pg_after - pg_before
-                    measured[pipeline] = result
+                    measured[pipeline] = _measure(pipeline, w, dbs[pipeline], base_url, endpoint,
+                                                  args.unlogged_reference, postmaster)
                 _admin(base_url, *(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names.values()))
                 wr, rr = measured["worker"], measured["reference"]
                 runs.append((wr, rr))
@@ -433,12 +539,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['worker_rows_per_s']:>14,.0f} {r['reference_faces_per_s']:>12,.0f} "
               f"{r['reference_rows_per_s']:>11,.0f} {r['ratio']:>6.2f} {spread:>12} "
               f"{r['worker_peak_rss_mb']:>14.0f} {r['reference_peak_rss_mb']:>11.0f}")
+    _print_cost(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": _machine(), "repeats": repeat,
                                                "reference_tables": reference, "results": table}, indent=2))
     if args.plot:
         _plot(table, args.plot)
     return 0
+
+
+def _print_cost(table: list[dict[str, Any]]) -> None:
+    print("\nwhat a face costs (medians): the worker's bytes stored per face by kind, WAL bytes per face and CPU ms "
+          "per page; the reference's WAL per face")
+    header = (f"{'workload':<14} {'heap':>6} {'index':>6} {'toast':>6} {'archive':>8} {'stored':>7} {'WAL':>7} "
+              f"{'worker CPU ms/page':>19} {'PostgreSQL CPU ms/page':>23} {'ref WAL':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in table:
+        pg_ms = r.get("worker_postgres_cpu_ms_per_page")
+        print(f"{r['workload']:<14} {r['worker_heap_bytes_per_face']:>6,.0f} "
+              f"{r['worker_index_bytes_per_face']:>6,.0f} {r['worker_toast_bytes_per_face']:>6,.0f} "
+              f"{r['worker_archive_bytes_per_face']:>8,.0f} "
+              f"{r['worker_stored_bytes_per_face']:>7,.0f} {r['worker_wal_bytes_per_face']:>7,.0f} "
+              f"{r['worker_cpu_ms_per_page']:>19,.0f} {'-' if pg_ms is None else f'{pg_ms:,.0f}':>23} "
+              f"{r['reference_wal_bytes_per_face']:>8,.0f}")
 
 
 def _plot(table: list[dict[str, Any]], path: str) -> None:

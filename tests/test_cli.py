@@ -59,7 +59,8 @@ async def test_backfill_ingests_and_summarises(cli_env: dict[str, str], emulator
     assert any(line.get("event") == "job finished" and line.get("job_id") == det.job_id for line in lines)
     result = run_cli("backfill", "--from-file", "-", env=cli_env, stdin=f"# jobs\n{srch.job_id},FACE_SEARCH\n\n")
     assert result.returncode == 0, result.stderr
-    assert await db.fetchval("SELECT count(*) FROM faces WHERE job_id = $1", srch.job_id) == 300
+    assert await db.fetchval("SELECT count(*) FROM faces WHERE "
+                             "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", srch.job_id) == 300
 
 
 async def test_backfill_reports_each_bad_job_and_runs_the_rest(cli_env: dict[str, str], emulator: Any,

@@ -96,9 +96,12 @@ class Reader:
                 if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(self.db_url)
                 row = await conn.fetchrow(
-                    "SELECT (SELECT count(*) FROM faces WHERE job_id = $1) AS faces, "
-                    "(SELECT count(*) FROM landmarks WHERE job_id = $1) AS landmarks, "
-                    "(SELECT count(*) FROM raw_pages WHERE job_id = $1) AS pages, "
+                    "SELECT (SELECT count(*) FROM faces WHERE "
+                    "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)) AS faces, "
+                    "(SELECT count(*) FROM landmarks WHERE "
+                    "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)) AS landmarks, "
+                    "(SELECT count(*) FROM raw_pages WHERE "
+                    "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)) AS pages, "
                     "(SELECT ingest_state::text FROM jobs WHERE job_id = $1) AS state", self.job_id)
                 assert row is not None
                 self.seen.add(tuple(row))

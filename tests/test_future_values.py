@@ -98,7 +98,8 @@ async def test_future_values_are_stored_as_sent_counted_and_logged_once(
         emulator.remove_job(job_id)
     assert (first.outcome, again.outcome, first.pages, first.faces) == ("ingested", "ingested", 2, 1100), first
 
-    archived = await db.fetch("SELECT encoding, body, body_bytes FROM raw_pages WHERE job_id = $1 ORDER BY page_no",
+    archived = await db.fetch("SELECT encoding, body, body_bytes FROM raw_pages WHERE "
+                              "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1) ORDER BY page_no",
                               job_id)
     pages = [orjson.loads(ArchivedPage(bytes(r["body"]), r["body_bytes"], r["encoding"]).decompress())
              for r in archived]
@@ -108,11 +109,16 @@ async def test_future_values_are_stored_as_sent_counted_and_logged_once(
 
     job = await db.fetchrow("SELECT job_status, color_range FROM jobs WHERE job_id = $1", job_id)
     assert (job["job_status"], job["color_range"]) == sent["job"] == ("SUCCEEDED", f"HDR_{tag}")
-    landmarks = await db.fetch("SELECT face_seq, ordinal, type FROM landmarks WHERE job_id = $1", job_id)
+    landmarks = await db.fetch("SELECT face_seq, u.n - 1 AS ordinal, u.type FROM landmarks, "
+                               "unnest(types) WITH ORDINALITY u(type, n) WHERE "
+                               "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", job_id)
     assert {(r["face_seq"], r["ordinal"]): r["type"] for r in landmarks} == sent["landmarks"]
-    emotions = await db.fetch("SELECT face_seq, ordinal, type FROM emotions WHERE job_id = $1", job_id)
+    emotions = await db.fetch("SELECT face_seq, u.n - 1 AS ordinal, u.type FROM emotions, "
+                              "unnest(types) WITH ORDINALITY u(type, n) WHERE "
+                              "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", job_id)
     assert {(r["face_seq"], r["ordinal"]): r["type"] for r in emotions} == sent["emotions"]
-    genders = await db.fetch("SELECT face_seq, gender_value FROM faces WHERE job_id = $1", job_id)
+    genders = await db.fetch("SELECT face_seq, gender_value FROM faces WHERE "
+                             "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", job_id)
     assert {r["face_seq"]: r["gender_value"] for r in genders} == sent["gender"]
     # The reporting surface shows them too.
     assert await db.fetchval("SELECT color_range FROM reporting.job_summary WHERE job_id = $1", job_id) == f"HDR_{tag}"

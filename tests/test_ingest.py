@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import unique_job_id
-from tests.helpers import count_rows, dump_job, runtime
+from tests.helpers import count_rows, dump_job, job_rows_sql, runtime
 from worker.config import Settings
 from worker.local import synth
 from worker.messages import Api, JobRef
@@ -69,8 +69,11 @@ class _Db:
     def __init__(self, tables: dict[str, list[dict[str, Any]]]) -> None:
         self.job = tables["jobs"][0]
         self.faces = {r["face_seq"]: r for r in tables["faces"]}
-        self.landmarks = {(r["face_seq"], r["ordinal"]): r for r in tables["landmarks"]}
-        self.emotions = {(r["face_seq"], r["ordinal"]): r for r in tables["emotions"]}
+        # One row per face, the elements as arrays: element i is Landmarks[i] (Emotions[i]).
+        self.landmarks = {(r["face_seq"], i): {"type": t, "x": x, "y": y} for r in tables["landmarks"]
+                          for i, (t, x, y) in enumerate(zip(r["types"], r["xs"], r["ys"], strict=True))}
+        self.emotions = {(r["face_seq"], i): {"type": t, "confidence": c} for r in tables["emotions"]
+                         for i, (t, c) in enumerate(zip(r["types"], r["confidences"], strict=True))}
         self.matches = {(r["face_seq"], r["ordinal"]): r for r in tables["face_matches"]}
         self.collection = {r["face_id"]: r for r in tables["collection_faces"]}
 
@@ -100,7 +103,8 @@ class _Db:
 
 
 async def _tables(conn: asyncpg.Connection, job_id: str) -> dict[str, list[dict[str, Any]]]:
-    return {t: [dict(r) for r in await conn.fetch(f"SELECT * FROM {t} WHERE job_id = $1", job_id)]
+    return {t: [{k: v for k, v in dict(r).items() if k != "ingest_id"}
+                for r in await conn.fetch(job_rows_sql(t), job_id)]
             for t in ("jobs", "faces", "landmarks", "emotions", "face_matches", "collection_faces")}
 
 
@@ -160,7 +164,7 @@ async def test_job_that_shrinks_leaves_no_leftovers(emulator: Any, settings: Set
     counts = await count_rows(db, job_id)
     assert counts["faces"] == 700 and counts["landmarks"] == 700 * 5 and counts["emotions"] == 0
     assert counts["raw_pages"] == 1
-    assert await db.fetchval("SELECT max(face_seq) FROM faces WHERE job_id = $1", job_id) == 699
+    assert await db.fetchval(job_rows_sql("faces", "max(face_seq)"), job_id) == 699
 
 
 async def test_concurrent_duplicate_ingest_ends_with_one_ingest(emulator: Any, settings: Settings,
@@ -222,7 +226,7 @@ async def test_readers_never_see_a_partial_job(emulator: Any, settings: Settings
         conn = await asyncpg.connect(db_url)
         try:
             while not done.is_set():
-                seen.add(await conn.fetchval("SELECT count(*) FROM faces WHERE job_id = $1", fx.job_id))
+                seen.add(await conn.fetchval(job_rows_sql("faces", "count(*)"), fx.job_id))
                 await asyncio.sleep(0.01)
         finally:
             await conn.close()

@@ -1,4 +1,5 @@
-"""Deleting a jobs row deletes that job's rows in every table (0007's statement-level trigger), and
+"""Deleting a jobs row deletes that job's rows in every table (0007's statement-level trigger, by every ingest
+key of the job since 0012), and
 every connection the worker opens resolves unqualified names in schema rekognition."""
 
 from __future__ import annotations
@@ -14,28 +15,38 @@ from worker.db.engine import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One row per job table, minimal: the columns without defaults that must be given.
-_ROWS = {
-    "faces": "INSERT INTO faces (job_id, face_seq, timestamp_ms, has_face) VALUES ($1, 0, 0, true)",
-    "landmarks": "INSERT INTO landmarks (job_id, face_seq, ordinal, type) VALUES ($1, 0, 0, 'nose')",
-    "emotions": "INSERT INTO emotions (job_id, face_seq, ordinal, type) VALUES ($1, 0, 0, 'CALM')",
-    "face_matches": "INSERT INTO face_matches (job_id, face_seq, ordinal, face_id) VALUES ($1, 0, 0, 'f-1')",
-    "collection_faces": "INSERT INTO collection_faces (job_id, face_id) VALUES ($1, 'f-1')",
-    "persons": "INSERT INTO persons VALUES ($1, 0, 0, 0, 1)",
-    "raw_pages": "INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) VALUES ($1, 0, 'json', '', 0)",
-    "job_retries": "INSERT INTO job_retries (job_id, api) VALUES ($1, 'FACE_SEARCH')",
+# One row per job table, minimal: the columns without defaults that must be given. Keyed tables get a row of
+# the job's current ingest key and one of an earlier attempt that stopped (its rows are the job's too).
+_KEYED = {
+    "faces": "(ingest_id, face_seq, timestamp_ms, has_face) VALUES ($1, 0, 0, true)",
+    "landmarks": "(ingest_id, face_seq, types, xs, ys) VALUES ($1, 0, '{nose}', '{0.5}', '{0.5}')",
+    "emotions": "(ingest_id, face_seq, types, confidences) VALUES ($1, 0, '{CALM}', '{99}')",
+    "face_matches": "(ingest_id, face_seq, ordinal, face_id) VALUES ($1, 0, 0, 'f-1')",
+    "collection_faces": "(ingest_id, face_id) VALUES ($1, 'f-1')",
+    "persons": "(ingest_id, person_index, first_seen_ms, last_seen_ms, detections) VALUES ($1, 0, 0, 0, 1)",
+    "raw_pages": "(ingest_id, page_no, encoding, body, body_bytes) VALUES ($1, 0, 'json', '', 0)",
 }
+_BY_JOB_ID = {"ingests": "(ingest_id, job_id) VALUES ($2, $1)",
+              "job_retries": "(job_id, api) VALUES ($1, 'FACE_SEARCH')"}
+_ROWS = {**_KEYED, **_BY_JOB_ID}
 
 
 async def _job(conn: asyncpg.Connection, job_id: str) -> None:
-    await conn.execute("INSERT INTO jobs (job_id, api, ingest_state) VALUES ($1, 'FACE_SEARCH', 'ingested')", job_id)
-    for sql in _ROWS.values():
-        await conn.execute(sql, job_id)
+    current, stopped = [await conn.fetchval("SELECT nextval('ingest_ids')") for _ in range(2)]
+    await conn.execute("INSERT INTO jobs (job_id, api, ingest_state, ingest_id) "
+                       "VALUES ($1, 'FACE_SEARCH', 'ingested', $2)", job_id, current)
+    for key in (current, stopped):
+        for table, values in _KEYED.items():
+            await conn.execute(f"INSERT INTO {table} {values}", key)
+        await conn.execute(f"INSERT INTO ingests {_BY_JOB_ID['ingests']}", job_id, key)
+    await conn.execute(f"INSERT INTO job_retries {_BY_JOB_ID['job_retries']}", job_id)
 
 
 async def _counts(conn: asyncpg.Connection, job_id: str) -> dict[str, int]:
-    return {t: await conn.fetchval(f"SELECT count(*) FROM rekognition.{t} WHERE job_id = $1", job_id)
-            for t in ("jobs", *_ROWS)}
+    return {t: await conn.fetchval(
+        f"SELECT count(*) FROM rekognition.{t} WHERE job_id = $1" if t in ("jobs", *_BY_JOB_ID) else
+        f"SELECT count(*) FROM rekognition.{t} t JOIN rekognition.ingests i USING (ingest_id) WHERE i.job_id = $1",
+        job_id) for t in ("jobs", *_ROWS)}
 
 
 def test_every_job_table_is_covered() -> None:
@@ -54,7 +65,8 @@ async def test_deleting_jobs_deletes_their_rows_everywhere_and_nothing_else(
         await other.close()
     for job_id in ("gone-1", "gone-2"):
         assert set((await _counts(db, job_id)).values()) == {0}, job_id
-    assert set((await _counts(db, "kept-1")).values()) == {1}
+    kept = await _counts(db, "kept-1")
+    assert kept == {t: 1 if t in ("jobs", "job_retries") else 2 for t in kept}
 
 
 async def test_the_worker_connection_finds_its_tables_without_the_database_setting(

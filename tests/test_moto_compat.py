@@ -25,8 +25,11 @@ async def test_moto_canned_face_search_page_is_ingested(settings: Settings, db: 
     assert outcome.pages == 1 and outcome.faces >= 1
     job = await db.fetchrow("SELECT * FROM jobs WHERE job_id = 'moto-canned-job'")
     assert job["job_status"] == "SUCCEEDED" and job["video_codec"] == "h264" and job["duration_ms"] == 15020
-    faces = await db.fetch("SELECT * FROM faces WHERE job_id = 'moto-canned-job' ORDER BY face_seq")
+    faces = await db.fetch("SELECT * FROM faces WHERE "
+                           "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = 'moto-canned-job') "
+                           "ORDER BY face_seq")
     assert len(faces) == outcome.faces
     assert faces[0]["person_index"] == 0 and faces[0]["bbox_width"] == pytest.approx(0.42217350006103516)
-    matches = await db.fetchval("SELECT count(*) FROM face_matches WHERE job_id = 'moto-canned-job'")
+    matches = await db.fetchval("SELECT count(*) FROM face_matches WHERE "
+                                "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = 'moto-canned-job')")
     assert matches == outcome.matches

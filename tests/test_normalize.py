@@ -35,7 +35,9 @@ def test_detection_rows_have_table_shapes() -> None:
     assert all(len(r) == len(FACE_COLUMNS) for r in rows.faces)
     assert all(len(r) == len(LANDMARK_COLUMNS) for r in rows.landmarks)
     assert all(len(r) == len(EMOTION_COLUMNS) for r in rows.emotions)
-    assert len(rows.landmarks) == 50 * 30 and len(rows.emotions) == 50 * 8
+    assert len(rows.landmarks) == len(rows.emotions) == 50  # one row per face, the elements as arrays
+    assert rows.landmark_elements == 50 * 30 and rows.emotion_elements == 50 * 8
+    assert all(len(r[2]) == len(r[3]) == len(r[4]) == 30 for r in rows.landmarks)
     # face_seq continues from seq_start: the stream position is the key.
     assert [r[1] for r in rows.faces] == list(range(100, 150))
     assert rows.matches == [] and rows.collection_faces == {}
@@ -50,7 +52,7 @@ def test_search_rows_keep_every_face_match() -> None:
     assert any(len(p["FaceMatches"]) >= 2 for p in page["Persons"])
     assert all(len(r) == len(MATCH_COLUMNS) for r in rows.matches)
     assert all(len(r) == len(COLLECTION_FACE_COLUMNS) for r in rows.collection_faces.values())
-    assert len(rows.landmarks) == 200 * 5
+    assert rows.landmark_elements == 200 * 5
 
 
 def test_empty_page_and_missing_face_are_fine() -> None:
@@ -133,8 +135,8 @@ def test_unknown_enumeration_values_are_stored_as_sent_and_reported() -> None:
     faces[2]["Gender"]["Value"] = "Nonbinary"
     faces[2]["Emotions"][4]["Type"] = ""  # a string PostgreSQL can store, so stored
     rows = normalize_page(page, Api.FACE_DETECTION, "det-new-values", 10)
-    landmark = {(r[1], r[2]): r[3] for r in rows.landmarks}
-    emotion = {(r[1], r[2]): r[3] for r in rows.emotions}
+    landmark = {(r[1], i): t for r in rows.landmarks for i, t in enumerate(r[2])}
+    emotion = {(r[1], i): t for r in rows.emotions for i, t in enumerate(r[2])}
     assert landmark[(10, 2)] == landmark[(13, 2)] == "earLeft" and landmark[(13, 5)] == "x" * MAX_ENUM_CHARS
     assert emotion[(11, 0)] == "CONTEMPT" and emotion[(12, 4)] == ""
     assert rows.faces[2][FACE_COLUMNS.index("gender_value")] == "Nonbinary"
@@ -156,7 +158,7 @@ def test_distinct_unknown_values_per_page_are_bounded() -> None:
     n = MAX_UNKNOWN_PER_PAGE + 8
     page = {"Faces": [{"Timestamp": 1, "Face": {"Landmarks": [{"Type": f"new{i}"} for i in range(n)] * 2}}]}
     rows = normalize_page(page, Api.FACE_DETECTION, "j", 0)
-    assert [r[3] for r in rows.landmarks] == [f"new{i}" for i in range(n)] * 2
+    assert [t for r in rows.landmarks for t in r[2]] == [f"new{i}" for i in range(n)] * 2
     reported = rows.unknown["landmark_type"]
     assert len(reported) == MAX_UNKNOWN_PER_PAGE + 1 and reported[OTHER] == 16
     assert sum(reported.values()) == 2 * n

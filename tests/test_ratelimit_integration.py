@@ -74,7 +74,8 @@ async def ingest_all(settings: Settings, fixtures: list[synth.JobFixture]) -> li
 
 
 async def faces_stored(db: asyncpg.Connection, fixtures: list[synth.JobFixture]) -> list[int]:
-    rows = await db.fetch("SELECT job_id, count(*) AS n FROM faces WHERE job_id = any($1::text[]) GROUP BY job_id",
+    rows = await db.fetch("SELECT j.job_id, count(*) AS n FROM faces f JOIN jobs j ON j.ingest_id = f.ingest_id "
+                          "WHERE j.job_id = any($1::text[]) GROUP BY j.job_id",
                           [f.job_id for f in fixtures])
     by_job = {r["job_id"]: r["n"] for r in rows}
     return [by_job.get(f.job_id, 0) for f in fixtures]

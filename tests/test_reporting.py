@@ -577,20 +577,21 @@ async def test_a_reingest_in_flight_shows_the_previous_complete_rows(emulator: A
     async with runtime(settings) as rt:
         assert (await rt.ingestor.ingest(JobRef.create(job_id, old.api))).outcome == "ingested"
         assert_views_equal(await actual(db, watched), before)
-        # Two writers hold their transactions open mid-job: a re-ingest, and the first ingest of another job.
+        # Two writers mid-job, their pages committed under new keys: a re-ingest, and the first ingest of another job.
         async with rt.store.job_writer(JobRef.create(job_id, new.api)) as writer:
             with contextlib.suppress(_Abandon):
                 async with rt.store.job_writer(JobRef.create(fresh.job_id, fresh.api)) as first_writer:
                     page = _pages(fresh, 200)[0]
-                    await first_writer.write_page(normalize_page(page, Api.FACE_DETECTION, fresh.job_id, 0))
+                    await first_writer.write_page(
+                        normalize_page(page, Api.FACE_DETECTION, first_writer.ingest_id, 0))
                     seq = 0
                     for page in _pages(new, 300):
-                        rows = normalize_page(page, Api.FACE_SEARCH, job_id, seq)
+                        rows = normalize_page(page, Api.FACE_SEARCH, writer.ingest_id, seq)
                         await writer.write_page(rows)
                         seq += rows.elements
                         assert_views_equal(await actual(db, watched), before)
                     await writer.finish(parse_meta(page))
-                    # Persons derived and the job row rewritten, not committed: readers keep the old ingest.
+                    # Persons derived under the new key, the job not switched to it yet: readers keep the old ingest.
                     assert_views_equal(await actual(db, watched), before)
                     raise _Abandon  # the other job's first ingest never commits
             assert_views_equal(await actual(db, watched), before)

@@ -27,45 +27,48 @@ FACES_PER_JOB = 5000
 SEARCH_JOB = "big-0100"
 DETECTION_JOB = "big-0101"
 
+# Job n's rows are under ingest key n + 1 (0012), as the store writes them: registered in ingests, named by jobs.
 GENERATE = (
     f"""
     INSERT INTO jobs (job_id, api, job_status, ingest_state, video_bucket, video_name, duration_ms, pages, faces,
-                      ingest_started_at, ingested_at)
+                      ingest_started_at, ingested_at, ingest_id)
     SELECT 'big-' || lpad(n::text, 4, '0'),
            CASE WHEN n % 2 = 0 THEN 'FACE_SEARCH' ELSE 'FACE_DETECTION' END::face_api, 'SUCCEEDED', 'ingested',
            'bucket', 'videos/' || n || '.mp4', {FACES_PER_JOB // 4 * 250 + 1000}, {FACES_PER_JOB // 1000},
-           {FACES_PER_JOB}, now(), now()
+           {FACES_PER_JOB}, now(), now(), n + 1
     FROM generate_series(0, {JOBS - 1}) n
     """,
+    "INSERT INTO ingests (ingest_id, job_id) SELECT ingest_id, job_id FROM jobs",
+    f"SELECT setval('ingest_ids', {JOBS})",
     # Four faces per sampled frame, a frame every 250 ms; search jobs cycle through eight persons. Rows
     # are inserted job by job, as the store's COPY writes them, so a job's rows share heap pages.
     f"""
-    INSERT INTO faces (job_id, face_seq, timestamp_ms, person_index, has_face, confidence)
-    SELECT 'big-' || lpad(n::text, 4, '0'), s, (s / 4) * 250, CASE WHEN n % 2 = 0 THEN s % 8 END, true, 90 + s % 10
+    INSERT INTO faces (ingest_id, face_seq, timestamp_ms, person_index, has_face, confidence)
+    SELECT n + 1, s, (s / 4) * 250, CASE WHEN n % 2 = 0 THEN s % 8 END, true, 90 + s % 10
     FROM generate_series(0, {JOBS - 1}) n, generate_series(0, {FACES_PER_JOB - 1}) s
     ORDER BY n, s
     """,
     # Six of the eight persons match a collection face; 50 collection faces shared across videos.
     f"""
-    INSERT INTO face_matches (job_id, face_seq, ordinal, face_id, similarity)
-    SELECT 'big-' || lpad(n::text, 4, '0'), s, 0, 'face-' || ((n + s % 8) % 50), 80 + s % 20
+    INSERT INTO face_matches (ingest_id, face_seq, ordinal, face_id, similarity)
+    SELECT n + 1, s, 0, 'face-' || ((n + s % 8) % 50), 80 + s % 20
     FROM generate_series(0, {JOBS - 1}, 2) n, generate_series(0, {FACES_PER_JOB - 1}) s
     WHERE s % 8 < 6
     ORDER BY n, s
     """,
     """
-    INSERT INTO collection_faces (job_id, face_id, external_image_id)
-    SELECT DISTINCT job_id, face_id, 'employee-' || substr(face_id, 6) FROM face_matches
+    INSERT INTO collection_faces (ingest_id, face_id, external_image_id)
+    SELECT DISTINCT ingest_id, face_id, 'employee-' || substr(face_id, 6) FROM face_matches
     """,
     """
-    INSERT INTO persons (job_id, person_index, first_seen_ms, last_seen_ms, detections)
-    SELECT job_id, person_index, min(timestamp_ms), max(timestamp_ms), count(*)
-    FROM faces WHERE person_index IS NOT NULL GROUP BY job_id, person_index
+    INSERT INTO persons (ingest_id, person_index, first_seen_ms, last_seen_ms, detections)
+    SELECT ingest_id, person_index, min(timestamp_ms), max(timestamp_ms), count(*)
+    FROM faces WHERE person_index IS NOT NULL GROUP BY ingest_id, person_index
     """,
     """
-    UPDATE jobs j SET persons = (SELECT count(*) FROM persons p WHERE p.job_id = j.job_id),
-                      face_matches = (SELECT count(*) FROM face_matches m WHERE m.job_id = j.job_id),
-                      collection_faces = (SELECT count(*) FROM collection_faces c WHERE c.job_id = j.job_id)
+    UPDATE jobs j SET persons = (SELECT count(*) FROM persons p WHERE p.ingest_id = j.ingest_id),
+                      face_matches = (SELECT count(*) FROM face_matches m WHERE m.ingest_id = j.ingest_id),
+                      collection_faces = (SELECT count(*) FROM collection_faces c WHERE c.ingest_id = j.ingest_id)
     """,
     "VACUUM ANALYZE",
 )

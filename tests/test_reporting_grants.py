@@ -58,9 +58,11 @@ async def test_reader_reads_every_reporting_view_and_no_table(pg_server_url: str
             owner = await worker_connect(url)
             try:
                 await owner.execute(
-                    "INSERT INTO jobs (job_id, api, ingest_state) VALUES ('r-1', 'FACE_DETECTION', 'ingested');"
-                    "INSERT INTO faces (job_id, face_seq, timestamp_ms, has_face) VALUES ('r-1', 0, 0, true), "
-                    "('r-1', 1, 400, true);"
+                    "INSERT INTO jobs (job_id, api, ingest_state, ingest_id) "
+                    "VALUES ('r-1', 'FACE_DETECTION', 'ingested', 1);"
+                    "INSERT INTO ingests (ingest_id, job_id) VALUES (1, 'r-1');"
+                    "INSERT INTO faces (ingest_id, face_seq, timestamp_ms, has_face) VALUES (1, 0, 0, true), "
+                    "(1, 1, 400, true);"
                     "INSERT INTO jobs (job_id, api, ingest_state, completed_at) "
                     "VALUES ('r-2', 'FACE_SEARCH', 'pending', now() - interval '1 day')")
                 views = [r[0] for r in await owner.fetch(

@@ -30,8 +30,10 @@ async def test_reprocess_rebuilds_identical_rows_with_aws_unreachable(
             assert (await rt.ingestor.ingest(JobRef.create(fx.job_id, fx.api))).outcome == "ingested"
     before = {fx.job_id: await dump_job(db, fx.job_id) for fx in (det, srch)}
     # Damage the normalized rows (as a normalization bug would), then rebuild from the archive.
-    await db.execute("DELETE FROM landmarks WHERE job_id = $1", det.job_id)
-    await db.execute("UPDATE faces SET confidence = -1 WHERE job_id = $1", srch.job_id)
+    await db.execute("DELETE FROM landmarks WHERE "
+                     "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", det.job_id)
+    await db.execute("UPDATE faces SET confidence = -1 WHERE "
+                     "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", srch.job_id)
     result = run_cli("reprocess", det.job_id, srch.job_id, env={
         "DATABASE_URL": db_url, "AWS_ENDPOINT_URL_REKOGNITION": "http://127.0.0.1:1"})
     assert result.returncode == 0, result.stderr
@@ -78,11 +80,13 @@ async def test_corrupt_page_fails_its_job_only_and_keeps_archive_and_rows(
     first, middle, last = (synth.detection_job(unique_job_id(f"rp-corrupt-{i}"), faces=150) for i in (1, 2, 3))
     await _ingest_all(settings.with_(page_size=100), emulator, [first, middle, last])
     # Truncate the middle job's second page: its first page is rebuilt before the failure shows.
-    await db.execute("UPDATE raw_pages SET body = substring(body FROM 1 FOR 1000) WHERE job_id = $1 AND page_no = 1",
+    await db.execute("UPDATE raw_pages SET body = substring(body FROM 1 FOR 1000) WHERE "
+                     "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1) AND page_no = 1",
                      middle.job_id)
     before = {fx.job_id: await dump_job(db, fx.job_id) for fx in (first, middle, last)}
     for fx in (first, last):
-        await db.execute("DELETE FROM landmarks WHERE job_id = $1", fx.job_id)
+        await db.execute("DELETE FROM landmarks WHERE "
+                         "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", fx.job_id)
 
     result = run_cli("reprocess", "--all", env={"DATABASE_URL": db_url})
 
@@ -112,13 +116,17 @@ async def test_named_jobs_go_on_past_a_decompression_bomb(
     await _ingest_all(settings, emulator, [bombed, fine])
     bomb = zstandard.ZstdCompressor(level=1).compressobj(size=256 << 20)
     body = b"".join([*(bomb.compress(b"\0" * (1 << 20)) for _ in range(256)), bomb.flush()])
-    await db.execute("UPDATE raw_pages SET body = $2 WHERE job_id = $1", bombed.job_id, body)
-    raw_before = await db.fetch("SELECT * FROM raw_pages WHERE job_id = $1", bombed.job_id)
+    await db.execute("UPDATE raw_pages SET body = $2 WHERE "
+                     "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", bombed.job_id, body)
+    raw_before = await db.fetch("SELECT * FROM raw_pages WHERE "
+                                "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", bombed.job_id)
 
     outcomes = await run_reprocess(settings, [bombed.job_id, fine.job_id])
 
     assert [(o.job_id, o.outcome) for o in outcomes] == [(bombed.job_id, "failed"), (fine.job_id, "ingested")]
     assert "decompresses to more than the recorded" in (outcomes[0].reason or "")
     assert outcomes[0].extra == {"kept_previous_ingest": True}
-    assert await db.fetch("SELECT * FROM raw_pages WHERE job_id = $1", bombed.job_id) == raw_before
-    assert await db.fetchval("SELECT count(*) FROM faces WHERE job_id = $1", bombed.job_id) == 200
+    assert await db.fetch("SELECT * FROM raw_pages WHERE "
+                          "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", bombed.job_id) == raw_before
+    assert await db.fetchval("SELECT count(*) FROM faces WHERE "
+                             "ingest_id = (SELECT ingest_id FROM jobs WHERE job_id = $1)", bombed.job_id) == 200

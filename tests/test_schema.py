@@ -1,4 +1,4 @@
-"""The migrated schema agrees with the normalizer, leads with job_id, and migrates both ways."""
+"""The migrated schema agrees with the normalizer, keys the bulk tables by ingest key, and migrates both ways."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ COPY_COLUMNS = {
     "face_matches": store.MATCH_COLUMNS, "collection_faces": store.COLLECTION_FACE_COLUMNS,
 }
 # Columns that hold Rekognition's enumeration values: text since 0005, so newer values are stored as sent.
-ENUM_COLUMNS = {("landmarks", "type"), ("emotions", "type"), ("faces", "gender_value"), ("jobs", "color_range"),
-                ("jobs", "job_status")}
+ENUM_COLUMNS = {("faces", "gender_value"), ("jobs", "color_range"), ("jobs", "job_status")}
+# Landmark and emotion types: text arrays since 0012 (one row per face).
+ENUM_ARRAY_COLUMNS = {("landmarks", "types"), ("emotions", "types")}
 OLD_ENUM_TYPES = ("landmark_type", "emotion_type", "gender", "color_range", "job_status")
 
 
@@ -34,14 +35,17 @@ async def test_copy_columns_match_the_tables(db: asyncpg.Connection) -> None:
     for table, columns in COLUMNS.items():
         rows = await db.fetch("SELECT column_name FROM information_schema.columns WHERE table_schema = 'rekognition' "
                               "AND table_name = $1 ORDER BY ordinal_position", table)
-        assert tuple(r["column_name"] for r in rows) == columns, table
+        in_table = tuple(r["column_name"] for r in rows)
+        # Every column is written, by name; the table lays them out its own way (against alignment padding).
+        assert sorted(in_table) == sorted(columns), table
+        assert in_table == schema.columns(schema.metadata.tables[f"rekognition.{table}"]), table
 
 
-def test_normalizer_rows_are_in_the_column_order_of_schema_py() -> None:
-    # The normalizer's tuples are positional: COPY writes value i into column i of the store's list.
+def test_normalizer_rows_are_in_the_store_copy_column_order() -> None:
+    # The normalizer's tuples are positional: COPY writes value i into the column named i-th in the store's list.
     for table, columns in COLUMNS.items():
-        assert columns == schema.columns(schema.metadata.tables[f"rekognition.{table}"]), table
         assert COPY_COLUMNS[table] == columns, table
+        assert sorted(columns) == sorted(schema.columns(schema.metadata.tables[f"rekognition.{table}"])), table
 
 
 def test_the_normalizer_does_not_import_sqlalchemy() -> None:
@@ -71,16 +75,24 @@ async def test_enumeration_columns_are_text_and_the_old_types_are_gone(db: async
                                       "WHERE table_schema = 'rekognition' AND table_name = $1 AND column_name = $2",
                                       table, column)
         assert data_type == "text", (table, column)
+    for table, column in ENUM_ARRAY_COLUMNS:
+        udt = await db.fetchval("SELECT udt_name FROM information_schema.columns "
+                                "WHERE table_schema = 'rekognition' AND table_name = $1 AND column_name = $2",
+                                table, column)
+        assert udt == "_text", (table, column)
     assert await db.fetch("SELECT typname FROM pg_type WHERE typname = ANY($1)", list(OLD_ENUM_TYPES)) == []
 
 
-async def test_result_tables_lead_with_job_id(db: asyncpg.Connection) -> None:
+async def test_result_tables_have_an_index_led_by_the_ingest_key(db: asyncpg.Connection) -> None:
+    # What a key's rows are read and deleted by; the JobId itself is in jobs and ingests only.
     for table in ("faces", "landmarks", "emotions", "face_matches", "collection_faces", "persons", "raw_pages"):
-        first_key = await db.fetchval(
+        first_keys = {r["attname"] for r in await db.fetch(
             """SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
-               WHERE c.relname = $1 AND i.indisprimary""", table)
-        assert first_key == "job_id", table
+               WHERE c.relname = $1 AND c.relnamespace = 'rekognition'::regnamespace""", table)}
+        assert "ingest_id" in first_keys, table
+        assert await db.fetchval("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'rekognition' "
+                                 "AND table_name = $1 AND column_name = 'job_id'", table) == 0, table
 
 
 async def test_schema_is_at_head(db: asyncpg.Connection) -> None:
@@ -113,6 +125,46 @@ async def _reporting_surface(db: asyncpg.Connection, role: str) -> dict[str, tup
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            WHERE n.nspname = 'reporting' AND c.relkind = 'v'""", role)
     return {r["relname"]: (r["definition"], r["readable"], r["comment"], tuple(r["columns"])) for r in rows}
+
+
+async def test_0012_carries_jobs_over_and_back(db_url: str, db: asyncpg.Connection) -> None:
+    # A job with rows at 0010 (JobId in every row) reads the same through the views at 0012 and back at 0010.
+    cfg = alembic_config(Settings(database_url=db_url))
+    await asyncio.to_thread(command.downgrade, cfg, "0010")
+    await db.execute("INSERT INTO jobs (job_id, api, job_status, ingest_state, faces, persons) "
+                     "VALUES ('k-1', 'FACE_SEARCH', 'SUCCEEDED', 'ingested', 2, 1)")
+    await db.execute("INSERT INTO faces (job_id, face_seq, timestamp_ms, person_index, has_face, gender_value, "
+                     "smile_value, smile_confidence, pose_yaw) "
+                     "VALUES ('k-1', 0, 0, 3, true, 'Female', true, 91.5, -2.25), "
+                     "('k-1', 1, 1500, 3, false, NULL, NULL, NULL, NULL)")
+    await db.execute("INSERT INTO landmarks (job_id, face_seq, ordinal, type, x, y) "
+                     "VALUES ('k-1', 0, 0, 'nose', 0.5, 0.25)")
+    await db.execute("INSERT INTO face_matches (job_id, face_seq, ordinal, face_id, similarity) "
+                     "VALUES ('k-1', 0, 0, 'f-1', 99.5)")
+    await db.execute("INSERT INTO collection_faces (job_id, face_id, external_image_id) VALUES ('k-1', 'f-1', 'ann')")
+    await db.execute("INSERT INTO persons VALUES ('k-1', 3, 0, 1500, 2)")
+    await db.execute("INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) "
+                     "VALUES ('k-1', 0, 'json', 'x', 1)")
+    views = ("face_observations", "person_identities", "person_appearances", "collection_face_sightings",
+             "person_seconds")
+
+    async def read() -> dict[str, list[tuple[object, ...]]]:
+        return {v: sorted((tuple(r) for r in await db.fetch(f"SELECT * FROM reporting.{v}")), key=repr)
+                for v in views}
+
+    before = await read()
+    assert all(before.values()), before
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    assert await read() == before
+    key = await db.fetchval("SELECT ingest_id FROM jobs WHERE job_id = 'k-1'")
+    assert await db.fetchval("SELECT job_id FROM ingests WHERE ingest_id = $1", key) == "k-1"
+    assert await db.fetchval("SELECT xs[1] FROM landmarks WHERE ingest_id = $1", key) == 0.5
+    assert await db.fetchval("SELECT types FROM landmarks WHERE ingest_id = $1", key) == ["nose"]
+    assert await db.fetchval("SELECT count(*) FROM raw_pages WHERE ingest_id = $1", key) == 1
+    await asyncio.to_thread(command.downgrade, cfg, "0010")
+    assert await read() == before
+    assert await db.fetchval("SELECT count(*) FROM raw_pages WHERE job_id = 'k-1'") == 1
+    await asyncio.to_thread(command.upgrade, cfg, "head")
 
 
 async def test_0005_carries_rows_views_grants_and_comments_over_and_back(

@@ -63,16 +63,16 @@ async def test_alembic_check_passes_on_a_migrated_database_and_fails_on_drift(
 async def test_the_comparison_sees_a_column_an_index_and_a_table_it_does_not_know(
         settings: Settings, db: asyncpg.Connection) -> None:
     await db.execute("ALTER TABLE rekognition.faces ADD COLUMN smuggled integer")
-    await db.execute("CREATE INDEX landmarks_type_idx ON rekognition.landmarks (type)")
+    await db.execute("CREATE INDEX landmarks_type_idx ON rekognition.landmarks (types)")
     await db.execute("ALTER TABLE rekognition.persons ALTER COLUMN detections DROP NOT NULL")
     await db.execute("CREATE TABLE rekognition.stray (x int)")
-    await db.execute("ALTER TABLE rekognition.landmarks ALTER COLUMN x TYPE real")
+    await db.execute("ALTER TABLE rekognition.landmarks ALTER COLUMN xs TYPE real[]")
     await db.execute("ALTER TABLE rekognition.jobs ALTER COLUMN attempts SET DEFAULT 1")
     await db.execute("ALTER TYPE rekognition.ingest_state ADD VALUE 'archived'")
     found = {(d[0], *(str(x) for x in d[1:4])) if isinstance(d, tuple) else tuple(str(x) for x in d[0][:4])
              for d in await drift(settings)}
     text = repr(found)
     for expected in ("remove_column", "smuggled", "remove_index", "landmarks_type_idx", "modify_nullable",
-                     "detections", "remove_table", "stray", "'landmarks', 'x'", "'jobs', 'attempts'",
+                     "detections", "remove_table", "stray", "'landmarks', 'xs'", "'jobs', 'attempts'",
                      "'jobs', 'ingest_state'"):
         assert expected in text, (expected, found)

@@ -20,6 +20,7 @@ from aiobotocore.session import get_session
 from rich.console import Console
 
 from tests.conftest import create_database as create_database_as
+from tests.helpers import job_rows_sql
 from worker.backfill import run_backfill
 from worker.config import Settings
 from worker.db.store import ArchivedPage
@@ -30,15 +31,17 @@ from worker.messages import JobRef
 # Result tables of one job and a total order for each, for row-by-row comparison.
 RESULT_ORDER = {
     "faces": "face_seq",
-    "landmarks": "face_seq, ordinal",
-    "emotions": "face_seq, ordinal",
+    "landmarks": "face_seq",  # one row per face since 0012
+    "emotions": "face_seq",
     "face_matches": "face_seq, ordinal",
     "collection_faces": "face_id",
     "persons": "person_index",
 }
 # jobs columns that record when and how often a job was written, not what was stored.
 # completed_at too: it comes from the notification, which a backfill does not have.
-BOOKKEEPING = ("attempts", "notified_at", "completed_at", "ingest_started_at", "ingested_at", "updated_at")
+# ingest_id too: each ingest writes under a key of its own (0012).
+BOOKKEEPING = ("attempts", "notified_at", "completed_at", "ingest_started_at", "ingested_at", "updated_at",
+               "ingest_id")
 
 
 @dataclass(frozen=True)
@@ -157,10 +160,10 @@ async def snapshot(database_url: str, job_id: str) -> dict[str, Any]:
         job = await conn.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
         out["jobs"] = None if job is None else {k: v for k, v in dict(job).items() if k not in BOOKKEEPING}
         for table, order in RESULT_ORDER.items():
-            rows = await conn.fetch(f"SELECT * FROM {table} WHERE job_id = $1 ORDER BY {order}", job_id)
-            out[table] = [tuple(r) for r in rows]
-        pages = await conn.fetch("SELECT page_no, encoding, body_bytes, body FROM raw_pages WHERE job_id = $1 "
-                                 "ORDER BY page_no", job_id)
+            rows = await conn.fetch(job_rows_sql(table) + f" ORDER BY {order}", job_id)
+            out[table] = [tuple(v for k, v in r.items() if k != "ingest_id") for r in rows]
+        pages = await conn.fetch(job_rows_sql("raw_pages", "page_no, encoding, body_bytes, body") + " ORDER BY page_no",
+                                 job_id)
         out["raw_pages"] = [
             (p["page_no"], p["encoding"], p["body_bytes"],
              ArchivedPage(bytes(p["body"]), p["body_bytes"], p["encoding"]).decompress())
@@ -181,12 +184,12 @@ async def job_row(database_url: str, job_id: str) -> dict[str, Any] | None:
 
 
 async def stored_rows(database_url: str, job_id: str) -> int:
-    """Rows of the job in every result table (0: nothing partial was left behind)."""
+    """Rows of the job in every result table, as readers see them (0: nothing partial was left behind)."""
     conn = await asyncpg.connect(database_url)
     try:
         total = 0
         for table in (*RESULT_ORDER, "raw_pages"):
-            total += int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", job_id))
+            total += int(await conn.fetchval(job_rows_sql(table, "count(*)"), job_id))
         return total
     finally:
         await conn.close()

@@ -221,8 +221,8 @@ async def test_soak(sqs: Any, moto_url: str, db_url: str, db: asyncpg.Connection
     # Every job exactly once, with exactly its rows.
     rows = {r["job_id"]: r for r in await db.fetch(
         "SELECT j.job_id, j.ingest_state::text AS state, j.attempts, j.faces, j.face_matches, j.pages, "
-        "(SELECT count(*) FROM faces f WHERE f.job_id = j.job_id) AS stored_faces, "
-        "(SELECT count(*) FROM raw_pages p WHERE p.job_id = j.job_id) AS stored_pages FROM jobs j")}
+        "(SELECT count(*) FROM faces f WHERE f.ingest_id = j.ingest_id) AS stored_faces, "
+        "(SELECT count(*) FROM raw_pages p WHERE p.ingest_id = j.ingest_id) AS stored_pages FROM jobs j")}
     assert set(rows) == set(plan.ingested) | plan.failed
     for job_id, fx in plan.ingested.items():
         row = rows[job_id]

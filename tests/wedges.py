@@ -32,18 +32,20 @@ def add_job(emu: Any, prefix: str, faces: int = 200, seed: int = 1) -> JobRef:
 
 
 class Blocker:
-    """Another session's uncommitted raw_pages row for page 0 of a job: the worker's write of it waits."""
+    """Another session's uncommitted raw_pages row for page 0 under an ingest key the worker is about to take:
+    the worker's write of that page waits. Keys come from sequence ingest_ids in order, so the blockers held
+    before the worker starts block its next ingests, one each (the i-th blocker the i-th ingest key taken)."""
 
     def __init__(self, conn: asyncpg.Connection, tx: Any) -> None:
         self.conn, self.tx = conn, tx
 
     @classmethod
-    async def hold(cls, db_url: str, job_id: str) -> Blocker:
+    async def hold(cls, db_url: str, key: int) -> Blocker:
         conn = await asyncpg.connect(db_url)
         tx = conn.transaction()
         await tx.start()
-        await conn.execute("INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) "
-                           "VALUES ($1, 0, 'zstd+json', '\\x00'::bytea, 1)", job_id)
+        await conn.execute("INSERT INTO raw_pages (ingest_id, page_no, encoding, body, body_bytes) "
+                           "VALUES ($1, 0, 'zstd+json', '\\x00'::bytea, 1)", key)
         return cls(conn, tx)
 
     async def release(self) -> None:
@@ -58,9 +60,18 @@ class Blockers:
     def __init__(self, db_url: str) -> None:
         self.db_url = db_url
         self.held: list[Blocker] = []
+        self._last_key: int | None = None
 
     async def hold(self, job_id: str) -> Blocker:
-        self.held.append(await Blocker.hold(self.db_url, job_id))
+        """Block the next ingest key not blocked yet (``job_id``'s, when the test starts one job per blocker)."""
+        if self._last_key is None:
+            conn = await asyncpg.connect(self.db_url)
+            try:
+                self._last_key = int(await conn.fetchval("SELECT nextval('ingest_ids')"))
+            finally:
+                await conn.close()
+        self._last_key += 1
+        self.held.append(await Blocker.hold(self.db_url, self._last_key))
         return self.held[-1]
 
     async def __aenter__(self) -> Callable[[str], Awaitable[Blocker]]:

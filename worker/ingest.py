@@ -1,4 +1,4 @@
-"""Ingest one job end to end: pages from Rekognition -> rows -> one PostgreSQL transaction.
+"""Ingest one job end to end: pages from Rekognition -> rows under a new key -> the job switches to them.
 
 Fetching runs one page ahead of writing (a bounded queue), so page N+1 is on the wire and being
 normalized while page N is copied into PostgreSQL; memory stays bounded by ``prefetch_pages``.
@@ -142,12 +142,14 @@ class Ingestor:
             raise JobBusy(f"job {ref.job_id} is being written by another process")
         seq = 0
         archive = self.store.archive_raw_pages
+        # The key of this attempt's rows: the decoder writes it into every row tuple it builds.
+        ingest_id = await self.store.new_ingest_id()
 
         async def decode(raw: bytes, _number: int) -> tuple[DecodedPage, str | None, str | None]:
             nonlocal seq
             # Decoding, normalizing and compressing run on another core; pages are sequential
             # (each NextToken comes from the page before), so ``seq`` is known here.
-            page = await self.decoder.decode(raw, ref.api, ref.job_id, seq, archive)
+            page = await self.decoder.decode(raw, ref.api, ingest_id, seq, archive)
             if page.unknown:
                 unknown_values.report(page.unknown)
             if page.rows is not None:
@@ -173,7 +175,7 @@ class Ingestor:
             held = [first]
             del first  # the writer drops the page once written: memory stays bounded by the prefetch depth
             try:
-                c = await self._write(ref, meta, held, pages, skip_since_ms)
+                c = await self._write(ref, meta, held, pages, skip_since_ms, ingest_id)
             except AlreadyIngested:
                 return JobOutcome(ref.job_id, ref.api.value, "duplicate",
                                   reason="ingested by another process meanwhile")
@@ -186,10 +188,12 @@ class Ingestor:
                           persons=c.persons, matches=c.face_matches, rows=c.rows)
 
     async def _write(self, ref: JobRef, meta: JobMeta, held: list[DecodedPage],
-                     pages: AsyncIterator[DecodedPage], skip_since_ms: int | None) -> WriteCounts:
-        """All pages of one job in one transaction; returns what was written."""
+                     pages: AsyncIterator[DecodedPage], skip_since_ms: int | None, ingest_id: int) -> WriteCounts:
+        """All pages of one job under ``ingest_id``, a short transaction each; the job switches to them at the
+        end. Returns what was written."""
         last_meta = meta
-        async with self.store.job_writer(ref, skip_if_ingested_since_ms=skip_since_ms) as writer:
+        async with self.store.job_writer(ref, skip_if_ingested_since_ms=skip_since_ms,
+                                         ingest_id=ingest_id) as writer:
             # aclosing: a failed write must stop the prefetching task at once, not at GC time.
             async with aclosing(_prefetch(_chain(held.pop(), pages), self.prefetch_pages)) as stream:
                 async for page in stream:
@@ -320,11 +324,12 @@ class Ingestor:
         return JobOutcome(ref.job_id, name, "failed", reason=exc.reason)
 
     async def _quarantine(self, ref: JobRef, exc: PermanentJobError) -> JobOutcome:
-        """Record ``ref`` failed with its raw pages archived, in a transaction of its own.
+        """Record ``ref`` failed with its raw pages archived under a key of their own.
 
-        The row transaction is gone (rolled back), and keeping its pages in memory until then would
-        not be bounded (thousands of ~3.5 MB pages), so the pages are fetched again, through the
-        limiter, without normalizing, compressed one at a time and inserted as they come. An outage
+        The failed attempt's rows are under a key no job names (dropped by the quarantine), and keeping
+        its pages in memory would not be bounded (thousands of ~3.5 MB pages), so the pages are fetched
+        again, through the limiter, without normalizing, compressed one at a time and inserted as they
+        come, a short transaction each. An outage
         meanwhile leaves nothing and hands the job back (``transient``): Rekognition still has it.
         """
         name = ref.api.value

@@ -36,6 +36,7 @@ from worker import metrics
 from worker.archive import ArchivedPage
 from worker.config import Settings
 from worker.db import schema
+from worker.db.store import drop_stale_ingests
 from worker.errors import ConfigError, InvalidInput
 from worker.logs import get_logger
 
@@ -49,6 +50,8 @@ _FACE_CHUNK_TABLES = ("landmarks", "emotions", "face_matches", "faces")
 _FACE_DETAIL_TABLES = ("landmarks", "emotions")
 # Every table that holds a job's data (schema.py keeps the list), then the jobs row itself, deleted last.
 JOB_TABLES = (*(table.name for table in schema.JOB_TABLES), "jobs")
+# The tables keyed by ingest key (ingests says whose); the others name the job itself.
+_KEYED = frozenset(table.name for table in schema.KEYED_TABLES)
 # Faces (with their ~40 landmarks, emotions and matches each) per delete transaction: 5000 full-attribute
 # faces are ~200,000 rows, well under a second of work.
 DEFAULT_CHUNK_FACES = 5000
@@ -65,18 +68,23 @@ SELECTOR_KINDS: tuple[SelectorKind, ...] = ("external_image_id", "face_id", "use
 # Which collection_faces column a selector names, as bound values only: no identifier is interpolated.
 # With the kind known when the statement is planned, PostgreSQL drops the other branches and uses the
 # column's index.
-_FACES_IN_JOB = ("SELECT face_id FROM collection_faces WHERE job_id = $3 AND "
+_FACES_IN_JOB = ("SELECT face_id FROM collection_faces WHERE ingest_id = $3 AND "
                  "(($1 = 'external_image_id' AND external_image_id = $2) OR ($1 = 'face_id' AND face_id = $2) "
                  "OR ($1 = 'user_id' AND user_id = $2))")
 _FACES = ("SELECT DISTINCT face_id FROM collection_faces WHERE "
           "(($1 = 'external_image_id' AND external_image_id = $2) OR ($1 = 'face_id' AND face_id = $2) "
           "OR ($1 = 'user_id' AND user_id = $2))")
-_JOBS_OF = ("SELECT job_id FROM collection_faces WHERE "
-            "(($1 = 'external_image_id' AND external_image_id = $2) OR ($1 = 'face_id' AND face_id = $2) "
-            "OR ($1 = 'user_id' AND user_id = $2)) "
-            "UNION SELECT job_id FROM face_matches WHERE face_id = ANY($3::text[]) "
+# Keys whose rows no jobs row names (an ingest being written or replaced, an attempt that stopped) are looked
+# at too: their job is erased once its lock is free, the keys it no longer names dropped first.
+_JOBS_OF = ("SELECT i.job_id FROM collection_faces c JOIN ingests i ON i.ingest_id = c.ingest_id WHERE "
+            "(($1 = 'external_image_id' AND c.external_image_id = $2) OR ($1 = 'face_id' AND c.face_id = $2) "
+            "OR ($1 = 'user_id' AND c.user_id = $2)) "
+            "UNION SELECT i.job_id FROM face_matches m JOIN ingests i ON i.ingest_id = m.ingest_id "
+            "WHERE m.face_id = ANY($3::text[]) "
+            "UNION SELECT i.job_id FROM ingests i "
+            "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.ingest_id = i.ingest_id) "
             "UNION SELECT j.job_id FROM jobs j WHERE j.api = 'FACE_SEARCH' AND j.ingest_state <> 'ingested' "
-            "AND EXISTS (SELECT 1 FROM raw_pages r WHERE r.job_id = j.job_id) ORDER BY 1")
+            "AND EXISTS (SELECT 1 FROM raw_pages r WHERE r.ingest_id = j.ingest_id) ORDER BY 1")
 # The member of FaceMatch.Face that each selector names, in the raw pages.
 _PAGE_MEMBER = {"external_image_id": "ExternalImageId", "face_id": "FaceId", "user_id": "UserId"}
 
@@ -117,18 +125,32 @@ class JobRemoval:
         return sum(self.rows.values())
 
 
+async def _keys(conn: asyncpg.Connection, job_id: str) -> list[int]:
+    """Every ingest key of the job: the current one, and any other (replaced, stopped, being written)."""
+    return [r["ingest_id"] for r in await conn.fetch("SELECT ingest_id FROM ingests WHERE job_id = $1", job_id)]
+
+
 async def count_job_rows(conn: asyncpg.Connection, job_id: str) -> dict[str, int]:
-    """Rows of ``job_id`` in every table that holds job data."""
+    """Rows of ``job_id`` in every table that holds job data (under any of its keys)."""
     counts: dict[str, int] = {}
+    keys = await _keys(conn, job_id)
     for table in JOB_TABLES:
-        counts[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", job_id))
+        if table in _KEYED:
+            counts[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE ingest_id = ANY($1::int[])",
+                                                    keys))
+        else:
+            counts[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", job_id))
     return counts
 
 
 async def _delete_all(conn: asyncpg.Connection, job_id: str, rows: dict[str, int]) -> None:
+    keys = await _keys(conn, job_id)
     for table in JOB_TABLES:
-        rows[table] = rows.get(table, 0) + _affected(await conn.execute(f"DELETE FROM {table} WHERE job_id = $1",
-                                                                       job_id))
+        if table in _KEYED:
+            status = await conn.execute(f"DELETE FROM {table} WHERE ingest_id = ANY($1::int[])", keys)
+        else:
+            status = await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", job_id)
+        rows[table] = rows.get(table, 0) + _affected(status)
 
 
 async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True,
@@ -147,7 +169,8 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
         job = await conn.fetchrow("SELECT api::text AS api, ingest_state::text AS state, failure_code "
                                   "FROM jobs WHERE job_id = $1", job_id)
         removal.api, removal.state = (job["api"], job["state"]) if job is not None else (None, None)
-        top = await conn.fetchval("SELECT max(face_seq) FROM faces WHERE job_id = $1", job_id)
+        keys = await _keys(conn, job_id)
+        top = await conn.fetchval("SELECT max(face_seq) FROM faces WHERE ingest_id = ANY($1::int[])", keys)
         if top is None or top < chunk_faces:
             await _delete_all(conn, job_id, rows)
             if removal.total == 0:
@@ -161,7 +184,11 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
             "face_matches = 0, collection_faces = 0, landmarks = 0, emotions = 0 WHERE job_id = $1",
             job_id, _DELETING)
         for table in _HIDE_FIRST_TABLES:
-            rows[table] = _affected(await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", job_id))
+            if table in _KEYED:
+                status = await conn.execute(f"DELETE FROM {table} WHERE ingest_id = ANY($1::int[])", keys)
+            else:
+                status = await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", job_id)
+            rows[table] = _affected(status)
     for low in range(0, top + 1, chunk_faces):
         async with conn.transaction():
             await _lock(conn, job_id, wait=True)
@@ -170,8 +197,8 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
                 return removal
             for table in _FACE_CHUNK_TABLES:
                 rows[table] = rows.get(table, 0) + _affected(await conn.execute(
-                    f"DELETE FROM {table} WHERE job_id = $1 AND face_seq >= $2 AND face_seq < $3",
-                    job_id, low, low + chunk_faces))
+                    f"DELETE FROM {table} WHERE ingest_id = ANY($1::int[]) AND face_seq >= $2 AND face_seq < $3",
+                    keys, low, low + chunk_faces))
     async with conn.transaction():
         await _lock(conn, job_id, wait=True)
         if not await _still_deleting(conn, job_id):
@@ -397,9 +424,9 @@ def _rewrite_page(body: dict[str, Any], member: str, value: str, face_ids: set[s
     return changed
 
 
-async def _page(conn: asyncpg.Connection, job_id: str, page_no: int) -> Any:
-    row = await conn.fetchrow("SELECT encoding, body, body_bytes FROM raw_pages WHERE job_id = $1 AND page_no = $2",
-                              job_id, page_no)
+async def _page(conn: asyncpg.Connection, key: int, page_no: int) -> Any:
+    row = await conn.fetchrow("SELECT encoding, body, body_bytes FROM raw_pages WHERE ingest_id = $1 AND page_no = $2",
+                              key, page_no)
     return orjson.loads(ArchivedPage(bytes(row["body"]), row["body_bytes"], row["encoding"]).decompress())
 
 
@@ -407,47 +434,54 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
                         global_face_ids: set[str], counts: dict[str, int]) -> bool:
     """Erase from one job, in the caller's transaction (which holds the job's lock). True when it changed."""
     member = _PAGE_MEMBER[kind]
+    # Rows the job no longer names (a replaced ingest, an attempt that stopped) go whole: nobody reads them.
+    stale = await drop_stale_ingests(conn, job_id)
+    key = await conn.fetchval("SELECT ingest_id FROM jobs WHERE job_id = $1", job_id)
+    if key is None:
+        return stale > 0
     face_ids = set(global_face_ids)
-    face_ids.update(r["face_id"] for r in await conn.fetch(_FACES_IN_JOB, kind, value, job_id))
+    face_ids.update(r["face_id"] for r in await conn.fetch(_FACES_IN_JOB, kind, value, key))
     if kind == "face_id":
         face_ids.add(value)
     # Two passes over the archive, one decoded page at a time: which faces and persons go, then the rewrite.
     page_numbers = [r["page_no"] for r in await conn.fetch(
-        "SELECT page_no FROM raw_pages WHERE job_id = $1 ORDER BY page_no", job_id)]
+        "SELECT page_no FROM raw_pages WHERE ingest_id = $1 ORDER BY page_no", key)]
     matched: dict[int, set[str]] = {}
     for page_no in page_numbers:
-        _scan_page(await _page(conn, job_id, page_no), member, value, face_ids, matched)
+        _scan_page(await _page(conn, key, page_no), member, value, face_ids, matched)
     persons = {r["person_index"] for r in await conn.fetch(
-        "SELECT DISTINCT f.person_index FROM face_matches m JOIN faces f ON f.job_id = m.job_id "
-        "AND f.face_seq = m.face_seq WHERE m.job_id = $1 AND m.face_id = ANY($2::text[]) "
-        "AND f.person_index IS NOT NULL", job_id, list(face_ids))}
+        "SELECT DISTINCT f.person_index FROM face_matches m JOIN faces f ON f.ingest_id = m.ingest_id "
+        "AND f.face_seq = m.face_seq WHERE m.ingest_id = $1 AND m.face_id = ANY($2::text[]) "
+        "AND f.person_index IS NOT NULL", key, list(face_ids))}
     persons |= {index for index, ids in matched.items() if ids & face_ids}
     seqs = [r["face_seq"] for r in await conn.fetch(
-        "SELECT face_seq FROM faces WHERE job_id = $1 AND person_index = ANY($2::bigint[])", job_id, list(persons))]
+        "SELECT face_seq FROM faces WHERE ingest_id = $1 AND person_index = ANY($2::bigint[])", key, list(persons))]
     removed = dict.fromkeys(("landmarks", "emotions", "face_matches", "faces", "persons", "collection_faces"), 0)
     for table in _FACE_DETAIL_TABLES:
-        removed[table] = _affected(await conn.execute(
-            f"DELETE FROM {table} WHERE job_id = $1 AND face_seq = ANY($2::int[])", job_id, seqs))
+        # One row per face, its landmarks (emotions) as arrays: the counters and the audit count the elements.
+        removed[table] = int(await conn.fetchval(
+            f"WITH gone AS (DELETE FROM {table} WHERE ingest_id = $1 AND face_seq = ANY($2::int[]) "
+            f"RETURNING cardinality(types) AS n) SELECT coalesce(sum(n), 0) FROM gone", key, seqs))
     removed["face_matches"] = _affected(await conn.execute(
-        "DELETE FROM face_matches WHERE job_id = $1 AND (face_seq = ANY($2::int[]) OR face_id = ANY($3::text[]))",
-        job_id, seqs, list(face_ids)))
+        "DELETE FROM face_matches WHERE ingest_id = $1 AND (face_seq = ANY($2::int[]) OR face_id = ANY($3::text[]))",
+        key, seqs, list(face_ids)))
     removed["faces"] = _affected(await conn.execute(
-        "DELETE FROM faces WHERE job_id = $1 AND face_seq = ANY($2::int[])", job_id, seqs))
+        "DELETE FROM faces WHERE ingest_id = $1 AND face_seq = ANY($2::int[])", key, seqs))
     removed["persons"] = _affected(await conn.execute(
-        "DELETE FROM persons WHERE job_id = $1 AND person_index = ANY($2::bigint[])", job_id, list(persons)))
+        "DELETE FROM persons WHERE ingest_id = $1 AND person_index = ANY($2::bigint[])", key, list(persons)))
     # The erased faces, and any collection face that only the erased persons matched: collection_faces holds
     # the faces a job's matches name, and a reprocess would not derive those rows again.
     removed["collection_faces"] = _affected(await conn.execute(
-        "DELETE FROM collection_faces c WHERE c.job_id = $1 AND (c.face_id = ANY($2::text[]) OR NOT EXISTS "
-        "(SELECT 1 FROM face_matches m WHERE m.face_id = c.face_id AND m.job_id = c.job_id))",
-        job_id, list(face_ids)))
+        "DELETE FROM collection_faces c WHERE c.ingest_id = $1 AND (c.face_id = ANY($2::text[]) OR NOT EXISTS "
+        "(SELECT 1 FROM face_matches m WHERE m.face_id = c.face_id AND m.ingest_id = c.ingest_id))",
+        key, list(face_ids)))
     pages_rewritten = 0
     for page_no in page_numbers:
-        body = await _page(conn, job_id, page_no)
+        body = await _page(conn, key, page_no)
         if _rewrite_page(body, member, value, face_ids, persons):
             new = ArchivedPage.compress(orjson.dumps(body))
             await conn.execute("UPDATE raw_pages SET encoding = $3, body = $4, body_bytes = $5 "
-                               "WHERE job_id = $1 AND page_no = $2", job_id, page_no, new.encoding, new.body,
+                               "WHERE ingest_id = $1 AND page_no = $2", key, page_no, new.encoding, new.body,
                                new.raw_bytes)
             pages_rewritten += 1
     # The counters are the reporting views' job summary: they must keep equalling the rows.
@@ -460,7 +494,7 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
     for name, n in removed.items():
         counts[name] += n
     counts["pages_rewritten"] += pages_rewritten
-    return pages_rewritten > 0 or any(removed.values())
+    return stale > 0 or pages_rewritten > 0 or any(removed.values())
 
 
 async def _erase_candidates(conn: asyncpg.Connection, kind: SelectorKind, value: str) -> tuple[set[str], list[str]]:

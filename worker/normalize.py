@@ -57,7 +57,7 @@ _BOOL_ATTRS = (
 )
 
 FACE_COLUMNS: tuple[str, ...] = (
-    "job_id", "face_seq", "timestamp_ms", "person_index",
+    "ingest_id", "face_seq", "timestamp_ms", "person_index",
     "person_bbox_width", "person_bbox_height", "person_bbox_left", "person_bbox_top",
     "has_face", "bbox_width", "bbox_height", "bbox_left", "bbox_top", "confidence",
     "age_low", "age_high",
@@ -69,19 +69,21 @@ FACE_COLUMNS: tuple[str, ...] = (
     "face_occluded_value", "face_occluded_confidence",
     "eye_direction_yaw", "eye_direction_pitch", "eye_direction_confidence",
 )
-LANDMARK_COLUMNS = ("job_id", "face_seq", "ordinal", "type", "x", "y")
-EMOTION_COLUMNS = ("job_id", "face_seq", "ordinal", "type", "confidence")
-MATCH_COLUMNS = ("job_id", "face_seq", "ordinal", "face_id", "similarity")
+# One row per face with its landmarks (emotions) as arrays: element i of each array is Landmarks[i]
+# (Emotions[i]). Rows per landmark cost a tuple header, an index entry and a WAL record each.
+LANDMARK_COLUMNS = ("ingest_id", "face_seq", "types", "xs", "ys")
+EMOTION_COLUMNS = ("ingest_id", "face_seq", "types", "confidences")
+MATCH_COLUMNS = ("ingest_id", "face_seq", "ordinal", "face_id", "similarity")
 COLLECTION_FACE_COLUMNS = (
-    "job_id", "face_id", "image_id", "external_image_id", "user_id", "index_faces_model_version",
+    "ingest_id", "face_id", "image_id", "external_image_id", "user_id", "index_faces_model_version",
     "bbox_width", "bbox_height", "bbox_left", "bbox_top", "confidence",
 )
 
 _NO_FACE = (None,) * (len(FACE_COLUMNS) - 9)
 _NO_BOX = (None, None, None, None)
 _MAX_BIGINT = 2**63 - 1
-# face_seq is an integer column; landmarks, emotions and face_matches are keyed by a smallint
-# ordinal (0..32767), so one face holds at most 2**15 of each.
+# face_seq is an integer column; face_matches are keyed by a smallint ordinal (0..32767), and landmarks and
+# emotions (array elements) are held to the same bound: one face holds at most 2**15 of each.
 _MAX_SEQ = 2**31 - 1
 _MAX_CHILDREN = 2**15
 # An int in a double precision column must convert to a float (JSON ints beyond ~1.8e308 cannot).
@@ -127,8 +129,11 @@ class PageRows:
     meta: JobMeta
     elements: int = 0
     faces: list[tuple[Any, ...]] = field(default_factory=list)
+    # One row per face that has any, with arrays; *_elements count the landmarks (emotions) themselves.
     landmarks: list[tuple[Any, ...]] = field(default_factory=list)
     emotions: list[tuple[Any, ...]] = field(default_factory=list)
+    landmark_elements: int = 0
+    emotion_elements: int = 0
     matches: list[tuple[Any, ...]] = field(default_factory=list)
     # FaceId -> row: a collection face appears once per job however often it matched.
     collection_faces: dict[str, tuple[Any, ...]] = field(default_factory=dict)
@@ -273,8 +278,54 @@ def parse_meta(page: Mapping[str, Any], unknown: UnknownValues | None = None) ->
     )
 
 
+_EMPTY: Mapping[str, Any] = {}
+# FaceDetail's attribute members in column order (value, confidence each), Gender fourth.
+_ATTR_MEMBERS = ("Smile", "Eyeglasses", "Sunglasses", "Gender", "Beard", "Mustache", "EyesOpen", "MouthOpen")
+
+
+def _face_columns_fast(face: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """:func:`_face_columns` for the common case, without building a path per member: every member of its
+    type (objects, floats, booleans, bounded ints, a known gender). None when anything is not: the full
+    checks then run, member by member, and name what is wrong."""
+    g = face.get
+    bb, age, pose, quality, occluded, eyes = (g("BoundingBox"), g("AgeRange"), g("Pose"), g("Quality"),
+                                              g("FaceOccluded"), g("EyeDirection"))
+    attrs = [g(m) for m in _ATTR_MEMBERS]
+    for o in (bb, age, pose, quality, occluded, eyes, *attrs):
+        if o is not None and type(o) is not dict:
+            return None
+    bb, age, pose, quality, occluded, eyes = (bb or _EMPTY, age or _EMPTY, pose or _EMPTY, quality or _EMPTY,
+                                              occluded or _EMPTY, eyes or _EMPTY)
+    values = [a.get("Value") if a is not None else None for a in attrs]
+    confidences = [a.get("Confidence") if a is not None else None for a in attrs]
+    gender = values.pop(3)
+    if not (gender is None or (type(gender) is str and gender in GENDERS)):
+        return None
+    bools = [*values, occluded.get("Value")]
+    if any(v is not None and type(v) is not bool for v in bools):
+        return None
+    floats = [bb.get("Width"), bb.get("Height"), bb.get("Left"), bb.get("Top"), g("Confidence"), *confidences,
+              pose.get("Roll"), pose.get("Yaw"), pose.get("Pitch"), quality.get("Brightness"),
+              quality.get("Sharpness"), occluded.get("Confidence"), eyes.get("Yaw"), eyes.get("Pitch"),
+              eyes.get("Confidence")]
+    if any(v is not None and type(v) is not float for v in floats):
+        return None
+    low, high = age.get("Low"), age.get("High")
+    for v in (low, high):
+        if v is not None and (type(v) is not int or not -_MAX_BIGINT <= v <= _MAX_BIGINT):
+            return None
+    c = confidences
+    return (True, *floats[:5], low, high,
+            values[0], c[0], values[1], c[1], values[2], c[2], gender, c[3],
+            values[3], c[4], values[4], c[5], values[5], c[6], values[6], c[7],
+            *floats[13:18], bools[7], floats[18], *floats[19:22])
+
+
 def _face_columns(face: Mapping[str, Any], path: str, unknown: UnknownValues) -> tuple[Any, ...]:
     """Columns has_face .. eye_direction_confidence of FACE_COLUMNS for one FaceDetail."""
+    fast = _face_columns_fast(face)
+    if fast is not None:
+        return fast
     cols: list[Any] = [True, *_box(face.get("BoundingBox"), path + ".BoundingBox"),
                        _num(face.get("Confidence"), path + ".Confidence")]
     age = _obj(face.get("AgeRange"), path + ".AgeRange") or {}
@@ -308,11 +359,13 @@ def _face_columns(face: Mapping[str, Any], path: str, unknown: UnknownValues) ->
     return tuple(cols)
 
 
-def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any], path: str) -> None:
-    landmarks = rows.landmarks
+def _face_children(rows: PageRows, ingest_id: int, seq: int, face: Mapping[str, Any], path: str) -> None:
     items = _list(face.get("Landmarks"), path + ".Landmarks")
     if len(items) > _MAX_CHILDREN:
         raise _too_many(path + ".Landmarks", items)
+    types: list[str] = []
+    xs: list[Any] = []
+    ys: list[Any] = []
     for i, lm in enumerate(items):
         if type(lm) is not dict:
             raise _bad(f"{path}.Landmarks[{i}]", "object", lm)
@@ -325,11 +378,17 @@ def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any
             # The rare path (ints, wrong types): full checks, one at a time.
             x = _num(x, f"{path}.Landmarks[{i}].X")
             y = _num(y, f"{path}.Landmarks[{i}].Y")
-        landmarks.append((job_id, seq, i, kind, x, y))
-    emotions = rows.emotions
+        types.append(kind)
+        xs.append(x)
+        ys.append(y)
+    if types:
+        rows.landmarks.append((ingest_id, seq, types, xs, ys))
+        rows.landmark_elements += len(types)
     items = _list(face.get("Emotions"), path + ".Emotions")
     if len(items) > _MAX_CHILDREN:
         raise _too_many(path + ".Emotions", items)
+    types = []
+    confidences: list[Any] = []
     for i, em in enumerate(items):
         if type(em) is not dict:
             raise _bad(f"{path}.Emotions[{i}]", "object", em)
@@ -337,10 +396,14 @@ def _face_children(rows: PageRows, job_id: str, seq: int, face: Mapping[str, Any
         kind = _EMOTION_TYPE.get(raw) if type(raw) is str else None
         if kind is None:
             kind = _new_value(raw, "emotion_type", rows.unknown, f"{path}.Emotions[{i}].Type")
-        emotions.append((job_id, seq, i, kind, _num(em.get("Confidence"), f"{path}.Emotions[{i}].Confidence")))
+        types.append(kind)
+        confidences.append(_num(em.get("Confidence"), f"{path}.Emotions[{i}].Confidence"))
+    if types:
+        rows.emotions.append((ingest_id, seq, types, confidences))
+        rows.emotion_elements += len(types)
 
 
-def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: str) -> None:
+def _matches(rows: PageRows, ingest_id: int, seq: int, matches: list[Any], path: str) -> None:
     if len(matches) > _MAX_CHILDREN:
         raise _too_many(path, matches)
     for i, match in enumerate(matches):
@@ -354,11 +417,11 @@ def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: st
         if type(face_id) is not str or not face_id or len(face_id) > _MAX_KEY_CHARS or "\x00" in face_id:
             raise _bad(mpath + ".Face.FaceId", f"non-empty string of at most {_MAX_KEY_CHARS} characters without NUL",
                        face_id)
-        rows.matches.append((job_id, seq, i, face_id, _num(match.get("Similarity"), mpath + ".Similarity")))
+        rows.matches.append((ingest_id, seq, i, face_id, _num(match.get("Similarity"), mpath + ".Similarity")))
         # Every occurrence is validated; the first in the stream wins, as the store keeps the first
         # row of a FaceId across pages.
         rows.collection_faces.setdefault(face_id, (
-            job_id, face_id,
+            ingest_id, face_id,
             _str(face.get("ImageId"), mpath + ".Face.ImageId"),
             _key(face.get("ExternalImageId"), mpath + ".Face.ExternalImageId"),
             _str(face.get("UserId"), mpath + ".Face.UserId"),
@@ -368,7 +431,7 @@ def _matches(rows: PageRows, job_id: str, seq: int, matches: list[Any], path: st
         ))
 
 
-def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: int) -> PageRows:
+def normalize_page(page: Mapping[str, Any], api: Api, ingest_id: int, seq_start: int) -> PageRows:
     """Rows for one page. ``seq_start`` is the stream position of the page's first element."""
     unknown: UnknownValues = {}
     rows = PageRows(meta=parse_meta(page, unknown), unknown=unknown)
@@ -392,16 +455,16 @@ def normalize_page(page: Mapping[str, Any], api: Api, job_id: str, seq_start: in
             pbox = _box(person.get("BoundingBox"), path + ".Person.BoundingBox")
             face = _obj(person.get("Face"), path + ".Person.Face")
             fpath = path + ".Person.Face"
-            _matches(rows, job_id, seq, _list(element.get("FaceMatches"), path + ".FaceMatches"),
+            _matches(rows, ingest_id, seq, _list(element.get("FaceMatches"), path + ".FaceMatches"),
                      path + ".FaceMatches")
         else:
             index, pbox = None, _NO_BOX
             face = _obj(element.get("Face"), path + ".Face")
             fpath = path + ".Face"
         if face is None:
-            faces.append((job_id, seq, ts, index, *pbox, False, *_NO_FACE))
+            faces.append((ingest_id, seq, ts, index, *pbox, False, *_NO_FACE))
             continue
-        faces.append((job_id, seq, ts, index, *pbox, *_face_columns(face, fpath, unknown)))
-        _face_children(rows, job_id, seq, face, fpath)
+        faces.append((ingest_id, seq, ts, index, *pbox, *_face_columns(face, fpath, unknown)))
+        _face_children(rows, ingest_id, seq, face, fpath)
     rows.elements = len(elements)
     return rows

@@ -70,7 +70,7 @@ def tune_gc() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
-def decode_page(raw: bytes, api: Api, job_id: str, seq_start: int, archive: bool) -> DecodedPage:
+def decode_page(raw: bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> DecodedPage:
     """Pure CPU work on one raw page; raises MalformedPage for anything the model does not allow."""
     try:
         body = orjson.loads(raw)
@@ -81,7 +81,7 @@ def decode_page(raw: bytes, api: Api, job_id: str, seq_start: int, archive: bool
     # SUCCEEDED, or a status newer than this version (stored as sent): the page's results are rows. A job
     # still running, failed, or without a status has none to store.
     has_results = meta.job_status not in (None, "IN_PROGRESS", "FAILED")
-    rows = normalize_page(body, api, job_id, seq_start) if has_results else None
+    rows = normalize_page(body, api, ingest_id, seq_start) if has_results else None
     del body
     archived = ArchivedPage.compress(raw) if archive and rows is not None else None
     # normalize_page parses the job-level members again and reports their values with the rows'.
@@ -161,9 +161,9 @@ def _discard_result(future: Future[Shared | bytes]) -> None:
         discard(future.result())
 
 
-def decode_shared(raw: Shared | bytes, api: Api, job_id: str, seq_start: int, archive: bool) -> Shared | bytes:
+def decode_shared(raw: Shared | bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> Shared | bytes:
     """:func:`decode_page` in a decoding process: the page in, the pickled result out, both via :func:`share`."""
-    page = decode_page(take(raw), api, job_id, seq_start, archive)
+    page = decode_page(take(raw), api, ingest_id, seq_start, archive)
     return share(pickle.dumps(page, protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -187,14 +187,14 @@ class PageDecoder:
                                              initializer=_init_decoding_process, initargs=(os.getpid(),))
         return self._pool
 
-    async def decode(self, raw: bytes, api: Api, job_id: str, seq_start: int, archive: bool) -> DecodedPage:
+    async def decode(self, raw: bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> DecodedPage:
         if self.processes <= 0:
-            return decode_page(raw, api, job_id, seq_start, archive)
+            return decode_page(raw, api, ingest_id, seq_start, archive)
         executor = self._executor()
         sent = share(raw)
         future: Future[Shared | bytes] | None = None
         try:
-            future = executor.submit(decode_shared, sent, api, job_id, seq_start, archive)
+            future = executor.submit(decode_shared, sent, api, ingest_id, seq_start, archive)
             result = await asyncio.wrap_future(future)
         except BaseException as exc:
             # The decoder may never have taken the page, and a result may still arrive: free both.

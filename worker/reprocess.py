@@ -1,8 +1,8 @@
 """`reprocess`: rebuild a job's normalized rows from its raw page archive, without calling AWS.
 
 Rekognition keeps results for 7 days; the archive keeps them as long as the rows. A schema change
-or a normalization fix is applied to old jobs by reprocessing them. Each job is rebuilt in one
-transaction, exactly as an ingest writes it, so readers never see a half-rebuilt job. A job whose
+or a normalization fix is applied to old jobs by reprocessing them. Each job is rebuilt under a new key,
+exactly as an ingest writes it, and switched to at the end, so readers never see a half-rebuilt job. A job whose
 archive cannot be read back (CorruptArchive) or normalized is recorded failed and skipped; its raw
 pages and its rows from the last complete ingest stay as they were.
 """
@@ -29,7 +29,7 @@ log = get_logger(__name__)
 
 
 async def _rebuild(store: Store, ref: JobRef) -> WriteCounts:
-    """All of ``ref``'s rows from its archived pages, in one transaction; any error rolls it back."""
+    """All of ``ref``'s rows from its archived pages under a new key; any error leaves the job as it was."""
     async with store.job_writer(ref, from_archive=True) as writer:
         numbers = await writer.archived_page_numbers()
         if not numbers:
@@ -48,7 +48,7 @@ async def _rebuild(store: Store, ref: JobRef) -> WriteCounts:
             del archived
             if first is None:
                 first = parse_meta(body)
-            rows = normalize_page(body, ref.api, ref.job_id, seq)
+            rows = normalize_page(body, ref.api, writer.ingest_id, seq)
             if rows.unknown:
                 unknown_values.report(rows.unknown)
             del body

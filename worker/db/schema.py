@@ -10,7 +10,8 @@ change here, and the drift test says when the two disagree. Rekognition's enumer
 are text (0005: values newer than this version are stored as sent); ``face_api`` and ``ingest_state``
 are PostgreSQL enums, written by the worker only.
 
-Deleting a ``jobs`` row deletes that job's rows in every other table (``job_cascade`` below, 0007).
+Deleting a ``jobs`` row deletes that job's rows in every other table (the delete trigger of 0007, by
+ingest key since 0012). The bulk tables are keyed by ``ingest_id``, one key per ingest (0012): see below.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ jobs = sa.Table(
     sa.Column("updated_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
     # 0010: Rekognition's completion time from the first notification received (the 7-day clock).
     sa.Column("completed_at", sa.TIMESTAMP(timezone=True)),
+    # 0012: the key of the job's rows in the bulk tables (NULL: none); the reporting views join on it.
+    sa.Column("ingest_id", sa.Integer),
+    sa.Index("jobs_ingest_idx", "ingest_id", unique=True),
     sa.Index("jobs_state_idx", "ingest_state", "updated_at"),
     # 0002: which jobs looked at this video.
     sa.Index("jobs_video_idx", "video_bucket", "video_name"),
@@ -87,73 +91,93 @@ jobs = sa.Table(
     sa.Index("jobs_pending_idx", "completed_at", postgresql_where=sa.text("ingest_state = 'pending'")),
 )
 
+# The bulk tables carry ``ingest_id``, a 4-byte key of one ingest (0012), instead of the JobId: ``ingests``
+# says whose key it is and ``jobs.ingest_id`` which key's rows are the job's. Columns are laid out without
+# alignment padding (8-byte values, then booleans, then text); the COPY column lists are the normalizer's
+# (worker/normalize.py), by name.
+_KEY = "ingest_id"
+
+
+def _key() -> sa.Column[int]:
+    return sa.Column(_KEY, sa.Integer, nullable=False)
+
+
+_SIDES = ("width", "height", "left", "top")
+_CONFIDENCES = ("smile", "eyeglasses", "sunglasses", "gender", "beard", "mustache", "eyes_open", "mouth_open")
+_BOOLEANS = ("smile", "eyeglasses", "sunglasses", "beard", "mustache", "eyes_open", "mouth_open", "face_occluded")
+
 # One row per element of Faces (detection) or Persons (search), keyed by its position in the result
 # stream: face detection results carry no identifier of their own.
 faces = sa.Table(
     "faces", metadata,
-    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column(_KEY, sa.Integer, primary_key=True),
     sa.Column("face_seq", sa.Integer, primary_key=True),
     sa.Column("timestamp_ms", sa.BigInteger, nullable=False),
     sa.Column("person_index", sa.BigInteger),
-    *(_float(f"person_bbox_{side}") for side in ("width", "height", "left", "top")),
-    sa.Column("has_face", sa.Boolean, nullable=False),
-    *(_float(f"bbox_{side}") for side in ("width", "height", "left", "top")),
-    _float("confidence"),
     sa.Column("age_low", sa.BigInteger),
     sa.Column("age_high", sa.BigInteger),
-    *_attr("smile"), *_attr("eyeglasses"), *_attr("sunglasses"), *_attr("gender", sa.Text),
-    *_attr("beard"), *_attr("mustache"), *_attr("eyes_open"), *_attr("mouth_open"),
+    *(_float(f"person_bbox_{side}") for side in _SIDES),
+    *(_float(f"bbox_{side}") for side in _SIDES),
+    _float("confidence"),
+    *(_float(f"{name}_confidence") for name in _CONFIDENCES),
     _float("pose_roll"), _float("pose_yaw"), _float("pose_pitch"),
     _float("quality_brightness"), _float("quality_sharpness"),
-    *_attr("face_occluded"),
+    _float("face_occluded_confidence"),
     _float("eye_direction_yaw"), _float("eye_direction_pitch"), _float("eye_direction_confidence"),
-    sa.Index("faces_job_time_idx", "job_id", "timestamp_ms"),
-    sa.Index("faces_job_person_idx", "job_id", "person_index", "timestamp_ms",
+    sa.Column("has_face", sa.Boolean, nullable=False),
+    *(sa.Column(f"{name}_value", sa.Boolean) for name in _BOOLEANS),
+    sa.Column("gender_value", sa.Text),
+    sa.Index("faces_job_time_idx", _KEY, "timestamp_ms"),
+    sa.Index("faces_job_person_idx", _KEY, "person_index", "timestamp_ms",
              postgresql_where=sa.text("person_index IS NOT NULL")),
 )
 
+# A face's landmarks and emotions: one row per face that has any, the elements as arrays in the order
+# Rekognition sent them (element i of every array of the row is Landmarks[i] or Emotions[i]). A row per
+# element cost a tuple header, an index entry and a WAL record each: 30 of them per full-attribute face.
+_FLOATS = postgresql.ARRAY(postgresql.DOUBLE_PRECISION)
 landmarks = sa.Table(
     "landmarks", metadata,
-    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column(_KEY, sa.Integer, primary_key=True),
     sa.Column("face_seq", sa.Integer, primary_key=True),
-    sa.Column("ordinal", sa.SmallInteger, primary_key=True),
-    sa.Column("type", sa.Text, nullable=False),
-    _float("x"),
-    _float("y"),
+    sa.Column("xs", _FLOATS, nullable=False),
+    sa.Column("ys", _FLOATS, nullable=False),
+    sa.Column("types", postgresql.ARRAY(sa.Text), nullable=False),
 )
 
 emotions = sa.Table(
     "emotions", metadata,
-    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column(_KEY, sa.Integer, primary_key=True),
     sa.Column("face_seq", sa.Integer, primary_key=True),
-    sa.Column("ordinal", sa.SmallInteger, primary_key=True),
-    sa.Column("type", sa.Text, nullable=False),
-    _float("confidence"),
+    sa.Column("confidences", _FLOATS, nullable=False),
+    sa.Column("types", postgresql.ARRAY(sa.Text), nullable=False),
 )
 
-# Every FaceMatch of every person element is kept, not only the best one.
+# Every FaceMatch of every person element is kept, not only the best one. One non-unique (ingest_id,
+# face_seq) index, which btree deduplication keeps as one entry per face (a key has one writer).
 face_matches = sa.Table(
     "face_matches", metadata,
-    sa.Column("job_id", sa.Text, primary_key=True),
-    sa.Column("face_seq", sa.Integer, primary_key=True),
-    sa.Column("ordinal", sa.SmallInteger, primary_key=True),
-    sa.Column("face_id", sa.Text, nullable=False),
+    _key(),
+    sa.Column("face_seq", sa.Integer, nullable=False),
     _float("similarity"),
-    sa.Index("face_matches_face_idx", "face_id", "job_id"),
+    sa.Column("ordinal", sa.SmallInteger, nullable=False),
+    sa.Column("face_id", sa.Text, nullable=False),
+    sa.Index("face_matches_seq_idx", _KEY, "face_seq"),
+    sa.Index("face_matches_face_idx", "face_id", _KEY),
 )
 
-# Collection faces as seen by a job (FaceMatch.Face), keyed per job so each job's rows are replaced
-# atomically with no lock shared between jobs; the FaceId indexes serve cross-video questions.
+# Collection faces as seen by a job (FaceMatch.Face), keyed per ingest; the FaceId indexes serve
+# cross-video questions.
 collection_faces = sa.Table(
     "collection_faces", metadata,
-    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column(_KEY, sa.Integer, primary_key=True),
+    *(_float(f"bbox_{side}") for side in _SIDES),
+    _float("confidence"),
     sa.Column("face_id", sa.Text, primary_key=True),
     sa.Column("image_id", sa.Text),
     sa.Column("external_image_id", sa.Text),
     sa.Column("user_id", sa.Text),
     sa.Column("index_faces_model_version", sa.Text),
-    *(_float(f"bbox_{side}") for side in ("width", "height", "left", "top")),
-    _float("confidence"),
     sa.Index("collection_faces_face_idx", "face_id"),
     sa.Index("collection_faces_external_idx", "external_image_id",
              postgresql_where=sa.text("external_image_id IS NOT NULL")),
@@ -162,22 +186,34 @@ collection_faces = sa.Table(
 # Face search persons, derived from faces when a job is written.
 persons = sa.Table(
     "persons", metadata,
-    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column(_KEY, sa.Integer, primary_key=True),
+    sa.Column("detections", sa.Integer, nullable=False),
     sa.Column("person_index", sa.BigInteger, primary_key=True),
     sa.Column("first_seen_ms", sa.BigInteger, nullable=False),
     sa.Column("last_seen_ms", sa.BigInteger, nullable=False),
-    sa.Column("detections", sa.Integer, nullable=False),
 )
 
 # The raw result pages, compressed (encoding names the codec, e.g. zstd+json), kept as long as the rows.
 raw_pages = sa.Table(
     "raw_pages", metadata,
-    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column(_KEY, sa.Integer, primary_key=True),
     sa.Column("page_no", sa.Integer, primary_key=True),
-    sa.Column("encoding", sa.Text, nullable=False),
-    sa.Column("body", postgresql.BYTEA, nullable=False),
     sa.Column("body_bytes", sa.Integer, nullable=False),
     sa.Column("fetched_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    sa.Column("encoding", sa.Text, nullable=False),
+    sa.Column("body", postgresql.BYTEA, nullable=False),
+)
+
+# One row per ingest key whose rows exist (0012): the current one of a job (jobs.ingest_id), one being
+# written, or one left by a crashed or replaced ingest, removed under the job's lock. Keys come from
+# sequence ingest_ids (integer, cycling: a key is registered here before any row uses it, so a reused
+# value still in use is refused by the primary key).
+ingests = sa.Table(
+    "ingests", metadata,
+    sa.Column(_KEY, sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("job_id", sa.Text, sa.CheckConstraint(_JOB_ID_CHECK, name="ingests_job_id_check"), nullable=False),
+    sa.Column("started_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    sa.Index("ingests_job_idx", "job_id"),
 )
 
 # The fleet rate limit (worker/fleet.py): one row per shared bucket, updated a few times a second
@@ -286,9 +322,10 @@ submissions = sa.Table(
     sa.Index("submissions_job_id_idx", "job_id", postgresql_where=sa.text("job_id IS NOT NULL")),
 )
 
-# Tables whose rows belong to one job (job_id leads their primary key); deleting the job deletes them.
-JOB_TABLES: tuple[sa.Table, ...] = (faces, landmarks, emotions, face_matches, collection_faces, persons, raw_pages,
-                                    job_retries)
+# Tables whose rows belong to one ingest key (ingests says whose); deleting the job deletes them.
+KEYED_TABLES: tuple[sa.Table, ...] = (faces, landmarks, emotions, face_matches, collection_faces, persons, raw_pages)
+# Tables whose rows belong to one job (by key, or by job_id: ingests, job_retries); deleting the job deletes them.
+JOB_TABLES: tuple[sa.Table, ...] = (*KEYED_TABLES, ingests, job_retries)
 
 
 def columns(table: sa.Table) -> tuple[str, ...]:

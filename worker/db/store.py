@@ -1,13 +1,20 @@
-"""The store: atomic, idempotent writes of a job's rows.
+"""The store: atomic, idempotent writes of a job's rows, in short transactions.
 
-One job is written in one transaction: its old rows are deleted and the new ones copied in, so a
-reader sees either the previous ingest or the new one, never a mix, and re-ingesting converges to
-exactly the rows of one ingest. A transaction-scoped advisory lock on the JobId serializes writers
-of the same job across processes; the loser backs off (JobBusy) instead of writing twice.
+Each ingest writes its rows under a fresh key (``ingest_id``, registered in ``ingests``), page by page,
+one short transaction per page: nobody reads a key that no ``jobs`` row names. When the last page is in,
+one short transaction derives nothing more, clears the retries and points ``jobs.ingest_id`` at the new
+key (with the counters and state ``ingested``): readers, which join the bulk tables on ``jobs.ingest_id``,
+see either the previous ingest or the new one, never a mix, and re-ingesting converges to exactly the rows
+of one ingest. The previous key's rows (and those of any attempt that crashed) are deleted afterwards in
+short transactions. A session-level advisory lock on the JobId, held for the whole ingest without a
+transaction, serializes writers of the same job across processes; the loser backs off (JobBusy) instead
+of writing twice. A crash leaves its key's rows unnamed by ``jobs``: invisible, and removed by the next
+writer, failure, delete or retention pass of the job.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,23 +24,37 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from worker import metrics
+from worker import metrics, normalize
 from worker.archive import ArchivedPage
 from worker.db import schema
 from worker.errors import TransientError, WorkerError
 from worker.messages import JobRef
 from worker.normalize import JobMeta, PageRows
 
-RESULT_TABLES = tuple(t.name for t in (schema.faces, schema.landmarks, schema.emotions, schema.face_matches,
-                                       schema.collection_faces, schema.persons, schema.raw_pages))
-# COPY column lists, from the tables' declarations; the normalizer builds its row tuples in this order
-# (tests/test_schema.py holds normalize's *_COLUMNS to it; normalize stays free of SQLAlchemy).
-FACE_COLUMNS = schema.columns(schema.faces)
-LANDMARK_COLUMNS = schema.columns(schema.landmarks)
-EMOTION_COLUMNS = schema.columns(schema.emotions)
-MATCH_COLUMNS = schema.columns(schema.face_matches)
-COLLECTION_FACE_COLUMNS = schema.columns(schema.collection_faces)
+RESULT_TABLES = tuple(t.name for t in schema.KEYED_TABLES)
+# COPY column lists: the normalizer's tuple order, by name (COPY takes the columns in any order; the tables
+# lay theirs out against alignment padding). tests/test_schema.py holds them to schema.py's columns.
+FACE_COLUMNS = normalize.FACE_COLUMNS
+LANDMARK_COLUMNS = normalize.LANDMARK_COLUMNS
+EMOTION_COLUMNS = normalize.EMOTION_COLUMNS
+MATCH_COLUMNS = normalize.MATCH_COLUMNS
+COLLECTION_FACE_COLUMNS = normalize.COLLECTION_FACE_COLUMNS
+# Faces (with their ~40 landmarks, emotions and matches each) per transaction when a key's rows are deleted:
+# 5000 full-attribute faces are ~200,000 rows, well under a second of work.
+DROP_CHUNK_FACES = 5000
+# Children first, then the faces they hang off; then what is keyed by the ingest alone.
+_FACE_CHUNK_TABLES = ("landmarks", "emotions", "face_matches", "faces")
+_KEY_TABLES = ("persons", "collection_faces", "raw_pages", "ingests")
+_DROP_TABLES = (*_FACE_CHUNK_TABLES, *_KEY_TABLES)
+# Everything a key holds, for the one-transaction drop of a failure record.
+_KEYED_AND_INGESTS = (*RESULT_TABLES, "ingests")
 _LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
+# Held by a writer for a whole ingest without a transaction (released by _unlock, or with the session).
+_SESSION_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
+_SESSION_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended($1, 0))"
+# Keys of the job other than the one its jobs row names: a replaced ingest, or attempts that stopped.
+_STALE_KEYS_SQL = ("SELECT i.ingest_id FROM ingests i WHERE i.job_id = $1 AND i.ingest_id IS DISTINCT FROM "
+                   "(SELECT j.ingest_id FROM jobs j WHERE j.job_id = $1) ORDER BY i.ingest_id")
 # Read-only: is the job's lock (above) held by some session? A 64-bit advisory key shows in pg_locks
 # as classid (high 32 bits), objid (low 32 bits) and objsubid 1. Looking, not trying, so the check
 # never makes a real writer elsewhere find the job busy.
@@ -89,10 +110,10 @@ _META_UPDATE = ", ".join(f"{c.strip()} = EXCLUDED.{c.strip()}" for c in _META_CO
 _UPSERT_INGESTED = f"""
 INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure_reason,
                   pages, faces, persons, face_matches, collection_faces, landmarks, emotions,
-                  attempts, notified_at, completed_at, ingest_started_at, ingested_at, updated_at)
+                  attempts, notified_at, completed_at, ingest_started_at, ingested_at, updated_at, ingest_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ingested', NULL, NULL,
-        $16, $17, (SELECT count(*) FROM persons WHERE job_id = $1), $18, $19, $20, $21,
-        1, $22, $22, $23, clock_timestamp(), clock_timestamp())
+        $16, $17, (SELECT count(*) FROM persons WHERE ingest_id = $24), $18, $19, $20, $21,
+        1, $22, $22, $23, clock_timestamp(), clock_timestamp(), $24)
 ON CONFLICT (job_id) DO UPDATE SET
     api = EXCLUDED.api, {_META_UPDATE},
     ingest_state = 'ingested', failure_code = NULL, failure_reason = NULL,
@@ -101,7 +122,8 @@ ON CONFLICT (job_id) DO UPDATE SET
     landmarks = EXCLUDED.landmarks, emotions = EXCLUDED.emotions,
     attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
     completed_at = COALESCE(jobs.completed_at, EXCLUDED.completed_at),
-    ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = clock_timestamp(), updated_at = clock_timestamp()
+    ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = clock_timestamp(), updated_at = clock_timestamp(),
+    ingest_id = EXCLUDED.ingest_id
 RETURNING persons
 """
 
@@ -109,9 +131,9 @@ RETURNING persons
 # a job whose results expired (ResourceNotFound on a re-run) keeps the rows it has.
 _UPSERT_FAILED = f"""
 INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure_reason,
-                  attempts, notified_at, completed_at, ingest_started_at, updated_at)
+                  attempts, notified_at, completed_at, ingest_started_at, updated_at, ingest_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'failed', $16, $17,
-        1, $18, $18, $19, now())
+        1, $18, $18, $19, now(), $20)
 ON CONFLICT (job_id) DO UPDATE SET
     api = EXCLUDED.api,
     job_status = COALESCE(EXCLUDED.job_status, jobs.job_status),
@@ -131,7 +153,8 @@ ON CONFLICT (job_id) DO UPDATE SET
     pages = 0, faces = 0, persons = 0, face_matches = 0, collection_faces = 0, landmarks = 0, emotions = 0,
     attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
     completed_at = COALESCE(jobs.completed_at, EXCLUDED.completed_at),
-    ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = NULL, updated_at = now()
+    ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = NULL, updated_at = now(),
+    ingest_id = EXCLUDED.ingest_id
 """
 
 # A completion notification arrived: the job is pending from Rekognition's completion time (the 7-day
@@ -151,10 +174,10 @@ FROM jobs WHERE ingest_state = 'pending'
 """
 
 _DERIVE_PERSONS = """
-INSERT INTO persons (job_id, person_index, first_seen_ms, last_seen_ms, detections)
-SELECT job_id, person_index, min(timestamp_ms), max(timestamp_ms), count(*)
-FROM faces WHERE job_id = $1 AND person_index IS NOT NULL
-GROUP BY job_id, person_index
+INSERT INTO persons (ingest_id, person_index, first_seen_ms, last_seen_ms, detections)
+SELECT ingest_id, person_index, min(timestamp_ms), max(timestamp_ms), count(*)
+FROM faces WHERE ingest_id = $1 AND person_index IS NOT NULL
+GROUP BY ingest_id, person_index
 """
 
 
@@ -188,20 +211,86 @@ async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
     return raw.driver_connection
 
 
-class JobWriter:
-    """Writes one job's pages inside the transaction opened by :meth:`Store.job_writer`."""
+async def _unlock(sa_conn: AsyncConnection, conn: asyncpg.Connection, job_id: str) -> None:
+    """Release the job's session lock; runs on cancel paths too, so it is bounded, and a connection that
+    cannot unlock (mid-statement, broken) is discarded instead, which releases the lock with the session."""
+    try:
+        async with asyncio.timeout(5.0):
+            if conn.is_in_transaction():
+                raise RuntimeError("a transaction was left open")
+            await conn.execute(_SESSION_UNLOCK_SQL, job_id)
+    except asyncio.CancelledError:
+        await sa_conn.invalidate()
+        raise
+    except Exception:  # the lock goes with the discarded session; the block's own outcome stands
+        await sa_conn.invalidate()
 
-    def __init__(self, conn: asyncpg.Connection, ref: JobRef, started_at: datetime, archive: bool) -> None:
+
+async def drop_ingest(conn: asyncpg.Connection, ingest_id: int, *, chunk_faces: int = DROP_CHUNK_FACES,
+                      rows: dict[str, int] | None = None) -> None:
+    """Delete every row of key ``ingest_id`` and its ``ingests`` row, ``chunk_faces`` faces per transaction.
+
+    The caller holds the job's lock and no ``jobs`` row names the key (nobody reads it).
+    """
+    top = await conn.fetchval("SELECT max(face_seq) FROM faces WHERE ingest_id = $1", ingest_id)
+    for low in range(0, (top if top is not None else -1) + 1, chunk_faces):
+        async with conn.transaction():
+            for table in _FACE_CHUNK_TABLES:
+                n = _affected(await conn.execute(
+                    f"DELETE FROM {table} WHERE ingest_id = $1 AND face_seq >= $2 AND face_seq < $3",
+                    ingest_id, low, low + chunk_faces))
+                if rows is not None:
+                    rows[table] = rows.get(table, 0) + n
+    async with conn.transaction():
+        for table in _DROP_TABLES:
+            n = _affected(await conn.execute(f"DELETE FROM {table} WHERE ingest_id = $1", ingest_id))
+            if rows is not None and table != "ingests":
+                rows[table] = rows.get(table, 0) + n
+
+
+async def drop_stale_ingests(conn: asyncpg.Connection, job_id: str) -> int:
+    """Delete the rows of every key of ``job_id`` but the one its jobs row names (a replaced ingest, attempts
+    that stopped). The caller holds the job's lock. Returns how many keys went."""
+    keys = [r["ingest_id"] for r in await conn.fetch(_STALE_KEYS_SQL, job_id)]
+    for key in keys:
+        await drop_ingest(conn, key)
+    return len(keys)
+
+
+def _affected(status: str) -> int:
+    """Rows affected, from a command tag such as ``DELETE 12``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def _register(conn: asyncpg.Connection, ingest_id: int, job_id: str) -> None:
+    """Claim ``ingest_id`` for ``job_id`` before any row uses it (a cycled key still in use is refused)."""
+    try:
+        await conn.execute("INSERT INTO ingests (ingest_id, job_id) VALUES ($1, $2)", ingest_id, job_id)
+    except asyncpg.UniqueViolationError as exc:
+        raise TransientError(f"ingest key {ingest_id} is still in use; the next attempt takes another") from exc
+
+
+class JobWriter:
+    """Writes one job's pages under a new key, a short transaction per page, on the connection that holds the
+    job's lock (see :meth:`Store.job_writer`)."""
+
+    def __init__(self, conn: asyncpg.Connection, ref: JobRef, ingest_id: int, started_at: datetime,
+                 archive: bool, archive_of: int | None) -> None:
         self._conn = conn
         self._ref = ref
+        self.ingest_id = ingest_id
         self._started_at = started_at
         self._archive = archive
+        # Reprocess: the key whose raw pages are read (and carried over to the new key at the switch).
+        self._archive_of = archive_of
         self._seen_faces: set[str] = set()
         self.counts = WriteCounts()
+        self.meta: JobMeta | None = None
 
     async def write_page(self, rows: PageRows, archived: ArchivedPage | None = None) -> None:
         with metrics.DB_WRITE_SECONDS.labels("page").time():
-            await self._write_page(rows, archived)
+            async with self._conn.transaction():
+                await self._write_page(rows, archived)
 
     async def _write_page(self, rows: PageRows, archived: ArchivedPage | None) -> None:
         conn, c = self._conn, self.counts
@@ -218,86 +307,110 @@ class JobWriter:
             await conn.copy_records_to_table(
                 "collection_faces", records=new_faces, columns=COLLECTION_FACE_COLUMNS
             )
-            self._seen_faces.update(row[1] for row in new_faces)
         if self._archive and archived is not None:
             await conn.execute(
-                "INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) VALUES ($1, $2, $3, $4, $5)",
-                self._ref.job_id, c.pages, archived.encoding, archived.body, archived.raw_bytes,
+                "INSERT INTO raw_pages (ingest_id, page_no, encoding, body, body_bytes) VALUES ($1, $2, $3, $4, $5)",
+                self.ingest_id, c.pages, archived.encoding, archived.body, archived.raw_bytes,
             )
+        # Counted once the statements succeeded (the transaction commits when this returns).
+        self._seen_faces.update(row[1] for row in new_faces)
         c.pages += 1
         c.faces += len(rows.faces)
-        c.landmarks += len(rows.landmarks)
-        c.emotions += len(rows.emotions)
+        c.landmarks += rows.landmark_elements
+        c.emotions += rows.emotion_elements
         c.face_matches += len(rows.matches)
         c.collection_faces += len(new_faces)
         c.rows += len(rows.faces) + len(rows.landmarks) + len(rows.emotions) + len(rows.matches) + len(new_faces)
 
     async def archived_page_numbers(self) -> list[int]:
         return [r["page_no"] for r in await self._conn.fetch(
-            "SELECT page_no FROM raw_pages WHERE job_id = $1 ORDER BY page_no", self._ref.job_id)]
+            "SELECT page_no FROM raw_pages WHERE ingest_id = $1 ORDER BY page_no", self._archive_of)]
 
     async def archived_page(self, page_no: int) -> ArchivedPage:
         row = await self._conn.fetchrow(
-            "SELECT encoding, body, body_bytes FROM raw_pages WHERE job_id = $1 AND page_no = $2",
-            self._ref.job_id, page_no)
+            "SELECT encoding, body, body_bytes FROM raw_pages WHERE ingest_id = $1 AND page_no = $2",
+            self._archive_of, page_no)
         if row is None:
             raise LookupError(f"job {self._ref.job_id} has no archived page {page_no}")
         return ArchivedPage(bytes(row["body"]), row["body_bytes"], row["encoding"])
 
     async def finish(self, meta: JobMeta) -> None:
-        """Derive persons and write the job row; the caller's context commits."""
-        conn, c, ref = self._conn, self.counts, self._ref
+        """Derive persons under the new key; the job switches to it when the writer's block exits cleanly."""
         with metrics.DB_WRITE_SECONDS.labels("finish").time():
-            await conn.execute(_DERIVE_PERSONS, ref.job_id)
-            await conn.execute(_CLEAR_RETRIES, ref.job_id)
-            c.persons = await conn.fetchval(
-                _UPSERT_INGESTED, ref.job_id, ref.api.value, *_meta_values(meta),
-                c.pages, c.faces, c.face_matches, c.collection_faces, c.landmarks, c.emotions,
-                _ms_to_dt(ref.notified_at_ms), self._started_at,
-            )
+            await self._conn.execute(_DERIVE_PERSONS, self.ingest_id)
+        self.meta = meta
+
+    async def _switch(self) -> None:
+        """One short transaction: the jobs row names the new key, with its counters; readers see it at commit."""
+        conn, c, ref = self._conn, self.counts, self._ref
+        assert self.meta is not None
+        with metrics.DB_WRITE_SECONDS.labels("switch").time():
+            async with conn.transaction():
+                if self._archive_of is not None:
+                    await conn.execute("UPDATE raw_pages SET ingest_id = $2 WHERE ingest_id = $1",
+                                       self._archive_of, self.ingest_id)
+                await conn.execute(_CLEAR_RETRIES, ref.job_id)
+                c.persons = await conn.fetchval(
+                    _UPSERT_INGESTED, ref.job_id, ref.api.value, *_meta_values(self.meta),
+                    c.pages, c.faces, c.face_matches, c.collection_faces, c.landmarks, c.emotions,
+                    _ms_to_dt(ref.notified_at_ms), self._started_at, self.ingest_id,
+                )
 
 
 class Quarantine:
-    """Archives the raw pages of a job that cannot be ingested, in the transaction opened by
-    :meth:`Store.quarantine`, and records the job failed with them: the rows are lost, what
-    Rekognition returned is not, and ``reprocess`` rebuilds the job once the cause is fixed."""
+    """Archives the raw pages of a job that cannot be ingested under a new key, a short transaction per page,
+    and records the job failed with them (see :meth:`Store.quarantine`): the rows are lost, what Rekognition
+    returned is not, and ``reprocess`` rebuilds the job once the cause is fixed."""
 
-    def __init__(self, conn: asyncpg.Connection, ref: JobRef, keeps_earlier_ingest: bool) -> None:
+    def __init__(self, conn: asyncpg.Connection, ref: JobRef, ingest_id: int | None) -> None:
         self._conn = conn
         self._ref = ref
+        self.ingest_id = ingest_id
         # A complete earlier ingest (rows and archive) is kept as it is: no pages are taken.
-        self.keeps_earlier_ingest = keeps_earlier_ingest
+        self.keeps_earlier_ingest = ingest_id is None
         self.pages = 0
 
     async def add_page(self, archived: ArchivedPage) -> None:
-        if self.keeps_earlier_ingest:
+        if self.ingest_id is None:
             return
         await self._conn.execute(
-            "INSERT INTO raw_pages (job_id, page_no, encoding, body, body_bytes) VALUES ($1, $2, $3, $4, $5)",
-            self._ref.job_id, self.pages, archived.encoding, archived.body, archived.raw_bytes,
+            "INSERT INTO raw_pages (ingest_id, page_no, encoding, body, body_bytes) VALUES ($1, $2, $3, $4, $5)",
+            self.ingest_id, self.pages, archived.encoding, archived.body, archived.raw_bytes,
         )
         self.pages += 1
 
     async def finish(self, *, code: str, reason: str, meta: JobMeta | None = None) -> bool:
-        """Record the job failed; the caller's context commits. False when an earlier ingest was kept."""
-        return await _record_failed(self._conn, self._ref, code=code, reason=reason, meta=meta,
-                                    rekognition_failed=False, keep_archive=True)
+        """Record the job failed with the archived pages; False when an earlier ingest was kept."""
+        async with self._conn.transaction():
+            return await _record_failed(self._conn, self._ref, code=code, reason=reason, meta=meta,
+                                        rekognition_failed=False, keep_archive=True, new_key=self.ingest_id)
 
 
 async def _record_failed(conn: asyncpg.Connection, ref: JobRef, *, code: str, reason: str, meta: JobMeta | None,
-                         rekognition_failed: bool, keep_archive: bool) -> bool:
-    """The body of :meth:`Store.record_failure`, on a connection that holds the job's lock."""
+                         rekognition_failed: bool, keep_archive: bool, new_key: int | None = None) -> bool:
+    """The body of :meth:`Store.record_failure`, in a transaction of a connection that holds the job's lock.
+
+    The job's rows go; its raw pages stay with ``keep_archive`` (under its current key), or ``new_key``'s
+    (a quarantine) replace them. The keys the job no longer names are left for drop_stale_ingests.
+    """
     await conn.execute(_CLEAR_RETRIES, ref.job_id)
-    state = await conn.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", ref.job_id)
-    if state == "ingested" and not rekognition_failed:
+    job = await conn.fetchrow("SELECT ingest_state, ingest_id FROM jobs WHERE job_id = $1", ref.job_id)
+    if job is not None and job["ingest_state"] == "ingested" and not rekognition_failed:
         await conn.execute(
             "UPDATE jobs SET failure_code = $2, failure_reason = $3, updated_at = now() "
             "WHERE job_id = $1", ref.job_id, code, reason,
         )
         return False
-    for table in RESULT_TABLES:
-        if not (keep_archive and table == "raw_pages"):
-            await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
+    current = job["ingest_id"] if job is not None else None
+    kept = new_key
+    if new_key is None and current is not None:
+        # The rows of the current key go at once: the job is failed, none of them may stay in the views.
+        for table in RESULT_TABLES:
+            if not (keep_archive and table == "raw_pages"):
+                await conn.execute(f"DELETE FROM {table} WHERE ingest_id = $1", current)
+        if keep_archive and await conn.fetchval("SELECT EXISTS (SELECT 1 FROM raw_pages WHERE ingest_id = $1)",
+                                                current):
+            kept = current
     if meta is None:
         # Only the notification is known: keep what it says about the job and its video.
         meta = JobMeta(job_status="FAILED" if rekognition_failed else None, status_message=None,
@@ -307,7 +420,7 @@ async def _record_failed(conn: asyncpg.Connection, ref: JobRef, *, code: str, re
                        next_token=None, response_job_id=None)
     await conn.execute(
         _UPSERT_FAILED, ref.job_id, ref.api.value, *_meta_values(meta), code, reason,
-        _ms_to_dt(ref.notified_at_ms), datetime.now(tz=UTC),
+        _ms_to_dt(ref.notified_at_ms), datetime.now(tz=UTC), kept,
     )
     return True
 
@@ -319,28 +432,53 @@ class Store:
         self.engine = engine
         self.archive_raw_pages = archive_raw_pages
 
+    async def new_ingest_id(self) -> int:
+        """A fresh key for the rows of one ingest (the decoder puts it in every row it builds)."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            return int(await conn.fetchval("SELECT nextval('ingest_ids')"))
+
     @asynccontextmanager
-    async def job_writer(self, ref: JobRef, *, from_archive: bool = False,
-                         skip_if_ingested_since_ms: int | None = None) -> AsyncIterator[JobWriter]:
-        """A transaction that replaces all rows of ``ref``; committed when the block exits cleanly.
+    async def _locked(self, job_id: str) -> AsyncIterator[asyncpg.Connection]:
+        """A connection holding the job's lock for the block, outside any transaction; JobBusy when another
+        session holds it. The lock goes with the block (or with the connection, which is then discarded)."""
+        async with self.engine.connect() as sa_conn:
+            conn = await _driver(sa_conn)
+            if not await conn.fetchval(_SESSION_LOCK_SQL, job_id):
+                raise JobBusy(f"job {job_id} is being written by another process")
+            try:
+                yield conn
+            finally:
+                await _unlock(sa_conn, conn, job_id)
+
+    @asynccontextmanager
+    async def job_writer(self, ref: JobRef, *, from_archive: bool = False, skip_if_ingested_since_ms: int | None = None,
+                         ingest_id: int | None = None) -> AsyncIterator[JobWriter]:
+        """A writer of all rows of ``ref`` under a new key (``ingest_id``, or a fresh one); the job switches to
+        them when the block exits cleanly after :meth:`JobWriter.finish`, and the previous ones are deleted.
 
         ``from_archive`` rebuilds the rows from the job's own raw pages, which are kept as they are.
         ``skip_if_ingested_since_ms`` raises AlreadyIngested when, once the lock is held, the job
         proves to be ingested after that time (a duplicate that raced the first copy's commit).
         """
         started_at = datetime.now(tz=UTC)
-        async with self.engine.connect() as sa_conn:
-            conn = await _driver(sa_conn)
-            async with conn.transaction():
-                if not await conn.fetchval(_LOCK_SQL, ref.job_id):
-                    raise JobBusy(f"job {ref.job_id} is being written by another process")
-                if skip_if_ingested_since_ms is not None and await conn.fetchval(
-                        _INGESTED_SINCE_SQL, ref.job_id, _ms_to_dt(skip_if_ingested_since_ms)):
-                    raise AlreadyIngested(ref.job_id)
-                for table in RESULT_TABLES:
-                    if not (from_archive and table == "raw_pages"):
-                        await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
-                yield JobWriter(conn, ref, started_at, self.archive_raw_pages and not from_archive)
+        async with self._locked(ref.job_id) as conn:
+            if skip_if_ingested_since_ms is not None and await conn.fetchval(
+                    _INGESTED_SINCE_SQL, ref.job_id, _ms_to_dt(skip_if_ingested_since_ms)):
+                raise AlreadyIngested(ref.job_id)
+            await drop_stale_ingests(conn, ref.job_id)
+            archive_of = None
+            if from_archive:
+                archive_of = await conn.fetchval("SELECT ingest_id FROM jobs WHERE job_id = $1", ref.job_id)
+            if ingest_id is None:
+                ingest_id = int(await conn.fetchval("SELECT nextval('ingest_ids')"))
+            await _register(conn, ingest_id, ref.job_id)
+            writer = JobWriter(conn, ref, ingest_id, started_at, self.archive_raw_pages and not from_archive,
+                               archive_of)
+            yield writer
+            if writer.meta is not None:
+                await writer._switch()
+                await drop_stale_ingests(conn, ref.job_id)
 
     async def archived_jobs(self) -> list[tuple[str, str]]:
         """(job_id, api) of every job that has raw pages archived: ingested ones, and failed ones whose
@@ -349,7 +487,7 @@ class Store:
             conn = await _driver(sa_conn)
             rows = await conn.fetch(
                 "SELECT j.job_id, j.api::text AS api FROM jobs j WHERE "
-                "EXISTS (SELECT 1 FROM raw_pages r WHERE r.job_id = j.job_id) ORDER BY j.job_id"
+                "EXISTS (SELECT 1 FROM raw_pages r WHERE r.ingest_id = j.ingest_id) ORDER BY j.job_id"
             )
             return [(r["job_id"], r["api"]) for r in rows]
 
@@ -364,27 +502,33 @@ class Store:
             conn = await _driver(sa_conn)
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", ref.job_id)
-                return await _record_failed(conn, ref, code=code, reason=reason, meta=meta,
-                                            rekognition_failed=rekognition_failed, keep_archive=keep_archive)
+                recorded = await _record_failed(conn, ref, code=code, reason=reason, meta=meta,
+                                                rekognition_failed=rekognition_failed, keep_archive=keep_archive)
+            # The keys the job no longer names (an attempt that stopped, a dropped ingest), under the lock again.
+            async with conn.transaction():
+                if await conn.fetchval(_LOCK_SQL, ref.job_id):
+                    for key in [r["ingest_id"] for r in await conn.fetch(_STALE_KEYS_SQL, ref.job_id)]:
+                        for table in _KEYED_AND_INGESTS:
+                            await conn.execute(f"DELETE FROM {table} WHERE ingest_id = $1", key)
+            return recorded
 
     @asynccontextmanager
     async def quarantine(self, ref: JobRef) -> AsyncIterator[Quarantine]:
-        """A transaction that replaces the job's rows and raw pages with the pages given to the
-        :class:`Quarantine`, which records the job failed; committed when the block exits cleanly.
+        """Archive the job's raw pages under a new key, a page at a time, and record the job failed with them
+        (:meth:`Quarantine.finish`); the previous key's rows and pages go after.
 
         Raises JobBusy when another process holds the job. A job with a complete earlier ingest keeps
         it (``keeps_earlier_ingest``): its archive already holds what Rekognition returns.
         """
-        async with self.engine.connect() as sa_conn:
-            conn = await _driver(sa_conn)
-            async with conn.transaction():
-                if not await conn.fetchval(_LOCK_SQL, ref.job_id):
-                    raise JobBusy(f"job {ref.job_id} is being written by another process")
-                state = await conn.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", ref.job_id)
-                if state != "ingested":
-                    for table in RESULT_TABLES:
-                        await conn.execute(f"DELETE FROM {table} WHERE job_id = $1", ref.job_id)
-                yield Quarantine(conn, ref, keeps_earlier_ingest=state == "ingested")
+        async with self._locked(ref.job_id) as conn:
+            await drop_stale_ingests(conn, ref.job_id)
+            state = await conn.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", ref.job_id)
+            key = None
+            if state != "ingested":
+                key = int(await conn.fetchval("SELECT nextval('ingest_ids')"))
+                await _register(conn, key, ref.job_id)
+            yield Quarantine(conn, ref, key)
+            await drop_stale_ingests(conn, ref.job_id)
 
     async def note_pending(self, ref: JobRef) -> None:
         """A notification for ``ref`` arrived: record the job pending with its completion time, unless it
