@@ -227,7 +227,8 @@ rate_limit_buckets = sa.Table(
               sa.CheckConstraint("ceiling_per_s > 0", name="rate_limit_buckets_ceiling_per_s_check"), nullable=False),
     sa.Column("rate_per_s", postgresql.DOUBLE_PRECISION,
               sa.CheckConstraint("rate_per_s > 0", name="rate_limit_buckets_rate_per_s_check"), nullable=False),
-    # At most 1 (no bursts); below 0 it counts slots already promised to callers.
+    # At most 1 (0003's CHECK); credit beyond one token (worker/fleet.py: up to burst_s of the rate) is kept as
+    # an earlier refilled_at instead. Below 0 it counts slots already promised to callers.
     sa.Column("tokens", postgresql.DOUBLE_PRECISION,
               sa.CheckConstraint("tokens <= 1", name="rate_limit_buckets_tokens_check"),
               nullable=False, server_default=sa.text("1")),
