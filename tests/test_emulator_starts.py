@@ -246,6 +246,8 @@ async def test_notification_arrives_sns_enveloped(starts: Any, rek: Any, sqs: An
     assert before_ms + DURATION_S * 1000 - 50 <= ref.notified_at_ms <= time.time() * 1000 + 50
     # By the time the notification is out, Get* agrees that the job is done.
     assert (await rek.get_face_search(JobId=job_id, MaxResults=1))["JobStatus"] == "SUCCEEDED"
+    # Counted once SQS has answered the send, which can be after the message is already receivable.
+    await wait_for(lambda: record(starts, job_id)["notification"] == "sent")
     assert starts.stats()["notifications_sent"] == 1
 
 
