@@ -204,7 +204,8 @@ def _print_library(console: Console, library: dict[str, Any], videos: list[dict[
         f"library path: submit found {sub.new} videos and skipped {sub.skipped} other files; the account allowed 4 "
         f"jobs at once (peak {stats.get('peak_running')}, LimitExceeded {stats.get('limit_exceeded')} times, "
         f"waited out), Rekognition lost {stats.get('notifications_dropped')} notification(s) (found by a probe); "
-        f"all rows in {library['seconds']:.1f} s; submitting again: {again.new} new, {again.known} already known")
+        f"last row {max((float(v['seconds'] or 0) for v in videos), default=0.0):.1f} s after submit, the worker done "
+        f"after {library['seconds']:.1f} s; submitting again: {again.new} new, {again.known} already known")
 
 
 def stop_demo(console: Console) -> int:
