@@ -13,9 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import asyncpg
-
 from worker.config import Settings
+from worker.db.engine import connect
 from worker.lifecycle import count_job_rows, delete_job, erase
 from worker.local import synth
 from worker.local.emulator import EmulatorConfig, EmulatorThread
@@ -30,7 +29,7 @@ async def _measure(settings: Settings, det: synth.JobFixture, searches: list[syn
             outcome = await rt.ingestor.ingest(JobRef.create(fx.job_id, fx.api))
             print(f"ingest {fx.job_id}: {outcome.outcome}, {outcome.pages} pages, {outcome.rows} rows, "
                   f"{time.monotonic() - started:.1f} s", flush=True)
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    conn = await connect(settings.asyncpg_dsn)  # sets the search_path to the worker's schema
     try:
         value = await conn.fetchval("SELECT external_image_id FROM collection_faces GROUP BY 1 "
                                     "ORDER BY count(*) DESC, 1 LIMIT 1")
