@@ -29,7 +29,7 @@ from rich.table import Table
 
 from worker.config import Settings
 from worker.db.engine import connect
-from worker.errors import ConfigError, InvalidInput
+from worker.errors import ConfigError, InvalidInput, aws_message, aws_status
 from worker.logs import get_logger, redact
 from worker.messages import JobRef, parse_message_body
 from worker.queue import describe_queue, queue_url_from_arn
@@ -371,9 +371,8 @@ async def _redrive_by_receiving(sqs: Any, topo: DeadLetterTopology, conn: asyncp
 def move_task_unsupported(exc: BaseException) -> str | None:
     """Why StartMessageMoveTask cannot be used here (any refusal: the fallback is always correct), or None."""
     if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return f"{error.get('Code') or status}: {str(error.get('Message') or exc)[:200]}"
+        code = exc.response.get("Error", {}).get("Code")
+        return f"{code or aws_status(exc)}: {aws_message(exc, 200) or str(exc)[:200]}"
     if isinstance(exc, (BotoCoreError, OSError)):
         return f"{type(exc).__name__}: {str(exc)[:200]}"
     return None

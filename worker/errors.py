@@ -85,6 +85,22 @@ def aws_request_id(exc: BaseException) -> str | None:
     return str(rid) if rid else None
 
 
+def aws_status(exc: BaseException) -> int:
+    """The HTTP status of a failed AWS call's answer (0 when there was none)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return 0
+    return int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode", 0) or 0)
+
+
+def aws_message(exc: BaseException, limit: int = 500) -> str:
+    """AWS's own message of a failed call's answer ("" when there was none)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    return str((response.get("Error") or {}).get("Message", "") or "")[:limit]
+
+
 def aws_error(exc: BaseException, limit: int = 300) -> dict[str, Any]:
     """Log fields for a failed AWS call: the error text, and the AWS error code and request id if any."""
     fields: dict[str, Any] = {"error": str(exc)[:limit]}

@@ -45,7 +45,9 @@ from worker.errors import (
     TransientError,
     WorkerError,
     aws_error,
+    aws_message,
     aws_request_id,
+    aws_status,
 )
 from worker.logs import get_logger
 from worker.messages import Api
@@ -230,8 +232,8 @@ class Fetcher:
                 raise InfrastructureError(f"{op} unreachable after {tries.faults} tries: {failure}") from failure
             return self._backoff(tries.faults - 1)
         code = error_code(failure)
-        status = int(failure.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        message = str(failure.response.get("Error", {}).get("Message", ""))[:500]
+        status = aws_status(failure)
+        message = aws_message(failure)
         if (rid := aws_request_id(failure)) is not None:
             message = f"{message} (request id {rid})"
         if code in THROTTLE_CODES:

@@ -17,7 +17,7 @@ from worker.fleet import FleetRateLimiter
 from worker.ingest import Ingestor
 from worker.logs import get_logger
 from worker.pagecodec import PageDecoder, default_processes
-from worker.ratelimit import Limiter, RateLimiter
+from worker.ratelimit import Limiter, OnRateChange, RateLimiter
 from worker.rekognition import Fetcher, create_client
 from worker.watchdog import Watchdog
 
@@ -40,16 +40,16 @@ def _rate_changed(rate_per_s: float, why: str) -> None:
     log.info("rekognition rate changed", rate_per_s=round(rate_per_s, 3), why=why)
 
 
-async def _open_limiter(settings: Settings, stack: AsyncExitStack, region: str | None) -> Limiter:
-    """The process's limiter: its own AIMD bucket, or (RATE_LIMIT_SCOPE=fleet) the fleet's shared row."""
+async def open_limiter(settings: Settings, stack: AsyncExitStack, *, bucket: str, ceiling_per_s: float,
+                       on_change: OnRateChange | None = None) -> Limiter:
+    """A call budget: this process's own AIMD bucket, or (RATE_LIMIT_SCOPE=fleet) the fleet's shared row named
+    ``bucket``, closed with ``stack``. The Get* budget and the Start* budget are two of them."""
     if settings.rate_limit_scope != "fleet":
-        return RateLimiter(settings.rekognition_tps, on_change=_rate_changed)
-    # Quotas are per account and region: one shared bucket per region, whatever shares the database.
-    fleet = FleetRateLimiter(settings.asyncpg_dsn, ceiling_per_s=settings.rekognition_tps,
-                             name=f"rekognition:{region or 'default'}", on_change=_rate_changed)
+        return RateLimiter(ceiling_per_s, on_change=on_change)
+    fleet = FleetRateLimiter(settings.asyncpg_dsn, ceiling_per_s=ceiling_per_s, name=bucket, on_change=on_change)
     await fleet.open()
     stack.push_async_callback(fleet.close)
-    log.info("fleet rate limit joined", bucket=fleet.name, ceiling_per_s=settings.rekognition_tps,
+    log.info("fleet rate limit joined", bucket=fleet.name, ceiling_per_s=ceiling_per_s,
              rate_per_s=round(fleet.rate_per_s, 3))
     return fleet
 
@@ -62,7 +62,10 @@ async def open_runtime(settings: Settings, *, limiter: Limiter | None = None) ->
             pool_connections = max(10, settings.max_concurrent_jobs * 2)
             client = await stack.enter_async_context(
                 create_client(region=settings.aws_region, max_pool_connections=pool_connections))
-            limiter = limiter or await _open_limiter(settings, stack, client.meta.region_name)
+            # Quotas are per account and region: one shared bucket per region, whatever shares the database.
+            limiter = limiter or await open_limiter(
+                settings, stack, bucket=f"rekognition:{client.meta.region_name or 'default'}",
+                ceiling_per_s=settings.rekognition_tps, on_change=_rate_changed)
             metrics.RATE_LIMIT.set(limiter.rate_per_s)
             metrics.RATE_CEILING.set(settings.rekognition_tps)
             fetcher = Fetcher(client, limiter, page_size=settings.page_size, max_attempts=settings.max_call_attempts,

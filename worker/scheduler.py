@@ -37,11 +37,10 @@ from botocore.exceptions import ClientError
 from worker import metrics
 from worker.config import Settings
 from worker.db.submissions import Claim, Probe, SchedulerStore
-from worker.errors import PermanentJobError, WorkerError, aws_error
-from worker.fleet import FleetRateLimiter
+from worker.errors import PermanentJobError, WorkerError, aws_error, aws_message, aws_status
 from worker.logs import get_logger
 from worker.messages import Api
-from worker.ratelimit import Limiter, RateLimiter
+from worker.ratelimit import Limiter
 from worker.rekognition import (
     CALL_ERRORS,
     CREDENTIAL_CODES,
@@ -52,6 +51,7 @@ from worker.rekognition import (
     error_code,
     raw_body,
 )
+from worker.runtime import open_limiter
 
 log = get_logger(__name__)
 
@@ -95,14 +95,9 @@ def _equal_jitter(base_s: float, cap_s: float, attempt: int, rng: random.Random)
 
 
 async def open_start_limiter(settings: Settings, stack: AsyncExitStack, region: str | None) -> Limiter:
-    """The Start* budget: this process's own, or (RATE_LIMIT_SCOPE=fleet) one row shared by the fleet."""
-    if settings.rate_limit_scope != "fleet":
-        return RateLimiter(settings.rekognition_start_tps)
-    fleet = FleetRateLimiter(settings.asyncpg_dsn, ceiling_per_s=settings.rekognition_start_tps,
-                             name=f"rekognition-start:{region or 'default'}")
-    await fleet.open()
-    stack.push_async_callback(fleet.close)
-    return fleet
+    """The Start* budget (REKOGNITION_START_TPS), apart from the Get* budget: its own bucket, per region."""
+    return await open_limiter(settings, stack, bucket=f"rekognition-start:{region or 'default'}",
+                              ceiling_per_s=settings.rekognition_start_tps)
 
 
 def sweep_notification(probe: Probe, status: str | None) -> str:
@@ -262,9 +257,9 @@ class Scheduler:
             metrics.STARTS.labels(api.value, "credentials_error").inc()
             log.error("Start* refused the deployment's credentials or permissions: starts paused",
                       retry_in_s=self._backoff.credentials_s, **bound, **aws_error(failure))
-        elif code in REFUSED_CODES or (code is not None and _status(failure) < 500 and code not in FAULT_CODES
+        elif code in REFUSED_CODES or (code is not None and aws_status(failure) < 500 and code not in FAULT_CODES
                                        and claim.attempts >= MAX_UNKNOWN_ERROR_STARTS):
-            reason = f"{api.value.lower()} start refused: {code}: {_message(failure)}"
+            reason = f"{api.value.lower()} start refused: {code}: {aws_message(failure) or failure}"
             await self.store.start_failed(claim, reason)
             metrics.STARTS.labels(api.value, "failed").inc()
             log.error("video could not be started", reason=reason, **bound, **aws_error(failure))
@@ -317,14 +312,4 @@ def early_probe_after_s(p90_run_s: float | None, jobs: int, *, min_s: float = EA
     if p90_run_s is None or jobs < EARLY_PROBE_MIN_JOBS:
         return None
     return max(min_s, EARLY_PROBE_FACTOR * p90_run_s)
-
-
-def _status(exc: BaseException) -> int:
-    response = getattr(exc, "response", None) or {}
-    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-
-
-def _message(exc: BaseException) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Message", "") or exc)[:500]
 
