@@ -24,8 +24,8 @@ from worker.local.emulator import EmulatorConfig, EmulatorThread
 from worker.messages import Api, start_request_body
 from worker.queue import RetryPolicy, describe_queue
 from worker.runtime import open_runtime
-from worker.scheduler import Scheduler, StartBackoff, early_probe_after_s, open_start_limiter
-from worker.service import SqsWorker
+from worker.scheduler import StartBackoff, early_probe_after_s
+from worker.service import SqsWorker, open_scheduler
 from worker.submissions import StartOptions, Video
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:rekognition-done"
@@ -74,13 +74,8 @@ async def replica(settings: Settings, sqs: Any, **scheduler_options: Any) -> Asy
     assert settings.queue_url is not None
     async with AsyncExitStack() as stack:
         rt = await stack.enter_async_context(open_runtime(settings))
-        limiter = await open_start_limiter(settings, stack, "us-east-1")
-
-        async def enqueue(body: str) -> None:
-            await sqs.send_message(QueueUrl=settings.queue_url, MessageBody=body)
-
-        scheduler = Scheduler(settings, SchedulerStore(settings.asyncpg_dsn), rt.client, rt.fetcher, limiter,
-                              enqueue, backoff=FAST_BACKOFF, **scheduler_options)
+        scheduler = await open_scheduler(settings, rt, sqs, settings.queue_url, stack, backoff=FAST_BACKOFF,
+                                         **scheduler_options)
         yield SqsWorker(settings, rt, sqs, await describe_queue(sqs, settings.queue_url), retry_policy=FAST,
                         scheduler=scheduler)
 

@@ -414,13 +414,16 @@ def _readiness_checks(rt: Runtime, sqs: Any, queue_url: str) -> dict[str, Any]:
 
 
 async def open_scheduler(settings: Settings, rt: Runtime, sqs: Any, queue_url: str,
-                     stack: contextlib.AsyncExitStack) -> Scheduler:
+                         stack: contextlib.AsyncExitStack, **options: Any) -> Scheduler:
+    """`run`'s scheduler on the runtime's client and Get* limiter, with its Start* limiter (closed with
+    ``stack``), putting sweep notifications on ``queue_url``; ``options`` go to :class:`Scheduler`."""
     start_limiter = await open_start_limiter(settings, stack, rt.client.meta.region_name)
 
     async def enqueue(body: str) -> None:
         await sqs.send_message(QueueUrl=queue_url, MessageBody=body)
 
-    return Scheduler(settings, SchedulerStore(settings.asyncpg_dsn), rt.client, rt.fetcher, start_limiter, enqueue)
+    return Scheduler(settings, SchedulerStore(settings.asyncpg_dsn), rt.client, rt.fetcher, start_limiter, enqueue,
+                     **options)
 
 
 async def run_service(settings: Settings, *, exit_when_idle: bool = False,
