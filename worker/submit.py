@@ -34,16 +34,15 @@ RECORD_BATCH = 1000
 class Listing:
     """The videos found and how many other objects were passed over."""
 
-    videos: list[Video] = field(default_factory=list)
+    # In the order found; a video named twice is one submission.
+    videos: dict[Video, None] = field(default_factory=dict)
     skipped: int = 0
-    seen: set[Video] = field(default_factory=set)
 
     def add(self, video: Video) -> None:
-        if not is_video(video.name) or not video.name:
+        if is_video(video.name):
+            self.videos[video] = None
+        else:
             self.skipped += 1
-        elif video not in self.seen:  # named twice: one submission
-            self.seen.add(video)
-            self.videos.append(video)
 
 
 def read_video_list(lines: Iterable[str]) -> list[Video]:

@@ -182,20 +182,17 @@ def _options(api: str, raw: Any) -> StartOptions:
 
 
 class SubmissionStore:
-    """The scheduler's and the commands' statements, each on a connection of its own (``connect()``)."""
+    """The commands' statements (`submit`, `submissions`), each on a connection of its own."""
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
-
-    async def _connection(self) -> asyncpg.Connection:
-        return await connect(self._dsn)
 
     # --- submit ----------------------------------------------------------------------------------------
 
     async def record(self, videos: Sequence[Video], options: StartOptions, *, force: bool) -> Recorded:
         """Register ``videos`` in one transaction: new ones as submitted; known ones stay as they are
         unless ``force``, which resubmits those that are finished (ingested or failed) under a new token."""
-        conn = await self._connection()
+        conn = await connect(self._dsn)  # its own, closed after: never a connection a subclass keeps
         try:
             async with conn.transaction():
                 return await self._record(conn, videos, options, force=force)
@@ -224,7 +221,7 @@ class SubmissionStore:
         return Recorded(new=new, known=len(videos) - new - resubmitted, resubmitted=resubmitted)
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await self._connection()
+        conn = await connect(self._dsn)
         try:
             return list(await conn.fetch(sql, *args))
         finally:
