@@ -64,8 +64,8 @@ def test_metric_names_are_found_wherever_promql_puts_them() -> None:
     expr = ('histogram_quantile(0.9, sum by (le, operation) (rate(worker_a_bucket{operation="x"}[5m]))) '
             '/ on() group_left clamp_min(-worker_b offset 5m, 1) and max_over_time(worker_c[1h:1m]) or absent(d)')
     assert metric_names(expr) == {"worker_a_bucket", "worker_b", "worker_c", "d"}
-    assert unexposed({"x": "sum(rate(worker_nope_total[5m]))"}, {"worker_jobs_total"}) == {
-        "x": {"worker_nope_total"}}
+    assert unexposed({"x": "sum(rate(rekognition_worker_nope_total[5m]))"}, {"rekognition_worker_jobs_total"}) == {
+        "x": {"rekognition_worker_nope_total"}}
 
 
 def test_shipped_monitoring_has_the_alerts_and_panels_operators_need() -> None:
@@ -75,11 +75,27 @@ def test_shipped_monitoring_has_the_alerts_and_panels_operators_need() -> None:
                    "CredentialsFailing", "NotReady"):
         assert any(needed in name for name in alerts), needed
     panels = " ".join(panel_expressions().values())
-    for needed in ("worker_queue_messages", "worker_oldest_message_age_seconds", "worker_jobs_in_flight",
-                   "worker_jobs_total", "worker_pages_fetched_total", "worker_rows_written_total",
-                   "worker_rekognition_rate_ceiling_per_second", "worker_rekognition_call_duration_seconds_bucket",
-                   "worker_db_write_duration_seconds_bucket", "worker_rate_limiter_wait_seconds_bucket"):
-        assert needed in panels, needed
+    for needed in ("queue_messages", "oldest_message_age_seconds", "jobs_in_flight", "jobs_total",
+                   "pages_fetched_total", "rows_written_total", "rekognition_rate_ceiling_per_second",
+                   "rekognition_call_duration_seconds_bucket", "db_write_duration_seconds_bucket",
+                   "rate_limiter_wait_seconds_bucket"):
+        assert f"rekognition_worker_{needed}" in panels, needed
+
+
+def test_every_metric_carries_the_prefix_and_no_created_series_is_exposed() -> None:
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from worker import metrics
+
+    names = [m._name for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    assert len(names) >= 25
+    assert [name for name in names if not name.startswith(metrics.PREFIX)] == []
+    assert metrics.PREFIX == "rekognition_worker_"
+    metrics.JOBS.labels("FACE_SEARCH", "ingested").inc(0)
+    exposition = generate_latest(REGISTRY).decode()
+    assert "rekognition_worker_jobs_total{" in exposition
+    assert [line for line in exposition.splitlines() if "_created" in line] == []
 
 
 async def test_every_alert_and_panel_reads_a_metric_the_running_service_exposes(
@@ -98,10 +114,10 @@ async def test_every_alert_and_panel_reads_a_metric_the_running_service_exposes(
     while True:  # the queue-depth reader runs every second
         status, text = get(port, "/metrics")
         exposed = exposed_samples(text)
-        if (status == 200 and "worker_queue_messages" in exposed) or time.monotonic() > deadline:
+        if (status == 200 and "rekognition_worker_queue_messages" in exposed) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert {"worker_build_info", "worker_ready", "worker_queue_messages", "worker_dead_letter_queue_messages",
-            "worker_unknown_enum_values_total"} <= exposed
+    needed = ("build_info", "ready", "queue_messages", "dead_letter_queue_messages", "unknown_enum_values_total")
+    assert {f"rekognition_worker_{name}" for name in needed} <= exposed
     assert unexposed(alert_expressions(), exposed) == {}
     assert unexposed(panel_expressions(), exposed) == {}

@@ -137,7 +137,7 @@ def get(port: int, path: str) -> tuple[int, str]:
 def wait_for_job_in_flight(port: int, timeout_s: float = 15) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if "worker_jobs_in_flight 1.0" in get(port, "/metrics")[1]:
+        if "rekognition_worker_jobs_in_flight 1.0" in get(port, "/metrics")[1]:
             return
         time.sleep(0.03)
     raise AssertionError("the job never started")
@@ -175,7 +175,8 @@ async def test_run_exit_when_idle_drains_the_done_when_mix_and_exits_0(
     assert status == 200, body
     assert json.loads(body) == {"ready": True, "checks": {"database": "ok", "queue": "ok", "credentials": "ok"}}
     status, metrics_text = get(port, "/metrics")
-    assert status == 200 and "worker_messages_total" in metrics_text and "worker_jobs_in_flight" in metrics_text
+    assert status == 200 and "rekognition_worker_messages_total" in metrics_text
+    assert "rekognition_worker_jobs_in_flight" in metrics_text
     assert proc.wait(60) == 0
     assert await queue_counts(sqs, queues.url) == (0, 0, 0)
     assert sorted(m["Body"] for m in await take_all(sqs, queues.dlq_url)) == sorted(poison)
