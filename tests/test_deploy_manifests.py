@@ -146,7 +146,7 @@ def _build(directory: Path, accumulated: list[dict[str, Any]]) -> list[dict[str,
             if str(doc["metadata"].get("annotations", {}).get(_LOCAL_CONFIG, "")).lower() != "true"]
 
 
-def _generate_config_map(resources: list[dict[str, Any]], generator: dict[str, Any], directory: Path) -> None:
+def _generator_data(generator: dict[str, Any], directory: Path) -> dict[str, str]:
     data: dict[str, str] = {}
     for env_file in generator.get("envs", []):
         for line in (directory / env_file).read_text(encoding="utf-8").splitlines():
@@ -162,6 +162,11 @@ def _generate_config_map(resources: list[dict[str, Any]], generator: dict[str, A
         key, sep, path = entry.partition("=")
         key, path = (key, path) if sep else (Path(entry).name, entry)
         data[key] = (directory / path).read_text(encoding="utf-8")
+    return data
+
+
+def _generate_config_map(resources: list[dict[str, Any]], generator: dict[str, Any], directory: Path) -> None:
+    data = _generator_data(generator, directory)
     options = generator.get("options", {})
     behavior = generator.get("behavior", "create")
     name = generator["name"]
@@ -910,6 +915,20 @@ def test_keda_queue_length_and_region_come_from_the_settings(tmp_path: Path) -> 
     # Nothing else repeats the value: it is written in one place per environment.
     written = json.dumps([load_yaml_docs(p) for p in (copy_root / "overlays" / "production").rglob("*.yaml")])
     assert "queueLength" not in written and "awsRegion" not in written
+
+
+def test_every_alert_takes_its_runbook_url_from_the_one_setting(tmp_path: Path) -> None:
+    copy_root = _copy_of_deploy(tmp_path)
+    kustomization = copy_root / "monitoring" / "kustomization.yaml"
+    text = kustomization.read_text(encoding="utf-8")
+    old = "url=https://github.com/REPLACE_ME/rekognition-ingest-worker/blob/main/docs/runbook.md"
+    assert old in text
+    kustomization.write_text(text.replace(old, "url=https://wiki.example.org/ops/rekognition"), encoding="utf-8")
+    for overlay in OVERLAYS:
+        rule = only(render(copy_root / "overlays" / overlay), "PrometheusRule")
+        urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+        assert len(urls) >= 10
+        assert all(re.fullmatch(r"https://wiki\.example\.org/ops/rekognition#[a-z0-9-]+", url) for url in urls), urls
 
 
 def test_the_migrate_job_is_reachable_from_every_overlay() -> None:
