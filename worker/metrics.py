@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from worker import __version__
 
 PREFIX = "rekognition_worker_"
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 MESSAGES = Counter(f"{PREFIX}messages_total", "SQS messages handled, by outcome", ["outcome"])
 JOBS = Counter(f"{PREFIX}jobs_total", "Jobs finished, by API and outcome", ["api", "outcome"])
