@@ -1053,8 +1053,12 @@ def test_worker_iam_policy_is_least_privilege() -> None:
         "sqs:GetQueueUrl",
     }
     for action, resources in granted.items():
-        if action.startswith("rekognition:"):
-            assert resources == {"*"}, "Rekognition Get* and Start* actions support no resource-level scoping"
+        if action == "rekognition:StartFaceSearch":  # only the collections the deployment searches
+            assert resources == {"arn:aws:rekognition:REGION:ACCOUNT:collection/COLLECTION"}
+        elif action.startswith("rekognition:"):
+            # StartFaceDetection, GetFaceDetection and GetFaceSearch take no resource (AWS's Service
+            # Authorization Reference): "*" is the only value that works.
+            assert resources == {"*"}, action
         elif action == "iam:PassRole":  # only the role of the jobs' NotificationChannel, only to Rekognition
             assert resources == {"arn:aws:iam::ACCOUNT:role/REKOGNITION_SNS_ROLE"}
         elif action == "s3:GetObject":  # Rekognition reads the videos with the caller's rights
