@@ -239,3 +239,7 @@ async def test_every_alert_and_panel_reads_a_metric_the_running_service_exposes(
     assert {f"rekognition_worker_{name}" for name in needed} <= exposed
     assert unexposed(alert_expressions(), exposed) == {}
     assert unexposed(panel_expressions(), exposed) == {}
+    # The template variables list the namespaces and jobs from a metric every replica exposes.
+    variables = {v["name"]: v["query"] for v in dashboard()["templating"]["list"] if v["type"] == "query"}
+    assert {re.match(r"label_values\((\w+)", query).group(1)  # type: ignore[union-attr]
+            for query in variables.values()} <= exposed
