@@ -200,6 +200,25 @@ def test_the_dashboard_is_scoped_by_namespace_and_job_variables() -> None:
             assert {("namespace", "NS"), ("job", "JOB")} <= matchers, f"{where}: {selector.prettify()}"
 
 
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) -> None:
+    """The same check as scripts/lint-deploy.sh, so `make test` runs it wherever promtool is installed."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus); scripts/lint-deploy.sh requires it")
+    rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text(encoding="utf-8"))
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}), encoding="utf-8")
+    shutil.copy(MONITORING / "alerts-test.yaml", tmp_path / "alerts-test.yaml")
+    for command in (["check", "rules", "rules.yaml"], ["test", "rules", "alerts-test.yaml"]):
+        done = subprocess.run([promtool, *command], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_every_metric_carries_the_prefix_and_no_created_series_is_exposed() -> None:
     from prometheus_client import REGISTRY, generate_latest
     from prometheus_client.metrics import MetricWrapperBase
