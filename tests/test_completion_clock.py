@@ -1,6 +1,6 @@
 """The 7-day clock in the database: a notification records its job pending with Rekognition's completion
 time, re-sent copies keep the first time, an ingest or a failure ends pending and keeps it; the
-reporting.pending_jobs view and the worker_oldest_pending_job_age_seconds gauge read it."""
+reporting.pending_jobs view and the rekognition_worker_oldest_pending_job_age_seconds gauge read it."""
 
 from __future__ import annotations
 
@@ -92,15 +92,15 @@ async def test_pending_jobs_soonest_expiry_first_and_the_gauge_reads_the_oldest(
         watcher = asyncio.create_task(watch_pending_jobs(store.oldest_pending_age_s, 0.05, stopping))
         try:
             deadline = time.monotonic() + 5
-            while (REGISTRY.get_sample_value("worker_oldest_pending_job_age_seconds") or 0) < 4 * 86400:
+            while (REGISTRY.get_sample_value("rekognition_worker_oldest_pending_job_age_seconds") or 0) < 4 * 86400:
                 assert time.monotonic() < deadline, "the gauge never read the oldest pending job"
                 await asyncio.sleep(0.02)
-            assert REGISTRY.get_sample_value("worker_oldest_pending_job_age_seconds") == pytest.approx(
+            assert REGISTRY.get_sample_value("rekognition_worker_oldest_pending_job_age_seconds") == pytest.approx(
                 5 * 86400, abs=60)
             # The oldest job fails: the clock moves on to the next one.
             await store.record_failure(_ref("old", None), code="JobFailed", reason="test")
             deadline = time.monotonic() + 5
-            while (REGISTRY.get_sample_value("worker_oldest_pending_job_age_seconds") or 0) > 2 * 86400:
+            while (REGISTRY.get_sample_value("rekognition_worker_oldest_pending_job_age_seconds") or 0) > 2 * 86400:
                 assert time.monotonic() < deadline, "the gauge kept a job that is no longer pending"
                 await asyncio.sleep(0.02)
         finally:

@@ -59,8 +59,9 @@ async def test_access_denied_pauses_the_worker_and_a_probe_resumes_it(
     emu.add_job(failed)
     emu.configure(access_denied=True)  # the deployment's role lost rekognition:Get*
     await send(sqs, queues.url, *(enveloped(j) for j in jobs), enveloped(failed))
-    failures_before = metric("worker_credentials_failures_total")
-    probes_before = metric("worker_rekognition_calls_total", operation="GetFaceDetection", outcome="credentials_error")
+    failures_before = metric("rekognition_worker_credentials_failures_total")
+    probes_before = metric("rekognition_worker_rekognition_calls_total", operation="GetFaceDetection",
+                           outcome="credentials_error")
     workers: list[SqsWorker] = []
 
     def ready(worker: SqsWorker) -> None:
@@ -74,22 +75,23 @@ async def test_access_denied_pauses_the_worker_and_a_probe_resumes_it(
                 await wait_until(lambda: bool(workers), 15, "the service to start")
                 worker = workers[0]
                 await wait_until(lambda: worker.credentials.paused, 15, "the pause")
-                assert metric("worker_credentials_failures_total") - failures_before == 3
-                assert metric("worker_credentials_paused") == 1
+                assert metric("rekognition_worker_credentials_failures_total") - failures_before == 3
+                assert metric("rekognition_worker_credentials_paused") == 1
                 status, body = await readyz(worker)
                 assert status == 503 and body["checks"]["database"] == "ok"
                 assert body["checks"]["credentials"].startswith("paused: AWS refused the credentials 3 times")
                 assert "AccessDeniedException" in body["checks"]["credentials"]
                 # Paused: no message is taken while the probes keep failing; none is deleted or dead-lettered.
                 received = worker.counters.received
-                await wait_until(lambda: metric("worker_rekognition_calls_total", operation="GetFaceDetection",
-                                                outcome="credentials_error") - probes_before >= 5, 10, "probes")
+                await wait_until(lambda: metric("rekognition_worker_rekognition_calls_total",
+                                                operation="GetFaceDetection", outcome="credentials_error")
+                                 - probes_before >= 5, 10, "probes")
                 assert worker.counters.received == received == 3
                 assert sum(await queue_counts(sqs, queues.url)) == 5
                 assert await queue_counts(sqs, queues.dlq_url) == (0, 0, 0)
                 emu.configure(access_denied=False)  # the IAM fix is deployed
                 await wait_until(lambda: not worker.credentials.paused, 10, "the resume")
-                assert metric("worker_credentials_paused") == 0
+                assert metric("rekognition_worker_credentials_paused") == 0
                 assert (await readyz(worker))[0] == 200
                 await wait_until(lambda: worker.counters.by_outcome.get("ingested", 0) == 4
                                  and worker.counters.by_outcome.get("failed", 0) == 1, 20, "every job")

@@ -2,7 +2,8 @@
 
 Fast, offline, no cluster: PyYAML and the standard library only. The kustomize overlays are
 rendered by a small renderer below that implements exactly the kustomize features deploy/ uses
-(resources, components, namespace, images, strategic-merge and JSON 6902 patches); when a real
+(resources, components, namespace, images, strategic-merge and JSON 6902 patches, configMapGenerator with
+kustomize's hash suffix, replacements, local-config objects); when a real
 kustomize is on the machine (``kustomize`` or ``kubectl kustomize``) a test checks that both
 renderings agree, so the renderer cannot drift from kustomize unnoticed.
 
@@ -68,7 +69,12 @@ CLUSTER_SCOPED_KINDS = frozenset(
 # --------------------------------------------------------------------------------------------
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-RENDERER_FIELDS = frozenset({"apiVersion", "kind", "resources", "components", "namespace", "images", "patches"})
+RENDERER_FIELDS = frozenset({"apiVersion", "kind", "resources", "components", "namespace", "images", "patches",
+                             "configMapGenerator", "replacements"})
+# Marks a generated ConfigMap whose name takes the hash suffix when the top-level build ends (kustomize
+# keeps the same mark internally); removed before the objects are returned.
+_NEEDS_HASH = "internal.renderer/needs-hash"
+_LOCAL_CONFIG = "config.kubernetes.io/local-config"
 
 
 def load_yaml_docs(path: Path) -> list[Any]:
@@ -96,6 +102,13 @@ def read_kustomization(directory: Path) -> dict[str, Any]:
 
 def render(directory: Path) -> list[dict[str, Any]]:
     """Render a Kustomization directory (like `kustomize build`), as a list of objects."""
+    resources = _accumulate(directory)
+    _add_hash_suffixes(resources)
+    return resources
+
+
+def _accumulate(directory: Path) -> list[dict[str, Any]]:
+    """A Kustomization's objects before the top-level build names its generated ConfigMaps."""
     kind = read_kustomization(directory).get("kind", "Kustomization")
     if kind != "Kustomization":
         raise ValueError(f"{directory} is a {kind}, not a Kustomization")
@@ -103,11 +116,16 @@ def render(directory: Path) -> list[dict[str, Any]]:
 
 
 def _build(directory: Path, accumulated: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # The order of kustomize 5.x: resources, this kustomization's generators, components (in the order
+    # listed), then transformers (patches, namespace, images, replacements); local-config objects are
+    # dropped at the end of every level.
     spec = read_kustomization(directory)
     resources = [copy.deepcopy(doc) for doc in accumulated]
     for entry in spec.get("resources", []):
         target = (directory / entry).resolve()
-        resources.extend(render(target) if target.is_dir() else load_yaml_docs(target))
+        resources.extend(_accumulate(target) if target.is_dir() else load_yaml_docs(target))
+    for generator in spec.get("configMapGenerator", []):
+        _generate_config_map(resources, generator, directory)
     for entry in spec.get("components", []):
         component = (directory / entry).resolve()
         if read_kustomization(component).get("kind") != "Component":
@@ -122,7 +140,180 @@ def _build(directory: Path, accumulated: list[dict[str, Any]]) -> list[dict[str,
     if spec.get("images"):
         for doc in resources:
             _rewrite_images(doc, spec["images"])
-    return resources
+    for replacement in spec.get("replacements", []):
+        _replace(resources, replacement)
+    return [doc for doc in resources
+            if str(doc["metadata"].get("annotations", {}).get(_LOCAL_CONFIG, "")).lower() != "true"]
+
+
+def _generator_data(generator: dict[str, Any], directory: Path) -> dict[str, str]:
+    data: dict[str, str] = {}
+    for env_file in generator.get("envs", []):
+        for line in (directory / env_file).read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, sep, value = line.partition("=")
+                if not sep:
+                    raise ValueError(f"{directory / env_file}: line without '=': {line!r}")
+                data[key.strip()] = value
+    for literal in generator.get("literals", []):
+        key, _, value = literal.partition("=")
+        data[key] = value
+    for entry in generator.get("files", []):
+        key, sep, path = entry.partition("=")
+        key, path = (key, path) if sep else (Path(entry).name, entry)
+        data[key] = (directory / path).read_text(encoding="utf-8")
+    return data
+
+
+def _generate_config_map(resources: list[dict[str, Any]], generator: dict[str, Any], directory: Path) -> None:
+    data = _generator_data(generator, directory)
+    options = generator.get("options", {})
+    behavior = generator.get("behavior", "create")
+    name = generator["name"]
+    existing = [doc for doc in resources if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == name]
+    if behavior == "create":
+        if existing:
+            raise ValueError(f"{directory}: ConfigMap {name} already exists; use behavior merge or replace")
+        doc: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {}}
+        resources.append(doc)
+    elif len(existing) == 1:
+        doc = existing[0]
+        if behavior == "replace":
+            doc["data"] = {}
+    else:
+        raise ValueError(f"{directory}: ConfigMap {name} does not exist; cannot {behavior}")
+    doc["data"].update(data)
+    metadata = doc["metadata"]
+    for field in ("labels", "annotations"):
+        if options.get(field):
+            metadata.setdefault(field, {}).update(options[field])
+    if not options.get("disableNameSuffixHash"):
+        metadata.setdefault("annotations", {})[_NEEDS_HASH] = "true"
+    elif behavior == "create":
+        metadata.get("annotations", {}).pop(_NEEDS_HASH, None)
+
+
+def config_map_hash(doc: dict[str, Any]) -> str:
+    """kustomize's name suffix of a generated ConfigMap (api/hasher): the first 10 hex digits of the SHA-256
+    of a JSON encoding of kind, name and data (Go's encoding/json: sorted keys, HTML characters escaped), with
+    0, 1, 3, a and e swapped for letters so the suffix never looks like a number or a word.
+
+    kustomize 5 looks the name up as one field called "metadata/name", finds none and encodes "": the suffix
+    depends on the data alone. test_python_renderer_agrees_with_kustomize keeps this honest."""
+    import hashlib
+
+    fields: dict[str, Any] = {"kind": "ConfigMap", "name": "", "data": doc.get("data") or {}}
+    if doc.get("binaryData"):
+        fields["binaryData"] = doc["binaryData"]
+    encoded = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                         ("\u2029", "\\u2029")):
+        encoded = encoded.replace(char, escape)
+    digest = hashlib.sha256(encoded.encode("utf-8")).hexdigest()[:10]
+    return digest.translate(str.maketrans({"0": "g", "1": "h", "3": "k", "a": "m", "e": "t"}))
+
+
+def _add_hash_suffixes(resources: list[dict[str, Any]]) -> None:
+    renamed: dict[tuple[str | None, str], str] = {}
+    for doc in resources:
+        annotations = doc["metadata"].get("annotations", {})
+        if doc["kind"] == "ConfigMap" and annotations.pop(_NEEDS_HASH, None):
+            if not annotations:
+                del doc["metadata"]["annotations"]
+            old = doc["metadata"]["name"]
+            doc["metadata"]["name"] = f"{old}-{config_map_hash(doc)}"
+            renamed[doc["metadata"].get("namespace"), old] = doc["metadata"]["name"]
+    for doc in resources:
+        if doc["kind"] != "ConfigMap":
+            _rename_config_map_references(doc, doc["metadata"].get("namespace"), renamed)
+
+
+def _rename_config_map_references(node: Any, namespace: str | None,
+                                  renamed: dict[tuple[str | None, str], str]) -> None:
+    """Pods name a ConfigMap in envFrom[].configMapRef, env[].valueFrom.configMapKeyRef, volumes[].configMap
+    and projected sources; kustomize rewrites exactly those."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("configMapRef", "configMapKeyRef", "configMap") and isinstance(value, dict):
+                new = renamed.get((namespace, value.get("name", "")))
+                if new:
+                    value["name"] = new
+            _rename_config_map_references(value, namespace, renamed)
+    elif isinstance(node, list):
+        for item in node:
+            _rename_config_map_references(item, namespace, renamed)
+
+
+def _field_path(path: str) -> list[str]:
+    """`a.b.[x.y/z].0.*` -> ["a", "b", "[x.y/z]", "0", "*"]: a bracket may hold dots."""
+    parts, current, depth = [], "", 0
+    for char in path:
+        if char == "." and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        current += char
+    return [*parts, current]
+
+
+def _children(node: Any, part: str) -> list[tuple[Any, Any]]:
+    """(container, key) pairs a field path segment selects in `node`."""
+    if part == "*":
+        return list(enumerate(node)) if isinstance(node, list) else list(node.items())
+    if part.startswith("[") and part.endswith("]"):
+        inner = part[1:-1]
+        if isinstance(node, list):  # [name=value] selects list items
+            field, _, wanted = inner.partition("=")
+            return [(i, item) for i, item in enumerate(node) if str(item.get(field)) == wanted]
+        part = inner
+    if isinstance(node, list):
+        return [(int(part), node[int(part)])]
+    return [(part, node[part])] if isinstance(node, dict) and part in node else []
+
+
+def _locate(doc: Any, path: str) -> list[tuple[Any, Any]]:
+    """(parent, key) of every field `path` reaches in `doc`."""
+    parents: list[tuple[Any, Any]] = [(None, doc)]
+    parts = _field_path(path)
+    found: list[tuple[Any, Any]] = []
+    for depth, part in enumerate(parts):
+        following = []
+        for _, node in parents:
+            for key, child in _children(node, part):
+                if depth == len(parts) - 1:
+                    found.append((node, key))
+                else:
+                    following.append((key, child))
+        parents = following
+    return found
+
+
+def _replace(resources: list[dict[str, Any]], replacement: dict[str, Any]) -> None:
+    source = replacement["source"]
+    selector = {k: source[k] for k in ("group", "version", "kind", "name", "namespace") if k in source}
+    (origin,) = _select(resources, selector, replacement)
+    locations = _locate(origin, source.get("fieldPath", "metadata.name"))
+    if len(locations) != 1:
+        raise ValueError(f"replacement source {source} selects {len(locations)} fields")
+    parent, key = locations[0]
+    value = parent[key]
+    if "delimiter" in source.get("options", {}):
+        value = str(value).split(source["options"]["delimiter"])[source["options"].get("index", 0)]
+    for target in replacement["targets"]:
+        options = target.get("options", {})
+        for doc in _select(resources, target["select"], replacement):
+            for field_path in target["fieldPaths"]:
+                places = _locate(doc, field_path)
+                if not places:
+                    raise ValueError(f"replacement target {field_path} not found in {doc['metadata']['name']}")
+                for parent, key in places:
+                    if "delimiter" in options:
+                        pieces = str(parent[key]).split(options["delimiter"])
+                        pieces[options.get("index", 0)] = str(value)
+                        parent[key] = options["delimiter"].join(pieces)
+                    else:
+                        parent[key] = copy.deepcopy(value)
 
 
 def _group_version(doc: dict[str, Any]) -> tuple[str, str]:
@@ -393,8 +584,19 @@ def only(docs: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -
     return found[0]
 
 
+CONFIG_NAME = "rekognition-worker-config"
+
+
+def worker_config_map(docs: Any) -> dict[str, Any]:
+    """The generated ConfigMap of the worker's settings: its name carries the hash of its data."""
+    found = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith(f"{CONFIG_NAME}-")]
+    assert len(found) == 1, [d["metadata"]["name"] for d in found]
+    assert found[0]["metadata"]["name"] == f"{CONFIG_NAME}-{config_map_hash(found[0])}"
+    return found[0]
+
+
 def config(overlay: str) -> dict[str, str]:
-    return only(rendered(f"overlays/{overlay}"), "ConfigMap", "rekognition-worker-config")["data"]
+    return worker_config_map(rendered(f"overlays/{overlay}"))["data"]
 
 
 def pod_specs(docs: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -448,7 +650,8 @@ def test_every_file_in_deploy_parses() -> None:
 
 
 def test_every_kustomization_renders_unique_named_objects() -> None:
-    expected = {"."} | {f"overlays/{o}" for o in OVERLAYS} | {f"overlays/{o}/migrate" for o in OVERLAYS}
+    expected = {"."} | {f"{where}/{o}" for o in OVERLAYS for where in ("overlays", "argocd")}
+    expected |= {f"overlays/{o}/{job}" for o in OVERLAYS for job in ("migrate", "backfill")}
     renders = all_renders()
     assert expected <= set(renders), sorted(renders)
     for where, docs in renders.items():
@@ -553,7 +756,7 @@ def test_worker_deployment() -> None:
         assert float(settings["HEARTBEAT_INTERVAL_S"]) < float(settings["VISIBILITY_TIMEOUT_S"])
         assert pod["serviceAccountName"] == only(docs, "ServiceAccount")["metadata"]["name"]
         env_from = [e["configMapRef"]["name"] for e in container["envFrom"]]
-        assert env_from == ["rekognition-worker-config"]
+        assert env_from == [worker_config_map(docs)["metadata"]["name"]]
         database_url = env_var(container, "DATABASE_URL")["valueFrom"]["secretKeyRef"]
         assert database_url == {"name": SECRET_NAME, "key": "DATABASE_URL"}
 
@@ -583,7 +786,7 @@ def test_keda_scales_on_the_queue_within_the_rekognition_budget() -> None:
         # One place for the queue URL: KEDA reads the container's QUEUE_URL (from the ConfigMap).
         assert meta["queueURLFromEnv"] == "QUEUE_URL" and "queueURL" not in meta, overlay
         (container,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-        assert {"configMapRef": {"name": "rekognition-worker-config"}} in container["envFrom"]
+        assert {"configMapRef": {"name": worker_config_map(docs)["metadata"]["name"]}} in container["envFrom"]
         assert settings["QUEUE_URL"].startswith("https://sqs."), overlay
         assert meta["awsRegion"] == settings["AWS_REGION"], overlay
         fallback = scaled["fallback"]
@@ -625,6 +828,117 @@ def test_backfill_job_reads_the_file_from_a_read_only_configmap() -> None:
         (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
         assert volume["configMap"]["items"] == [{"key": "jobs.txt", "path": "jobs.txt"}]
         assert pod["serviceAccountName"] == "rekognition-worker"
+        # The worker's settings: the very ConfigMap the worker overlay renders (same name, same data), so
+        # applying the backfill changes nothing the worker runs with.
+        config_map = worker_config_map(rendered(f"overlays/{overlay}/backfill"))
+        assert config_map == worker_config_map(rendered(f"overlays/{overlay}"))
+        assert container["envFrom"] == [{"configMapRef": {"name": config_map["metadata"]["name"]}}]
+
+
+MONITORING_GROUP = "monitoring.coreos.com"
+
+
+def _groups(docs: Any) -> set[str]:
+    return {_group_version(doc)[0] for doc in docs}
+
+
+def _copy_of_deploy(tmp_path: Path) -> Path:
+    copy_root = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy_root)
+    return copy_root
+
+
+def _set_env_value(path: Path, name: str, value: str) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert any(line.startswith(f"{name}=") for line in lines), (path, name)
+    path.write_text("\n".join(f"{name}={value}" if line.startswith(f"{name}=") else line for line in lines) + "\n",
+                    encoding="utf-8")
+
+
+def test_the_base_applies_on_a_cluster_with_only_keda() -> None:
+    docs = rendered("base")
+    assert MONITORING_GROUP not in _groups(docs)
+    assert _groups(docs) - {"", "apps", "policy", "networking.k8s.io"} == {"keda.sh"}
+    assert (DEPLOY / "base" / "servicemonitor.yaml").exists() is False
+
+
+def test_the_monitoring_component_adds_the_service_monitor_rules_and_dashboard(tmp_path: Path) -> None:
+    (component,) = load_yaml_docs(DEPLOY / "monitoring" / "kustomization.yaml")
+    assert (component["apiVersion"], component["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+    # The base plus the component alone: it adds exactly the monitoring objects.
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(DEPLOY / "base")], "components": [str(DEPLOY / "monitoring")]}))
+    added = {(d["kind"], d["metadata"]["name"]) for d in render(tmp_path)} - {
+        (d["kind"], d["metadata"]["name"]) for d in rendered("base")}
+    assert added == {("ServiceMonitor", "rekognition-worker"), ("PrometheusRule", "rekognition-worker"),
+                     ("ConfigMap", "rekognition-worker-dashboard")}
+    for overlay in OVERLAYS:  # both overlays opt in, in their own namespace
+        docs = rendered(f"overlays/{overlay}")
+        assert MONITORING_GROUP in _groups(docs)
+        dashboard = only(docs, "ConfigMap", "rekognition-worker-dashboard")
+        assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert json.loads(dashboard["data"]["rekognition-worker.json"]) == json.loads(
+            (DEPLOY / "monitoring" / "grafana-dashboard.json").read_text(encoding="utf-8"))
+        assert not any(d["metadata"].get("annotations", {}).get(_LOCAL_CONFIG) for d in docs)
+        assert len({d["metadata"].get("namespace") for d in docs}) == 1
+
+
+def test_a_settings_change_renames_the_config_map_and_rolls_the_pods(tmp_path: Path) -> None:
+    copy_root = _copy_of_deploy(tmp_path)
+    before = render(copy_root / "overlays" / "staging")
+    _set_env_value(copy_root / "overlays" / "staging" / "settings" / "worker.env", "LOG_LEVEL", "warning")
+    after = render(copy_root / "overlays" / "staging")
+    old, new = worker_config_map(before), worker_config_map(after)
+    assert new["data"]["LOG_LEVEL"] == "warning" and new["metadata"]["name"] != old["metadata"]["name"]
+
+    def pod_template(docs: Any) -> dict[str, Any]:
+        return only(docs, "Deployment")["spec"]["template"]
+
+    # A new pod template is what makes the Deployment roll.
+    assert pod_template(after) != pod_template(before)
+    assert pod_template(after)["spec"]["containers"][0]["envFrom"] == [
+        {"configMapRef": {"name": new["metadata"]["name"]}}]
+    # The backfill Job follows the same change.
+    assert worker_config_map(render(copy_root / "overlays" / "staging" / "backfill")) == new
+
+
+def test_keda_queue_length_and_region_come_from_the_settings(tmp_path: Path) -> None:
+    copy_root = _copy_of_deploy(tmp_path)
+    settings = copy_root / "overlays" / "production" / "settings" / "worker.env"
+    _set_env_value(settings, "MAX_CONCURRENT_JOBS", "7")
+    _set_env_value(settings, "AWS_REGION", "eu-west-1")
+    docs = render(copy_root / "overlays" / "production")
+    metadata = only(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert (metadata["queueLength"], metadata["awsRegion"]) == ("7", "eu-west-1")
+    assert worker_config_map(docs)["data"]["MAX_CONCURRENT_JOBS"] == "7"
+    # Nothing else repeats the value: it is written in one place per environment.
+    written = json.dumps([load_yaml_docs(p) for p in (copy_root / "overlays" / "production").rglob("*.yaml")])
+    assert "queueLength" not in written and "awsRegion" not in written
+
+
+def test_every_alert_takes_its_runbook_url_from_the_one_setting(tmp_path: Path) -> None:
+    copy_root = _copy_of_deploy(tmp_path)
+    kustomization = copy_root / "monitoring" / "kustomization.yaml"
+    text = kustomization.read_text(encoding="utf-8")
+    old = "url=https://github.com/REPLACE_ME/rekognition-ingest-worker/blob/main/docs/runbook.md"
+    assert old in text
+    kustomization.write_text(text.replace(old, "url=https://wiki.example.org/ops/rekognition"), encoding="utf-8")
+    for overlay in OVERLAYS:
+        rule = only(render(copy_root / "overlays" / overlay), "PrometheusRule")
+        urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+        assert len(urls) >= 10
+        assert all(re.fullmatch(r"https://wiki\.example\.org/ops/rekognition#[a-z0-9-]+", url) for url in urls), urls
+
+
+def test_the_migrate_job_is_reachable_from_every_overlay() -> None:
+    for overlay in OVERLAYS:
+        # kubectl: its own kustomization beside the overlay; Argo CD: argocd/<env> = the overlay + the Job.
+        job = only(rendered(f"overlays/{overlay}/migrate"), "Job")
+        argo = rendered(f"argocd/{overlay}")
+        assert only(argo, "Job") == job
+        assert job["metadata"]["annotations"]["argocd.argoproj.io/hook"] == "PreSync"
+        assert _sorted_docs([d for d in argo if d["kind"] != "Job"]) == _sorted_docs(rendered(f"overlays/{overlay}"))
 
 
 def test_disruption_budget_network_policy_and_monitoring() -> None:
@@ -739,8 +1053,12 @@ def test_worker_iam_policy_is_least_privilege() -> None:
         "sqs:GetQueueUrl",
     }
     for action, resources in granted.items():
-        if action.startswith("rekognition:"):
-            assert resources == {"*"}, "Rekognition Get* and Start* actions support no resource-level scoping"
+        if action == "rekognition:StartFaceSearch":  # only the collections the deployment searches
+            assert resources == {"arn:aws:rekognition:REGION:ACCOUNT:collection/COLLECTION"}
+        elif action.startswith("rekognition:"):
+            # StartFaceDetection, GetFaceDetection and GetFaceSearch take no resource (AWS's Service
+            # Authorization Reference): "*" is the only value that works.
+            assert resources == {"*"}, action
         elif action == "iam:PassRole":  # only the role of the jobs' NotificationChannel, only to Rekognition
             assert resources == {"arn:aws:iam::ACCOUNT:role/REKOGNITION_SNS_ROLE"}
         elif action == "s3:GetObject":  # Rekognition reads the videos with the caller's rights

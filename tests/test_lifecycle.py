@@ -202,7 +202,7 @@ async def test_erase_reaches_quarantined_pages_of_a_failed_job(
 
 
 def _purged(table: str) -> float:
-    return REGISTRY.get_sample_value("worker_retention_rows_purged_total", {"table": table}) or 0.0
+    return REGISTRY.get_sample_value("rekognition_worker_retention_rows_purged_total", {"table": table}) or 0.0
 
 
 async def _set_times(db: asyncpg.Connection, job_id: str, days_ago: float, state: str = "ingested") -> None:
@@ -352,7 +352,7 @@ async def test_run_purges_with_retention_days_set(settings: Settings, sqs: Any, 
             await db.execute("INSERT INTO ingests (ingest_id, job_id) VALUES ($1, $2)", key, job_id)
             await db.execute("INSERT INTO raw_pages (ingest_id, page_no, encoding, body, body_bytes) "
                              "VALUES ($1, 0, 'zstd+json', '\\x00', 1)", key)
-        passes = REGISTRY.get_sample_value("worker_retention_passes_total", {"outcome": "done"}) or 0.0
+        passes = REGISTRY.get_sample_value("rekognition_worker_retention_passes_total", {"outcome": "done"}) or 0.0
         workers: list[SqsWorker] = []
         service = asyncio.create_task(run_service(settings.with_(
             queue_url=queues.url, poll_wait_s=1, health_port=0, retention_days=30.0, retention_interval_s=0.05),
@@ -363,4 +363,5 @@ async def test_run_purges_with_retention_days_set(settings: Settings, sqs: Any, 
         assert await service == 0
         assert [r["job_id"] for r in await db.fetch(
             "SELECT i.job_id FROM raw_pages r JOIN ingests i USING (ingest_id)")] == ["ret-run-new"]
-        assert (REGISTRY.get_sample_value("worker_retention_passes_total", {"outcome": "done"}) or 0.0) > passes
+        assert (REGISTRY.get_sample_value("rekognition_worker_retention_passes_total",
+                                          {"outcome": "done"}) or 0.0) > passes

@@ -120,7 +120,7 @@ async def test_requeue_send_that_keeps_failing_holds_the_original_until_sqs_reco
             async with worker_via(proxy, wsettings, exit_when_idle=True) as (worker, task):
                 # The bounded tries, then tries in the background.
                 await wait_until(lambda: proxy.failed["SendMessage"] >= FAST_REQUEUE.attempts + 2, 15, "tries")
-                assert metric("worker_requeues_held") == 1
+                assert metric("rekognition_worker_requeues_held") == 1
                 # Well past its 2 s visibility timeout the original is still hidden, so never received again
                 # (that receive would move it to the DLQ).
                 await asyncio.sleep(2.5)
@@ -128,7 +128,7 @@ async def test_requeue_send_that_keeps_failing_holds_the_original_until_sqs_reco
                 assert await queue_counts(sqs, queues.dlq_url) == (0, 0, 0)
                 proxy.heal()
                 await asyncio.shield(task)
-        assert metric("worker_requeues_held") == 0
+        assert metric("rekognition_worker_requeues_held") == 0
         held = events(logs, "requeue not finished: the original is held invisible")
         assert len(held) == 1 and held[0]["hidden_for_s"] > 11 * 3600 and held[0]["copy_sent"] is False
         assert len(events(logs, "requeue finished in the background")) == 1

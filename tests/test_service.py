@@ -6,6 +6,7 @@ PostgreSQL. Every outcome of a message is checked in the queue, the dead-letter 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import time
@@ -40,6 +41,7 @@ from test_service_support import (
     unique_id,
 )
 
+from worker import logsafe
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.health import HealthServer
@@ -466,7 +468,7 @@ async def test_rekognition_faults_after_retries_return_the_message_and_the_worke
         emu.configure(fault_rate=0.0)
         await asyncio.wait_for(asyncio.shield(task), 20)
     assert worker.counters.by_outcome.get("ingested") == 1
-    assert metric("worker_rekognition_calls_total", operation="GetFaceDetection", outcome="fault") > 0
+    assert metric("rekognition_worker_rekognition_calls_total", operation="GetFaceDetection", outcome="fault") > 0
     assert await queue_counts(sqs, queues.url) == (0, 0, 0)
     assert await queue_counts(sqs, queues.dlq_url) == (0, 0, 0)
     assert (await job_row(db_url, job.job_id) or {}).get("faces") == len(job.results)
@@ -478,18 +480,25 @@ async def test_unusable_messages_reach_the_dead_letter_queue_logged_and_counted(
     good = detection(emu, faces=20)
     await send(sqs, queues.url, *POISON_BODIES)
     await send(sqs, queues.url, enveloped(good))  # after the poison: still ingested
-    invalid_before = metric("worker_messages_total", outcome="invalid")
+    invalid_before = metric("rekognition_worker_messages_total", outcome="invalid")
     with logs_with_context() as logs:
         worker = await drain(wsettings, sqs)
     # Received twice each (maxReceiveCount 2), then moved by the redrive policy: never deleted.
     assert sorted(m["Body"] for m in await take_all(sqs, queues.dlq_url)) == sorted(POISON_BODIES)
     assert await queue_counts(sqs, queues.url) == (0, 0, 0)
     assert worker.counters.by_outcome == {"invalid": 2 * len(POISON_BODIES), "ingested": 1}
-    assert metric("worker_messages_total", outcome="invalid") - invalid_before == 2 * len(POISON_BODIES)
+    assert metric("rekognition_worker_messages_total", outcome="invalid") - invalid_before == 2 * len(POISON_BODIES)
     assert (await job_row(db_url, good.job_id) or {}).get("ingest_state") == "ingested"
     unusable = events(logs, "unusable message")
-    reasons = {e["body_excerpt"]: e["reason"] for e in unusable}
+    # Logs describe a body by size, hash and member names, never by its text (it may name a person).
+    by_hash = {logsafe.short_hash(body): body for body in POISON_BODIES}
+    reasons = {by_hash[e["body_sha256"]]: e["reason"] for e in unusable}
     assert set(reasons) == set(POISON_BODIES)
+    assert "anna" not in json.dumps(logs, default=str)
+    assert {e["body_bytes"] for e in unusable if by_hash[e["body_sha256"]] == POISON_BODIES[2]} == {
+        len(POISON_BODIES[2])}
+    assert {tuple(e.get("body_keys", ())) for e in unusable if by_hash[e["body_sha256"]] == POISON_BODIES[9]} == {
+        ("Type", "Message")}
     assert all(e["log_level"] == "warning" and e.get("message_id") for e in unusable)
     assert "not valid JSON" in reasons["this is not a notification"]
     assert "must be a JSON object, got list" in reasons["[1, 2, 3]"]
@@ -571,7 +580,7 @@ async def test_failed_visibility_extension_is_logged_and_the_job_still_completes
     job = detection(emu, faces=100)
     await send(sqs, queues.url, enveloped(job))
     emu.configure(latency_s=0.5)
-    failures_before = metric("worker_visibility_extension_failures_total")
+    failures_before = metric("rekognition_worker_visibility_extension_failures_total")
     with logs_with_context() as logs:
         async with running(wsettings, sqs, exit_when_idle=True) as (worker, task):
             await wait_until(lambda: worker.in_flight == 1, 10, "the job to start")
@@ -579,7 +588,7 @@ async def test_failed_visibility_extension_is_logged_and_the_job_still_completes
             await sqs.purge_queue(QueueUrl=queues.url)
             await asyncio.wait_for(asyncio.shield(task), 20)
     assert worker.counters.visibility_extension_failures >= 1
-    assert metric("worker_visibility_extension_failures_total") - failures_before >= 1
+    assert metric("rekognition_worker_visibility_extension_failures_total") - failures_before >= 1
     failed = events(logs, "visibility extension failed")
     assert failed and failed[0]["job_id"] == job.job_id and "ReceiptHandleIsInvalid" in failed[0]["error"]
     assert events(logs, "delete failed")
@@ -686,11 +695,10 @@ async def test_run_service_serves_health_and_stops_on_sigterm(
             assert (await r.json())["checks"] == {"database": "ok", "queue": "ok", "credentials": "ok"}
         async with http.get(f"{base}/metrics") as r:
             text = await r.text()
-    for name in ("worker_messages_total{outcome=\"ingested\"}", "worker_jobs_total{api=\"FACE_DETECTION\"",
-                 "worker_pages_fetched_total", "worker_rows_written_total{table=\"faces\"}",
-                 "worker_rekognition_calls_total", "worker_jobs_in_flight", "worker_job_duration_seconds_bucket",
-                 "worker_oldest_message_age_seconds"):
-        assert name in text, name
+    for name in ("messages_total{outcome=\"ingested\"}", "jobs_total{api=\"FACE_DETECTION\"", "pages_fetched_total",
+                 "rows_written_total{table=\"faces\"}", "rekognition_calls_total", "jobs_in_flight",
+                 "job_duration_seconds_bucket", "oldest_message_age_seconds"):
+        assert f"rekognition_worker_{name}" in text, name
     # The handler only sets the stop event: a real SIGTERM to this very process is safe.
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     signal.raise_signal(signal.SIGTERM)

@@ -39,6 +39,7 @@ from test_service_support import (
     unique_id,
 )
 
+from worker import logsafe
 from worker.config import Settings
 from worker.local import synth
 
@@ -137,7 +138,7 @@ def get(port: int, path: str) -> tuple[int, str]:
 def wait_for_job_in_flight(port: int, timeout_s: float = 15) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if "worker_jobs_in_flight 1.0" in get(port, "/metrics")[1]:
+        if "rekognition_worker_jobs_in_flight 1.0" in get(port, "/metrics")[1]:
             return
         time.sleep(0.03)
     raise AssertionError("the job never started")
@@ -175,7 +176,8 @@ async def test_run_exit_when_idle_drains_the_done_when_mix_and_exits_0(
     assert status == 200, body
     assert json.loads(body) == {"ready": True, "checks": {"database": "ok", "queue": "ok", "credentials": "ok"}}
     status, metrics_text = get(port, "/metrics")
-    assert status == 200 and "worker_messages_total" in metrics_text and "worker_jobs_in_flight" in metrics_text
+    assert status == 200 and "rekognition_worker_messages_total" in metrics_text
+    assert "rekognition_worker_jobs_in_flight" in metrics_text
     assert proc.wait(60) == 0
     assert await queue_counts(sqs, queues.url) == (0, 0, 0)
     assert sorted(m["Body"] for m in await take_all(sqs, queues.dlq_url)) == sorted(poison)
@@ -191,7 +193,8 @@ async def test_run_exit_when_idle_drains_the_done_when_mix_and_exits_0(
     assert row is not None and row["ingest_state"] == "failed" and row["failure_reason"] == "Unsupported codec"
     # Logs: one JSON line per event with the message's context; reasons for the poison messages.
     unusable = proc.events("unusable message")
-    assert {e["body_excerpt"] for e in unusable} == set(poison)
+    assert {e["body_sha256"] for e in unusable} == {logsafe.short_hash(body) for body in poison}
+    assert not any(body in json.dumps(e) for e in unusable for body in poison)
     assert all(e["reason"] and e["message_id"] and e["level"] == "warning" for e in unusable)
     summaries = proc.events("job finished")
     assert {e["job_id"] for e in summaries} == {f.job_id for f in (*good, failed)}

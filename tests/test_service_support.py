@@ -198,7 +198,9 @@ async def stored_rows(database_url: str, job_id: str) -> int:
 POISON_BODIES = (
     "this is not a notification",
     "[1, 2, 3]",
-    '{"JobId": "has spaces and !", "API": "StartFaceDetection", "Status": "SUCCEEDED"}',
+    # A video name that names a person: logs must not carry it (worker/logsafe.py).
+    '{"JobId": "has spaces and !", "API": "StartFaceDetection", "Status": "SUCCEEDED", '
+    '"Video": {"S3ObjectName": "interviews/anna.m4v", "S3Bucket": "media"}}',
     '{"JobId": "label-job-0001", "API": "StartLabelDetection", "Status": "SUCCEEDED"}',
     '{"JobId": 12345, "API": "StartFaceSearch"}',
     '{"JobId": "wrong-type-api", "API": ["StartFaceSearch"]}',

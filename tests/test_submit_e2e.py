@@ -9,6 +9,7 @@ nothing new.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from aiobotocore.session import get_session
 from test_service_process import REPO, WorkerProcess
 from test_service_support import Queues
 
+from worker import logsafe
 from worker.local.emulator import EmulatorConfig, EmulatorThread
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:rekognition-done"
@@ -105,6 +107,10 @@ async def test_a_library_goes_from_s3_objects_to_rows_with_each_video_started_on
     finally:
         await conn.close()
     probes = sum(1 for w in workers for e in w.events("completion notification never arrived"))
+    # The logs name each video by bucket, extension and a hash of its key, never by the key.
+    assert sorted(e["video"] for w in workers for e in w.events("video started")) == sorted(
+        logsafe.video(bucket, name) for name in VIDEOS)
+    assert not any(name in json.dumps(line) for w in workers for line in w.lines for name in VIDEOS)
     print(f"\nlibrary of {len(VIDEOS)} videos ({len(OTHERS)} other objects), account limit 4, one notification "
           f"lost: submit -> last row {(last_row - first_submit).total_seconds():.1f} s; both workers exited "
           f"after {elapsed_s:.1f} s; limit_exceeded {stats['limit_exceeded']}, peak running "

@@ -31,6 +31,7 @@ from worker.config import Settings
 from worker.db.engine import connect
 from worker.errors import ConfigError, InvalidInput, aws_message, aws_status
 from worker.logs import get_logger, redact
+from worker.logsafe import redacted_body
 from worker.messages import JobRef, parse_message_body
 from worker.queue import describe_queue, queue_url_from_arn
 
@@ -252,8 +253,13 @@ def describe(dl: DeadLetter, state: JobState | None, *, now: datetime, database:
         "ingest_state": state.ingest_state if state else None,
         "ingested": (state is not None and state.ingest_state == "ingested") if database and dl.ref else None,
         "dead_letter_source_arn": dl.attributes.get("DeadLetterQueueSourceArn"),
-        "body_excerpt": dl.body if len(dl.body) <= 200 else dl.body[:200] + "...",
+        # A notification's video name is hashed (worker/logsafe.py); the rest is what triage needs.
+        "body_excerpt": _excerpt(redacted_body(dl.body)),
     }
+
+
+def _excerpt(body: str, limit: int = 200) -> str:
+    return body if len(body) <= limit else body[:limit] + "..."
 
 
 @dataclass

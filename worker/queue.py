@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker import metrics
+from worker import logsafe, metrics
 from worker.config import Settings
 from worker.errors import aws_error
 from worker.logs import get_logger
@@ -172,9 +172,9 @@ def earlier_receives(message: dict[str, Any]) -> int:
         return 0
 
 
-def excerpt(message: dict[str, Any], limit: int = 120) -> str:
-    body = message.get("Body") or ""
-    return body if len(body) <= limit else body[:limit] + "..."
+def body_fields(message: dict[str, Any]) -> dict[str, Any]:
+    """Log fields that describe a message's body without its text, which may name a video (worker/logsafe.py)."""
+    return logsafe.body_fields(message.get("Body") or "")
 
 
 async def describe_queue(sqs: Any, queue_url: str) -> QueueInfo:
@@ -381,13 +381,13 @@ class SqsQueue:
             await self.requeue(message, action.delay_s, receives, outcome)
         elif action.kind == "dead_letter":
             log.warning("unusable message: made visible again so the queue's redrive policy moves it to the "
-                        "dead-letter queue", reason=reason, body_excerpt=excerpt(message),
+                        "dead-letter queue", reason=reason, **body_fields(message),
                         dead_letter_queue=self.info.dead_letter_arn)
             await self.set_visibility(message, 0, outcome)
         elif action.kind == "keep":
             # Never deleted unseen; without a DLQ, back off so it does not spin.
             log.error("unusable message and the queue has no dead-letter queue: it stays in the queue",
-                      reason=reason, body_excerpt=excerpt(message), retry_in_s=action.delay_s)
+                      reason=reason, **body_fields(message), retry_in_s=action.delay_s)
             await self.set_visibility(message, action.delay_s, outcome)
         else:
             await self.set_visibility(message, action.delay_s, outcome)
@@ -523,7 +523,7 @@ class SqsQueue:
                 log.info("requeue finished in the background", tries=attempt, new_message_id=job.copy_id)
                 return
         log.error("requeue abandoned: the original's hold ran out; it goes to the dead-letter queue on its "
-                  "next receive", message_id=job.message.get("MessageId"), body_excerpt=excerpt(job.message))
+                  "next receive", message_id=job.message.get("MessageId"), **body_fields(job.message))
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)

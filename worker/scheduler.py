@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from botocore.exceptions import ClientError
 
-from worker import metrics
+from worker import logsafe, metrics
 from worker.config import Settings
 from worker.db.submissions import Claim, Probe, SchedulerStore
 from worker.errors import PermanentJobError, WorkerError, aws_error, aws_message, aws_status
@@ -220,7 +220,9 @@ class Scheduler:
 
     async def _start(self, claim: Claim, channel: dict[str, str]) -> None:
         api = claim.options.api
-        bound = {"video": claim.video.uri, "api": api.value, "start_attempt": claim.attempts}
+        # The object key is hashed: video names often name people (worker/logsafe.py).
+        bound = {"video": logsafe.video(claim.video.bucket, claim.video.name), "api": api.value,
+                 "start_attempt": claim.attempts}
         params = claim.options.start_request(claim.video, claim.token, channel)
         call = self._client.start_face_detection if api is Api.FACE_DETECTION else self._client.start_face_search
         async with self._limiter as permit:
@@ -278,7 +280,8 @@ class Scheduler:
             await self._probe(probe)
 
     async def _probe(self, probe: Probe) -> None:
-        bound = {"job_id": probe.job_id, "video": probe.video.uri, "probe": probe.probes}
+        bound = {"job_id": probe.job_id, "video": logsafe.video(probe.video.bucket, probe.video.name),
+                 "probe": probe.probes}
         api = probe.options.api
         try:
             response = await self._fetcher.fetch_response(api, probe.job_id, None, max_results=1)
