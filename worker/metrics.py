@@ -68,6 +68,9 @@ BUILD_INFO = Gauge("worker_build_info", "Always 1; the labels say which build is
 BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 RETENTION_ROWS_PURGED = Counter("worker_retention_rows_purged_total",
                                 "Rows removed by the retention purge of `run` (RETENTION_DAYS), by table", ["table"])
+TOMBSTONED_NOTIFICATIONS = Counter(
+    "worker_tombstoned_notifications_total",
+    "Notifications of jobs that were deleted or expired (a tombstone), settled without ingesting them")
 RETENTION_PASSES = Counter("worker_retention_passes_total",
                            "Retention passes, by outcome: done, skipped (another replica held the lock), error",
                            ["outcome"])
