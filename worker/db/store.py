@@ -494,6 +494,8 @@ class Store:
                 raise AlreadyIngested(ref.job_id)
             # Read again under the lock: a copy that started before a delete must not bring the job back.
             await tombstones.check(conn, ref.job_id)
+            if not from_archive and not self.erasure_key and await erased.any_erased(conn):
+                raise erased.missing_key_error()  # before any row is written (the switch would refuse anyway)
             await drop_stale_ingests(conn, ref.job_id)
             archive_of = None
             if from_archive:
