@@ -350,8 +350,9 @@ class JobWriter:
         (worker/erased.py); the counters follow what was removed."""
         with metrics.DB_WRITE_SECONDS.labels("erasures").time():
             async with self._conn.transaction():
-                removed = await erased.apply_to_key(self._conn, self.ingest_id, self._erasure_key,
-                                                    pages_key=self._archive_of, from_archive=self._archive_of is not None)
+                removed = await erased.apply_to_key(
+                    self._conn, self.ingest_id, self._erasure_key, pages_key=self._archive_of,
+                    from_archive=self._archive_of is not None)
         if removed:  # the counters are the job's rows; ``rows`` stays what was written
             c = self.counts
             for name in ("faces", "landmarks", "emotions", "face_matches", "collection_faces"):
@@ -553,6 +554,8 @@ class Store:
         """
         async with self._locked(ref.job_id) as conn:
             await tombstones.check(conn, ref.job_id)
+            if not self.erasure_key and await erased.any_erased(conn):
+                raise erased.missing_key_error()  # its pages could not be checked: none is archived
             await drop_stale_ingests(conn, ref.job_id)
             state = await conn.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", ref.job_id)
             key = None
