@@ -94,10 +94,6 @@ async def test_an_erased_identity_never_comes_back(
         result = await erase(db, "external_image_id", target, key=KEY)
         assert result.counts["persons"] > 0 and result.counts["pages_rewritten"] > 0
         assert await _stored_anywhere(db, needles) == []
-        # The identifier and the FaceIds found for it are kept as keyed hashes only.
-        kept = {r["selector_hash"]: r["selector_kind"] for r in await db.fetch("SELECT * FROM erased_identifiers")}
-        assert kept == {selector_hash(KEY, "external_image_id", target): "external_image_id",
-                        **{selector_hash(KEY, "face_id", f): "face_id" for f in face_ids}}
         erased = await _visible(db, a.job_id, b.job_id)
 
         async def nothing_came_back(what: str) -> None:
@@ -138,6 +134,10 @@ async def test_an_erased_identity_never_comes_back(
         for settings_used in (s, s.with_(erasure_hash_key=None)):
             assert {o.outcome for o in await run_reprocess(settings_used, None)} == {"ingested"}
             await nothing_came_back("reprocess --all")
+        # The identifier and the FaceIds found for it are kept as keyed hashes only.
+        kept = {r["selector_hash"]: r["selector_kind"] for r in await db.fetch("SELECT * FROM erased_identifiers")}
+        assert kept == {selector_hash(KEY, "external_image_id", target): "external_image_id",
+                        **{selector_hash(KEY, "face_id", f): "face_id" for f in face_ids}}
 
 
 async def test_without_the_key_no_write_stores_anything_once_identities_are_erased(
@@ -198,10 +198,6 @@ async def test_a_deleted_job_stays_deleted_until_an_operator_restores_it(
         finally:
             await engine.dispose()
         assert purged is not None and purged.jobs == 1
-        stones = {r["job_id"]: dict(r) for r in await db.fetch("SELECT * FROM tombstones")}
-        assert {j: (r["reason"], r["api"]) for j, r in stones.items()} == {
-            deleted.job_id: ("deleted", "FACE_DETECTION"), expired.job_id: ("expired", "FACE_DETECTION")}
-        assert set(stones[deleted.job_id]) == {"job_id", "api", "reason", "deleted_at"}  # no face data
 
         # Copies of their notifications still around: re-sent, duplicated, without a Timestamp.
         counted = _tombstoned_total()
@@ -209,13 +205,17 @@ async def test_a_deleted_job_stays_deleted_until_an_operator_restores_it(
                    raw(expired, timestamp_ms=_later_ms()))
         worker = await _drain(_wsettings(settings, queues), sqs)
         assert worker.counters.by_outcome == {"tombstoned": 4}
-        assert _tombstoned_total() - counted == 4
         assert await queue_counts(sqs, queues.url) == (0, 0, 0)
         assert await queue_counts(sqs, queues.dlq_url) == (0, 0, 0)
         assert await db.fetchval("SELECT count(*) FROM jobs WHERE job_id = ANY($1)",
                                  [deleted.job_id, expired.job_id]) == 0
         assert await db.fetchval("SELECT count(*) FROM ingests WHERE job_id = ANY($1)",
                                  [deleted.job_id, expired.job_id]) == 0
+        stones = {r["job_id"]: dict(r) for r in await db.fetch("SELECT * FROM tombstones")}
+        assert {j: (r["reason"], r["api"]) for j, r in stones.items()} == {
+            deleted.job_id: ("deleted", "FACE_DETECTION"), expired.job_id: ("expired", "FACE_DETECTION")}
+        assert set(stones[deleted.job_id]) == {"job_id", "api", "reason", "deleted_at"}  # no face data
+        assert _tombstoned_total() - counted == 4
 
         # backfill and jobs retry refuse it too, unless asked.
         refused = run_cli("backfill", "--api", "GetFaceDetection", deleted.job_id, env=env)
@@ -283,15 +283,15 @@ async def test_delete_ingested_before_and_retention_take_exactly_the_jobs_first_
                          early[1].job_id)
         assert await _ingest(settings, early[1]) == ["ingested"]
         assert await db.fetchval("SELECT count(*) FROM jobs WHERE ingested_at < $1", cut) == 0
+
+        taken = {early[0].job_id, early[1].job_id, backdated.job_id}
+        dry = await run_delete(settings, [], ingested_before=cut, dry_run=True)
+        assert {r.job_id for r in dry} == taken
         # ingested_at keeps its meaning (the last complete ingest); the clock stays where it was.
         now = dict(await db.fetch("SELECT job_id, first_ingested_at FROM jobs"))
         assert {j: now[j] for j in now if j != backdated.job_id} == \
             {j: first[j] for j in first if j != backdated.job_id}
         assert now[backdated.job_id] < cut - timedelta(days=9)
-
-        taken = {early[0].job_id, early[1].job_id, backdated.job_id}
-        dry = await run_delete(settings, [], ingested_before=cut, dry_run=True)
-        assert {r.job_id for r in dry} == taken
         engine = create_engine(settings, pool_size=2)
         try:
             purged = await purge_expired(engine, 1.0, now=cut + timedelta(days=1))
@@ -360,9 +360,9 @@ async def test_retention_purges_the_rows_of_stopped_ingests_and_spares_running_o
             assert await holder.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", running.job_id)
             later = await db.fetchval("SELECT now() + interval '400 days'")
             result = await purge_expired(engine, 1, now=later)
-            assert result is not None and result.stopped_ingests == 2 and result.rows.get("faces", 0) > 0
             assert await _rows_of(db, pending.job_id) == 0 and await _rows_of(db, rowless.job_id) == 0
             assert await _rows_of(db, running.job_id) > 0
+            assert result is not None and result.stopped_ingests == 2 and result.rows.get("faces", 0) > 0
             await holder.execute("SELECT pg_advisory_unlock_all()")
             result = await purge_expired(engine, 1, now=later)
             assert result is not None and result.stopped_ingests == 1 and await _rows_of(db, running.job_id) == 0
