@@ -48,7 +48,8 @@ LIMITER_WAIT_SECONDS = Histogram("worker_rate_limiter_wait_seconds",
                                  "Time one Get* call waited for the rate limiter before it was sent",
                                  buckets=(0.001, *_LATENCY_BUCKETS_S))
 DB_WRITE_SECONDS = Histogram("worker_db_write_duration_seconds",
-                             "Wall time of one database write step: a page's rows (page) or a job's end (finish)",
+                             "Wall time of one database write step: a page's rows (page), a job's end (finish), the "
+                             "removal of erased identities before the switch (erasures), the switch (switch)",
                              ["step"], buckets=_LATENCY_BUCKETS_S)
 RATE_CEILING = Gauge("worker_rekognition_rate_ceiling_per_second",
                      "The configured Get* ceiling (REKOGNITION_TPS); the limiter's rate stays at or below it")
