@@ -174,6 +174,35 @@ async def test_without_the_key_no_write_stores_anything_once_identities_are_eras
         assert await _visible(db, fx.job_id) == erased
 
 
+async def test_a_quarantine_archives_no_erased_identity(
+    emu: Any, settings: Settings, db: asyncpg.Connection,
+) -> None:
+    async with asyncio.timeout(90):
+        s = settings.with_(erasure_hash_key=KEY, page_size=25)
+        seen = synth.search_job(unique_job_id("quar-seen"), persons_elements=60, seed=0)
+        # A job this version cannot store (an ExternalImageId longer than the normalizer allows on page 2): its
+        # ingest fails and its raw pages are archived for a later reprocess, not normalized.
+        refused = synth.search_job(unique_job_id("quar-refused"), persons_elements=60, seed=0)
+        element = next(e for e in refused.results[30:50] if e.get("FaceMatches"))
+        match = element["FaceMatches"][0]
+        match["Face"] = {**match["Face"], "ExternalImageId": "x" * 600}
+        emu.add_jobs([seen, refused])
+        assert await _ingest(s, seen) == ["ingested"]
+        in_refused = {m["Face"]["ExternalImageId"] for e in refused.results for m in e.get("FaceMatches") or ()
+                      if len(m["Face"].get("ExternalImageId", "")) < 600}
+        target = await db.fetchval("SELECT external_image_id FROM collection_faces WHERE external_image_id = ANY($1) "
+                                   "GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1", sorted(in_refused))
+        face_ids = {r["face_id"] for r in await db.fetch(
+            "SELECT face_id FROM collection_faces WHERE external_image_id = $1", target)}
+        await erase(db, "external_image_id", target, key=KEY)
+        async with runtime(s) as rt:
+            outcome = await rt.ingestor.ingest(JobRef.create(refused.job_id, refused.api))
+        assert outcome.outcome == "failed" and "raw pages kept" in (outcome.reason or ""), outcome
+        assert await db.fetchval("SELECT count(*) FROM raw_pages r JOIN jobs j USING (ingest_id) "
+                                 "WHERE j.job_id = $1", refused.job_id) == 3
+        assert await _stored_anywhere(db, {target, *face_ids}) == []
+
+
 # --- build 3: deletion that stays deleted -------------------------------------------------------------
 
 
@@ -334,11 +363,11 @@ async def _rows_of(db: asyncpg.Connection, job_id: str) -> int:
 async def test_retention_purges_the_rows_of_stopped_ingests_and_spares_running_ones(
     emu: Any, settings: Settings, db: asyncpg.Connection,
 ) -> None:
-    async with asyncio.timeout(120):
+    async with asyncio.timeout(180):
         s = settings.with_(page_size=25)
-        pending, rowless, running, named = (synth.detection_job(unique_job_id(f"stop-{n}"), faces=100,
-                                                                attributes="ALL") for n in "prsd")
-        emu.add_jobs([pending, rowless, running, named])
+        pending, rowless, running, named, last = (synth.detection_job(unique_job_id(f"stop-{n}"), faces=100,
+                                                                      attributes="ALL") for n in "prsde")
+        emu.add_jobs([pending, rowless, running, named, last])
         emu.configure(latency_s=0.2)
         await _stop_mid_job(s, pending, db, pending=True)
         for fx in (rowless, running, named):
@@ -375,3 +404,10 @@ async def test_retention_purges_the_rows_of_stopped_ingests_and_spares_running_o
         for table in ("faces", "landmarks", "emotions", "face_matches", "collection_faces", "persons", "raw_pages",
                       "ingests"):
             assert await db.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+
+        # `erase` reaches them as well: it looks at every job with a key that no jobs row names.
+        emu.configure(latency_s=0.2)
+        await _stop_mid_job(s, last, db)
+        assert await _rows_of(db, last.job_id) > 0
+        await erase(db, "face_id", "no-such-face", key=KEY)
+        assert await _rows_of(db, last.job_id) == 0
