@@ -60,12 +60,10 @@ def upgrade() -> None:
         )""")
     op.execute("ALTER TABLE jobs ADD COLUMN first_ingested_at timestamptz")
     op.execute("UPDATE jobs SET first_ingested_at = ingested_at WHERE ingested_at IS NOT NULL")
-    op.execute("CREATE INDEX jobs_first_ingested_idx ON jobs (first_ingested_at)")
     op.execute(GRANTS)
 
 
 def downgrade() -> None:
-    op.execute("DROP INDEX IF EXISTS jobs_first_ingested_idx")
     op.execute("ALTER TABLE jobs DROP COLUMN IF EXISTS first_ingested_at")
     op.execute("DROP TABLE IF EXISTS tombstones")
     op.execute("DROP TABLE IF EXISTS erased_identifiers")

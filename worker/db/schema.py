@@ -86,7 +86,6 @@ jobs = sa.Table(
     # 0013: when the job's results were first stored completely; kept across re-ingests (the retention clock).
     sa.Column("first_ingested_at", sa.TIMESTAMP(timezone=True)),
     sa.Index("jobs_ingest_idx", "ingest_id", unique=True),
-    sa.Index("jobs_first_ingested_idx", "first_ingested_at"),
     sa.Index("jobs_state_idx", "ingest_state", "updated_at"),
     # 0002: which jobs looked at this video.
     sa.Index("jobs_video_idx", "video_bucket", "video_name"),
