@@ -10,7 +10,10 @@ row. A run cut short leaves a hidden job that the next `delete` (or retention pa
 ``ingested_at`` and ``updated_at`` are kept.
 
 `erase` rewrites the archived raw pages as well as the rows, so `reprocess` cannot bring erased entries
-back; ERASURE_HASH_KEY keys the audit's hash, so the audit never names the person it is about.
+back; ERASURE_HASH_KEY keys the audit's hash, so the audit never names the person it is about. It keeps
+the hashes of what it erased, which every later write applies (worker/erased.py). A deleted or expired
+job leaves a tombstone (worker/tombstones.py). Retention counts from when a job was first ingested
+(``first_ingested_at``, kept across re-ingests) and also drops the rows of ingests that stopped part-way.
 
 All SQL is unqualified (the search_path picks the schema) and children are deleted explicitly: nothing
 here relies on foreign keys or cascades.
