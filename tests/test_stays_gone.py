@@ -8,6 +8,7 @@ user runs it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import timedelta
 from typing import Any
@@ -232,8 +233,16 @@ async def test_a_deleted_job_stays_deleted_until_an_operator_restores_it(
         counted = _tombstoned_total()
         await send(sqs, queues.url, raw(deleted, timestamp_ms=_later_ms()), enveloped(deleted), plain(deleted),
                    raw(expired, timestamp_ms=_later_ms()))
+        # ... and one in the dead-letter queue, which `dlq list` explains and `dlq redrive` moves back.
+        await send(sqs, queues.dlq_url, raw(deleted, timestamp_ms=_later_ms()))
+        listed = run_cli("dlq", "list", "--format", "json", env=env)
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        [row] = json.loads(listed.stdout)
+        assert row["reason"].startswith("job deleted at") and row["ingested"] is False, row
+        moved = run_cli("dlq", "redrive", "--job", deleted.job_id, env=env)
+        assert moved.returncode == 0 and "moved: 1" in moved.stdout, moved.stdout + moved.stderr[-2000:]
         worker = await _drain(_wsettings(settings, queues), sqs)
-        assert worker.counters.by_outcome == {"tombstoned": 4}
+        assert worker.counters.by_outcome == {"tombstoned": 5}
         assert await queue_counts(sqs, queues.url) == (0, 0, 0)
         assert await queue_counts(sqs, queues.dlq_url) == (0, 0, 0)
         assert await db.fetchval("SELECT count(*) FROM jobs WHERE job_id = ANY($1)",
@@ -244,7 +253,7 @@ async def test_a_deleted_job_stays_deleted_until_an_operator_restores_it(
         assert {j: (r["reason"], r["api"]) for j, r in stones.items()} == {
             deleted.job_id: ("deleted", "FACE_DETECTION"), expired.job_id: ("expired", "FACE_DETECTION")}
         assert set(stones[deleted.job_id]) == {"job_id", "api", "reason", "deleted_at"}  # no face data
-        assert _tombstoned_total() - counted == 4
+        assert _tombstoned_total() - counted == 5
 
         # backfill and jobs retry refuse it too, unless asked.
         refused = run_cli("backfill", "--api", "GetFaceDetection", deleted.job_id, env=env)
