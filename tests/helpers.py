@@ -13,7 +13,7 @@ from worker.runtime import Runtime, open_runtime
 
 # Columns that legitimately differ between two ingests of the same results (the ingest key among them).
 VOLATILE = {"jobs": {"attempts", "ingest_started_at", "ingested_at", "updated_at", "notified_at", "completed_at",
-                     "ingest_id"},
+                     "ingest_id", "first_ingested_at"},
             "raw_pages": {"fetched_at"}}
 TABLES = ("jobs", "faces", "landmarks", "emotions", "face_matches", "collection_faces", "persons", "raw_pages")
 

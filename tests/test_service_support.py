@@ -41,7 +41,7 @@ RESULT_ORDER = {
 # completed_at too: it comes from the notification, which a backfill does not have.
 # ingest_id too: each ingest writes under a key of its own (0012).
 BOOKKEEPING = ("attempts", "notified_at", "completed_at", "ingest_started_at", "ingested_at", "updated_at",
-               "ingest_id")
+               "ingest_id", "first_ingested_at")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 
-from worker import __version__
+from worker import __version__, tombstones
 from worker.config import Settings, log_format_from_env, redact_url
 from worker.errors import ConfigError, InvalidInput
 from worker.logs import asyncio_exception_handler, configure_logging, get_logger, redact, renders_json
@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--api", help="GetFaceDetection, GetFaceSearch, StartFace*, FACE_DETECTION, FACE_SEARCH")
     b.add_argument("--from-file", metavar="PATH", help="lines of JOB_ID or JOB_ID,API ('-' for stdin)")
     b.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    tombstones.add_restore_flag(b, "ingest the named jobs")
 
     r = sub.add_parser("run", help="the SQS worker on QUEUE_URL")
     r.add_argument("--exit-when-idle", action="store_true",
@@ -109,8 +110,8 @@ def _add_lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentPars
     dl = sub.add_parser("delete", help="remove jobs with every row and raw page (one job per short transaction)")
     dl.add_argument("job_ids", nargs="*", metavar="JOB_ID")
     dl.add_argument("--ingested-before", metavar="ISO8601",
-                    help="every job with ingested_at before this time (UTC unless a zone is given); "
-                         "failed jobs have no ingested_at and are not included")
+                    help="every job first ingested before this time (jobs.first_ingested_at: a re-ingest or "
+                         "reprocess keeps it; UTC unless a zone is given); jobs never ingested are not included")
     dl.add_argument("--dry-run", action="store_true", help="print the jobs and rows per table; delete nothing")
     er = sub.add_parser("erase", help="remove a collection face, its matches and the persons that matched it "
                                       "from every job, raw pages included (needs ERASURE_HASH_KEY)")
@@ -155,6 +156,7 @@ def _add_jobs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                     help="also jobs Rekognition itself reported FAILED (normally skipped: retrying cannot help)")
     rt.add_argument("--dry-run", action="store_true", help="list what would be retried and stop")
     rt.add_argument("--limit", type=_positive, default=1000, help="at most this many jobs (1000)")
+    tombstones.add_restore_flag(rt, "with --job, retry the named jobs")
 
 
 def _positive(text: str) -> int:
@@ -187,6 +189,9 @@ def _cmd_backfill(settings: Settings, args: argparse.Namespace, console: Console
     for o in invalid:
         _job_error(o.job_id, o.reason or "invalid", quoted=True)
     settings.asyncpg_dsn  # noqa: B018 - fail early with a clear message when DATABASE_URL is unset
+    if args.restore_deleted:
+        restored = _arun(tombstones.run_restore(settings, [*(r.job_id for r in refs), *unresolved]))
+        log.info("deleted jobs restored for ingest", jobs=restored)
     outcomes = (_arun(run_backfill(settings, refs, console=_err_console(), unresolved=unresolved))
                 if refs or unresolved else [])
     for o in outcomes:
@@ -260,6 +265,11 @@ def _cmd_jobs(settings: Settings, args: argparse.Namespace, console: Console) ->
         if args.jobs_command == "list":
             return asyncio.run(jobs.run_list(settings, state=args.state, since=args.since, limit=args.limit,
                                              fmt=args.format, console=console))
+        if args.restore_deleted:
+            if not args.job_ids:
+                raise InvalidInput(f"{tombstones.RESTORE_FLAG} needs --job JOB_ID: deleted jobs are restored by name")
+            restored = asyncio.run(tombstones.run_restore(settings, args.job_ids, for_retry=True))
+            log.info("deleted jobs restored for a retry", jobs=restored)
         return asyncio.run(jobs.run_retry(settings, state=args.state, since=args.since, job_ids=args.job_ids,
                                           include_rekognition_failed=args.include_rekognition_failed,
                                           dry_run=args.dry_run, limit=args.limit, console=console))

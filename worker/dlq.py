@@ -219,8 +219,13 @@ async def job_states(conn: asyncpg.Connection | None, job_ids: Sequence[str]) ->
     rows = await conn.fetch(
         "SELECT job_id, ingest_state::text AS ingest_state, job_status::text AS job_status, failure_code, "
         "failure_reason FROM jobs WHERE job_id = ANY($1::text[])", list(set(job_ids)))
-    return {r["job_id"]: JobState(r["ingest_state"], r["job_status"], r["failure_code"], r["failure_reason"])
-            for r in rows}
+    states = {r["job_id"]: JobState(r["ingest_state"], r["job_status"], r["failure_code"], r["failure_reason"])
+              for r in rows}
+    # A deleted or expired job has no row but a tombstone (worker/tombstones.py): the worker settles its copies.
+    for r in await conn.fetch("SELECT job_id, reason, deleted_at FROM tombstones WHERE job_id = ANY($1::text[])",
+                              list(set(job_ids) - set(states))):
+        states[r["job_id"]] = JobState(r["reason"], None, "Tombstone", r["deleted_at"].isoformat(timespec="seconds"))
+    return states
 
 
 def reason(dl: DeadLetter, state: JobState | None, *, database: bool = True) -> str:
@@ -233,6 +238,9 @@ def reason(dl: DeadLetter, state: JobState | None, *, database: bool = True) -> 
         return "handler kept failing; no outcome recorded for the job"
     if state.ingest_state == "ingested":
         return "handler kept failing on this copy; the job is ingested now"
+    if state.failure_code == "Tombstone":
+        return (f"job {state.ingest_state} at {state.failure_reason}: a redriven copy is settled without ingesting "
+                f"(backfill --restore-deleted brings the job back)")
     if state.ingest_state == "failed":
         return f"job failed: {state.failure_code or 'Error'}: {state.failure_reason or ''}".rstrip(": ")
     return f"handler kept failing; job is {state.ingest_state}"

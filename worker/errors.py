@@ -40,6 +40,12 @@ class CredentialsError(InfrastructureError):
     credentials at all). A property of the deploy, not of the job: the service pauses taking work."""
 
 
+class ErasureKeyMissing(InfrastructureError):
+    """Identities have been erased but ERASURE_HASH_KEY is not set, so a job's rows cannot be checked against
+    them: the job is not made visible (nothing erased comes back) and is retried once the key is configured.
+    A property of the deploy, not of the job, so it never fails the job."""
+
+
 class JobStalled(TransientError):
     """No page fetched or written for JOB_STALL_TIMEOUT_S: the job was cancelled and handed back."""
 

@@ -37,6 +37,7 @@ from worker.messages import JobRef
 from worker.normalize import JobMeta
 from worker.pagecodec import DecodedPage, PageDecoder
 from worker.rekognition import Fetcher
+from worker.tombstones import Tombstoned
 from worker.watchdog import Watchdog, progress
 
 log = get_logger(__name__)
@@ -67,7 +68,7 @@ class JobOutcome:
         return self.outcome in ("ingested", "duplicate")
 
 
-OUTCOMES = ("ingested", "duplicate", "failed", "not_ready", "busy", "transient", "invalid", "error")
+OUTCOMES = ("ingested", "duplicate", "failed", "not_ready", "busy", "transient", "invalid", "error", "tombstoned")
 
 # Failures after which the job's raw pages are fetched again and archived (quarantined) with the failed
 # job: Rekognition returned results, this version could not store them. Not for jobs that have none
@@ -140,6 +141,9 @@ class Ingestor:
         # The writer's lock would refuse this job anyway: find out before the first Get* spends quota.
         if await self.store.locked_elsewhere(ref.job_id):
             raise JobBusy(f"job {ref.job_id} is being written by another process")
+        # A deleted or expired job is not fetched again (worker/tombstones.py); the writer checks again.
+        if (stone := await self.store.tombstone(ref.job_id)) is not None:
+            raise stone
         seq = 0
         archive = self.store.archive_raw_pages
         # The key of this attempt's rows: the decoder writes it into every row tuple it builds.
@@ -258,8 +262,8 @@ class Ingestor:
             raise TransientError(f"pagination token rejected {MAX_RESTARTS + 1} times")
         except JobNotReady as exc:
             return JobOutcome(ref.job_id, name, "not_ready", reason=str(exc))
-        except JobBusy as exc:
-            return JobOutcome(ref.job_id, name, "busy", reason=str(exc))
+        except (JobBusy, Tombstoned) as exc:  # another writer now; or deleted, not to be ingested again
+            return JobOutcome(ref.job_id, name, "busy" if isinstance(exc, JobBusy) else "tombstoned", reason=str(exc))
         except PermanentJobError as exc:
             return await self._record_permanent(ref, exc)
         except InvalidInput as exc:
@@ -343,6 +347,8 @@ class Ingestor:
                 await quarantine.finish(code=exc.code, reason=reason)
         except JobBusy as busy:
             return JobOutcome(ref.job_id, name, "busy", reason=f"{exc.reason}; {busy}")
+        except Tombstoned as stone:
+            return JobOutcome(ref.job_id, name, "tombstoned", reason=str(stone))
         except JobNotReady as not_ready:
             return JobOutcome(ref.job_id, name, "not_ready", reason=f"{exc.reason}; {not_ready}")
         except (InfrastructureError, TimeoutError, OSError) as outage:

@@ -10,7 +10,10 @@ row. A run cut short leaves a hidden job that the next `delete` (or retention pa
 ``ingested_at`` and ``updated_at`` are kept.
 
 `erase` rewrites the archived raw pages as well as the rows, so `reprocess` cannot bring erased entries
-back; ERASURE_HASH_KEY keys the audit's hash, so the audit never names the person it is about.
+back; ERASURE_HASH_KEY keys the audit's hash, so the audit never names the person it is about. It keeps
+the hashes of what it erased, which every later write applies (worker/erased.py). A deleted or expired
+job leaves a tombstone (worker/tombstones.py). Retention counts from when a job was first ingested
+(``first_ingested_at``, kept across re-ingests) and also drops the rows of ingests that stopped part-way.
 
 All SQL is unqualified (the search_path picks the schema) and children are deleted explicitly: nothing
 here relies on foreign keys or cascades.
@@ -20,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +33,12 @@ import asyncpg
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker import metrics
+from worker import erased, metrics, tombstones
 from worker.archive import ArchivedPage
 from worker.config import Settings
 from worker.db import schema
-from worker.db.store import drop_stale_ingests
+from worker.db.store import drop_ingest, drop_stale_ingests
+from worker.erased import selector_hash
 from worker.errors import ConfigError, InvalidInput
 from worker.logs import get_logger
 
@@ -62,6 +64,9 @@ RETENTION_BATCH_JOBS = 50
 RETENTION_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('worker.retention', 0))"
 RETENTION_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('worker.retention', 0))"
 _DELETING = "Deleting"
+# A job's lock held across the several transactions of a key's drop (released in the same pass).
+_SESSION_TRY_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
+_SESSION_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended($1, 0))"
 
 SelectorKind = Literal["external_image_id", "face_id", "user_id"]
 SELECTOR_KINDS: tuple[SelectorKind, ...] = ("external_image_id", "face_id", "user_id")
@@ -154,8 +159,10 @@ async def _delete_all(conn: asyncpg.Connection, job_id: str, rows: dict[str, int
 
 
 async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True,
-                     chunk_faces: int = DEFAULT_CHUNK_FACES) -> JobRemoval:
-    """Delete every row and raw page of ``job_id``, in short transactions under the job's lock.
+                     chunk_faces: int = DEFAULT_CHUNK_FACES, why: str = "deleted") -> JobRemoval:
+    """Delete every row and raw page of ``job_id``, in short transactions under the job's lock, leaving a
+    tombstone (``why``: deleted, or expired by retention) in the first one, so that no later notification,
+    backfill or retry brings the job back (worker/tombstones.py).
 
     ``wait=False`` (retention) gives up with outcome ``busy`` when the job is being written right now.
     """
@@ -170,6 +177,8 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
                                   "FROM jobs WHERE job_id = $1", job_id)
         removal.api, removal.state = (job["api"], job["state"]) if job is not None else (None, None)
         keys = await _keys(conn, job_id)
+        if job is not None or keys:
+            await tombstones.bury(conn, job_id, removal.api, why)
         top = await conn.fetchval("SELECT max(face_seq) FROM faces WHERE ingest_id = ANY($1::int[])", keys)
         if top is None or top < chunk_faces:
             await _delete_all(conn, job_id, rows)
@@ -215,11 +224,17 @@ async def _still_deleting(conn: asyncpg.Connection, job_id: str) -> bool:
     return code is None or code["failure_code"] == _DELETING
 
 
+# The retention clock: when the job's results were first stored (kept across re-ingests and reprocess); the
+# last ingested_at too, for a row the store has not rewritten since first_ingested_at exists.
+FIRST_INGESTED = "least(first_ingested_at, ingested_at)"
+
+
 async def jobs_ingested_before(conn: asyncpg.Connection, before: datetime) -> list[str]:
-    """Exactly the jobs with ``ingested_at < before``. Failed jobs have no ingested_at and are not among them
-    (retention purges those by updated_at); a job hidden by an interrupted delete keeps its ingested_at."""
+    """Exactly the jobs first ingested before ``before`` (``first_ingested_at``: a re-ingest, `reprocess` or
+    `jobs retry` does not move it). A job never ingested is not among them (retention purges failed jobs by
+    updated_at); a job hidden by an interrupted delete keeps its times."""
     return [r["job_id"] for r in await conn.fetch(
-        "SELECT job_id FROM jobs WHERE ingested_at < $1 ORDER BY ingested_at, job_id", before)]
+        f"SELECT job_id FROM jobs WHERE {FIRST_INGESTED} < $1 ORDER BY {FIRST_INGESTED}, job_id", before)]
 
 
 async def run_delete(settings: Settings, job_ids: list[str], *, ingested_before: datetime | None = None,
@@ -262,16 +277,25 @@ class PurgeResult:
     cutoff: datetime
     jobs: int = 0
     busy: int = 0
+    stopped_ingests: int = 0
     rows: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
-_EXPIRED_SQL = """
+_EXPIRED_SQL = f"""
 SELECT job_id FROM jobs
-WHERE (ingested_at < $1 OR (ingest_state = 'failed' AND ingested_at IS NULL AND updated_at < $1))
+WHERE ({FIRST_INGESTED} < $1 OR (ingest_state = 'failed' AND updated_at < $1))
   AND NOT (job_id = ANY($2::text[]))
-ORDER BY coalesce(ingested_at, updated_at), job_id
+ORDER BY coalesce({FIRST_INGESTED}, updated_at), job_id
 LIMIT $3
+"""
+# Keys no jobs row names: an ingest being written, or one that stopped (OOM, a lost node) for a job still
+# pending or for a backfill that died before the job had a row. Only those whose job nobody holds go.
+_UNNAMED_KEYS_SQL = """
+SELECT i.ingest_id, i.job_id FROM ingests i
+WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.ingest_id = i.ingest_id) AND NOT (i.ingest_id = ANY($1::int[]))
+ORDER BY i.ingest_id
+LIMIT $2
 """
 
 
@@ -298,7 +322,7 @@ async def purge_expired(engine: AsyncEngine, retention_days: float, *, now: date
                 for job_id in ids:
                     if stop is not None and stop.is_set():
                         break
-                    removal = await delete_job(conn, job_id, wait=False, chunk_faces=chunk_faces)
+                    removal = await delete_job(conn, job_id, wait=False, chunk_faces=chunk_faces, why="expired")
                     if removal.outcome in ("busy", "reingested"):
                         result.busy += 1
                         skipped.append(job_id)
@@ -307,10 +331,45 @@ async def purge_expired(engine: AsyncEngine, retention_days: float, *, now: date
                     for table, n in removal.rows.items():
                         result.rows[table] = result.rows.get(table, 0) + n
                         metrics.RETENTION_ROWS_PURGED.labels(table).inc(n)
+            await _purge_stopped_ingests(conn, result, stop, batch_jobs)
         finally:
             await _unlock_retention(sa_conn, conn)
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+async def _purge_stopped_ingests(conn: asyncpg.Connection, result: PurgeResult, stop: asyncio.Event | None,
+                                 batch: int) -> None:
+    """Drop the rows of every key no jobs row names and no running ingest holds, whatever its age: they are
+    nobody's data, and a job that is pending (or has no row at all) is never reached by the clock above.
+
+    A writer holds the job's session lock for its whole ingest, so a key whose job lock is free is not being
+    written; it is checked to be unnamed again once the lock is held.
+    """
+    busy: list[int] = []
+    while stop is None or not stop.is_set():
+        found = await conn.fetch(_UNNAMED_KEYS_SQL, busy, batch)
+        if not found:
+            return
+        for r in found:
+            key, job_id = r["ingest_id"], r["job_id"]
+            if not await conn.fetchval(_SESSION_TRY_LOCK_SQL, job_id):
+                busy.append(key)
+                continue
+            try:
+                if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM jobs WHERE ingest_id = $1)", key):
+                    busy.append(key)  # the ingest switched to it meanwhile: the job's own rows now
+                    continue
+                rows: dict[str, int] = {}
+                await drop_ingest(conn, key, rows=rows)
+            finally:
+                async with asyncio.timeout(5.0):  # a broken connection fails here, and the caller discards it
+                    await conn.execute(_SESSION_UNLOCK_SQL, job_id)
+            result.stopped_ingests += 1
+            log.info("rows of a stopped ingest purged", job_id=job_id, ingest_id=key, rows=sum(rows.values()))
+            for table, n in rows.items():
+                result.rows[table] = result.rows.get(table, 0) + n
+                metrics.RETENTION_ROWS_PURGED.labels(table).inc(n)
 
 
 async def _unlock_retention(sa_conn: Any, conn: asyncpg.Connection) -> None:
@@ -341,6 +400,7 @@ async def retention_loop(engine: AsyncEngine, settings: Settings, stop: asyncio.
             else:
                 metrics.RETENTION_PASSES.labels("done").inc()
                 log.info("retention pass", cutoff=result.cutoff.isoformat(), jobs=result.jobs, busy=result.busy,
+                         stopped_ingests=result.stopped_ingests,
                          rows=sum(result.rows.values()), rows_by_table=result.rows, seconds=result.seconds)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(settings.retention_interval_s):
@@ -348,11 +408,6 @@ async def retention_loop(engine: AsyncEngine, settings: Settings, stop: asyncio.
 
 
 # --- erase -------------------------------------------------------------------------------------------
-
-
-def selector_hash(key: str, kind: str, value: str) -> str:
-    """The audit's keyed hash of an identifier: HMAC-SHA256(key, kind:value), hex."""
-    return hmac.new(key.encode(), f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
 
 
 ERASE_COUNTS = ("jobs", "collection_faces", "face_matches", "persons", "faces", "landmarks", "emotions",
@@ -370,12 +425,16 @@ class Erasure:
     seconds: float = 0.0
 
 
-def _face_matches_selector(face: Any, member: str, value: str) -> bool:
-    return isinstance(face, dict) and face.get(member) == value
+# Whether a collection face (FaceMatch.Face of a page) is one being erased.
+FacePredicate = Callable[[dict[str, Any]], bool]
 
 
-def _scan_page(body: Any, member: str, value: str, face_ids: set[str], matched: dict[int, set[str]]) -> None:
-    """Add the FaceIds whose Face carries the identifier on this page to ``face_ids``, and each person's
+def _selector(member: str, value: str) -> FacePredicate:
+    return lambda face: face.get(member) == value
+
+
+def _scan_page(body: Any, erased_face: FacePredicate, face_ids: set[str], matched: dict[int, set[str]]) -> None:
+    """Add the FaceIds whose Face ``erased_face`` picks on this page to ``face_ids``, and each person's
     matched FaceIds to ``matched`` (person index -> FaceIds)."""
     for element in body.get("Persons") or () if isinstance(body, dict) else ():
         if not isinstance(element, dict):
@@ -387,7 +446,7 @@ def _scan_page(body: Any, member: str, value: str, face_ids: set[str], matched: 
             face_id = face.get("FaceId") if isinstance(face, dict) else None
             if not isinstance(face_id, str):
                 continue
-            if face.get(member) == value:  # type: ignore[union-attr]
+            if erased_face(face):  # type: ignore[arg-type]
                 face_ids.add(face_id)
             if type(index) is int:
                 matched.setdefault(index, set()).add(face_id)
@@ -400,6 +459,10 @@ def _match_face_id(match: Any) -> str | None:
 
 def _rewrite_page(body: dict[str, Any], member: str, value: str, face_ids: set[str], persons: set[int]) -> bool:
     """Drop the erased persons' elements and every FaceMatch naming an erased face; True when it changed."""
+    return _rewrite_page_by(body, _selector(member, value), face_ids, persons)
+
+
+def _rewrite_page_by(body: dict[str, Any], erased_face: FacePredicate, face_ids: set[str], persons: set[int]) -> bool:
     elements = body.get("Persons") if isinstance(body, dict) else None
     if not isinstance(elements, list):
         return False
@@ -414,8 +477,7 @@ def _rewrite_page(body: dict[str, Any], member: str, value: str, face_ids: set[s
         matches = element.get("FaceMatches") if isinstance(element, dict) else None
         if isinstance(matches, list):
             remaining = [m for m in matches if _match_face_id(m) not in face_ids
-                         and not _face_matches_selector(m.get("Face") if isinstance(m, dict) else None,
-                                                        member, value)]
+                         and not (isinstance(m, dict) and isinstance(m.get("Face"), dict) and erased_face(m["Face"]))]
             if len(remaining) != len(matches):
                 element["FaceMatches"] = remaining
                 changed = True
@@ -431,9 +493,9 @@ async def _page(conn: asyncpg.Connection, key: int, page_no: int) -> Any:
 
 
 async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKind, value: str,
-                        global_face_ids: set[str], counts: dict[str, int]) -> bool:
-    """Erase from one job, in the caller's transaction (which holds the job's lock). True when it changed."""
-    member = _PAGE_MEMBER[kind]
+                        global_face_ids: set[str], counts: dict[str, int], found: set[str] | None = None) -> bool:
+    """Erase from one job, in the caller's transaction (which holds the job's lock). True when it changed.
+    ``found`` collects the FaceIds erased (the erased identifiers keep them)."""
     # Rows the job no longer names (a replaced ingest, an attempt that stopped) go whole: nobody reads them.
     stale = await drop_stale_ingests(conn, job_id)
     key = await conn.fetchval("SELECT ingest_id FROM jobs WHERE job_id = $1", job_id)
@@ -443,12 +505,35 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
     face_ids.update(r["face_id"] for r in await conn.fetch(_FACES_IN_JOB, kind, value, key))
     if kind == "face_id":
         face_ids.add(value)
+    removed = await erase_in_key(conn, key, face_ids, _selector(_PAGE_MEMBER[kind], value))
+    if found is not None:
+        found.update(face_ids)
+    # The counters are the reporting views' job summary: they must keep equalling the rows.
+    await conn.execute(
+        "UPDATE jobs SET faces = greatest(0, faces - $2), persons = greatest(0, persons - $3), "
+        "face_matches = greatest(0, face_matches - $4), collection_faces = greatest(0, collection_faces - $5), "
+        "landmarks = greatest(0, landmarks - $6), emotions = greatest(0, emotions - $7) WHERE job_id = $1",
+        job_id, removed["faces"], removed["persons"], removed["face_matches"], removed["collection_faces"],
+        removed["landmarks"], removed["emotions"])
+    for name, n in removed.items():
+        counts[name] += n
+    return stale > 0 or any(removed.values())
+
+
+async def erase_in_key(conn: asyncpg.Connection, key: int, face_ids: set[str], erased_face: FacePredicate, *,
+                       pages_key: int | None = None) -> dict[str, int]:
+    """Remove from ingest key ``key`` the faces ``face_ids`` (and those ``erased_face`` picks on its pages),
+    every match to them and the persons that matched them with all their faces, and rewrite the raw pages
+    of ``pages_key`` (default ``key``) without them; in the caller's transaction, under the job's lock.
+    ``face_ids`` grows by the FaceIds found on the pages. Returns what went (``pages_rewritten`` included);
+    the jobs row is the caller's."""
+    pages_of = key if pages_key is None else pages_key
     # Two passes over the archive, one decoded page at a time: which faces and persons go, then the rewrite.
     page_numbers = [r["page_no"] for r in await conn.fetch(
-        "SELECT page_no FROM raw_pages WHERE ingest_id = $1 ORDER BY page_no", key)]
+        "SELECT page_no FROM raw_pages WHERE ingest_id = $1 ORDER BY page_no", pages_of)]
     matched: dict[int, set[str]] = {}
     for page_no in page_numbers:
-        _scan_page(await _page(conn, key, page_no), member, value, face_ids, matched)
+        _scan_page(await _page(conn, pages_of, page_no), erased_face, face_ids, matched)
     persons = {r["person_index"] for r in await conn.fetch(
         "SELECT DISTINCT f.person_index FROM face_matches m JOIN faces f ON f.ingest_id = m.ingest_id "
         "AND f.face_seq = m.face_seq WHERE m.ingest_id = $1 AND m.face_id = ANY($2::text[]) "
@@ -477,24 +562,15 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
         key, list(face_ids)))
     pages_rewritten = 0
     for page_no in page_numbers:
-        body = await _page(conn, key, page_no)
-        if _rewrite_page(body, member, value, face_ids, persons):
+        body = await _page(conn, pages_of, page_no)
+        if _rewrite_page_by(body, erased_face, face_ids, persons):
             new = ArchivedPage.compress(orjson.dumps(body))
             await conn.execute("UPDATE raw_pages SET encoding = $3, body = $4, body_bytes = $5 "
-                               "WHERE ingest_id = $1 AND page_no = $2", key, page_no, new.encoding, new.body,
+                               "WHERE ingest_id = $1 AND page_no = $2", pages_of, page_no, new.encoding, new.body,
                                new.raw_bytes)
             pages_rewritten += 1
-    # The counters are the reporting views' job summary: they must keep equalling the rows.
-    await conn.execute(
-        "UPDATE jobs SET faces = greatest(0, faces - $2), persons = greatest(0, persons - $3), "
-        "face_matches = greatest(0, face_matches - $4), collection_faces = greatest(0, collection_faces - $5), "
-        "landmarks = greatest(0, landmarks - $6), emotions = greatest(0, emotions - $7) WHERE job_id = $1",
-        job_id, removed["faces"], removed["persons"], removed["face_matches"], removed["collection_faces"],
-        removed["landmarks"], removed["emotions"])
-    for name, n in removed.items():
-        counts[name] += n
-    counts["pages_rewritten"] += pages_rewritten
-    return stale > 0 or pages_rewritten > 0 or any(removed.values())
+    removed["pages_rewritten"] = pages_rewritten
+    return removed
 
 
 async def _erase_candidates(conn: asyncpg.Connection, kind: SelectorKind, value: str) -> tuple[set[str], list[str]]:
@@ -517,13 +593,20 @@ async def erase(conn: asyncpg.Connection, kind: SelectorKind, value: str, *, key
         raise InvalidInput("the identifier to erase is empty")
     started = time.monotonic()
     result = Erasure(kind)
+    if not dry_run:
+        # Kept before any job is looked at: an ingest that switches from now on removes the identifier itself
+        # (worker/erased.py), and one still being written is among the jobs listed next (its key is unnamed).
+        await erased.remember(conn, key, [(kind, value)])
     face_ids, job_ids = await _erase_candidates(conn, kind, value)
+    found = set(face_ids)
+    if not dry_run:
+        await erased.remember(conn, key, [("face_id", face_id) for face_id in face_ids])
     for job_id in job_ids:
         tx = conn.transaction()
         await tx.start()
         try:
             await _lock(conn, job_id, wait=True)
-            changed = await _erase_in_job(conn, job_id, kind, value, face_ids, result.counts)
+            changed = await _erase_in_job(conn, job_id, kind, value, face_ids, result.counts, found)
         except BaseException:
             await tx.rollback()
             raise
@@ -542,6 +625,7 @@ async def erase(conn: asyncpg.Connection, kind: SelectorKind, value: str, *, key
             await conn.execute("UPDATE job_retries SET last_error = replace(last_error, $1, '[erased]'), "
                                "last_outage = replace(last_outage, $1, '[erased]') "
                                "WHERE strpos(last_error, $1) > 0 OR strpos(last_outage, $1) > 0", value)
+            await erased.remember(conn, key, [("face_id", face_id) for face_id in found - face_ids])
             c = result.counts
             result.audit_id = await conn.fetchval(
                 "INSERT INTO erasures (selector_kind, selector_hash, jobs, collection_faces, face_matches, persons, "

@@ -58,7 +58,8 @@ LIMITER_WAIT_SECONDS = Histogram(f"{PREFIX}rate_limiter_wait_seconds",
                                  "Time one Get* call waited for the rate limiter before it was sent",
                                  buckets=(0.001, *_LATENCY_BUCKETS_S))
 DB_WRITE_SECONDS = Histogram(f"{PREFIX}db_write_duration_seconds",
-                             "Wall time of one database write step: a page's rows (page) or a job's end (finish)",
+                             "Wall time of one database write step: a page's rows (page), a job's end (finish), the "
+                             "removal of erased identities before the switch (erasures), the switch (switch)",
                              ["step"], buckets=_LATENCY_BUCKETS_S)
 RATE_CEILING = Gauge(f"{PREFIX}rekognition_rate_ceiling_per_second",
                      "The configured Get* ceiling (REKOGNITION_TPS); the limiter's rate stays at or below it")
@@ -78,6 +79,9 @@ BUILD_INFO = Gauge(f"{PREFIX}build_info", "Always 1; the labels say which build 
 BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 RETENTION_ROWS_PURGED = Counter(f"{PREFIX}retention_rows_purged_total",
                                 "Rows removed by the retention purge of `run` (RETENTION_DAYS), by table", ["table"])
+TOMBSTONED_NOTIFICATIONS = Counter(
+    f"{PREFIX}tombstoned_notifications_total",
+    "Notifications of jobs that were deleted or expired (a tombstone), settled without ingesting them")
 RETENTION_PASSES = Counter(f"{PREFIX}retention_passes_total",
                            "Retention passes, by outcome: done, skipped (another replica held the lock), error",
                            ["outcome"])

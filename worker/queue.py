@@ -50,8 +50,9 @@ OWN_COPY_MARGIN_S = 2.0
 # "waiting": a start request of `submit` while submissions are open (it comes back, and never dead-letters).
 RETRY_OUTCOMES = frozenset({"not_ready", "busy", "transient", "released", "waiting"})
 # "other_api": a notification of another Rekognition API, dropped because OTHER_API_NOTIFICATIONS=delete.
-# "submissions_done": a start request once no submission is open.
-DONE_OUTCOMES = frozenset({"ingested", "duplicate", "failed", "other_api", "submissions_done"})
+# "submissions_done": a start request once no submission is open. "tombstoned": a notification of a job that
+# was deleted or expired (worker/tombstones.py), settled without ingesting it.
+DONE_OUTCOMES = frozenset({"ingested", "duplicate", "failed", "other_api", "submissions_done", "tombstoned"})
 
 
 def retry_delay_s(receive_count: int, *, base_s: int, cap_s: int) -> int:
@@ -155,6 +156,8 @@ class Counters:
     def add(self, outcome: str) -> None:
         self.by_outcome[outcome] = self.by_outcome.get(outcome, 0) + 1
         metrics.MESSAGES.labels(outcome).inc()
+        if outcome == "tombstoned":
+            metrics.TOMBSTONED_NOTIFICATIONS.inc()
 
 
 def receive_count(message: dict[str, Any]) -> int:

@@ -19,11 +19,12 @@ from worker.archive import CorruptArchive
 from worker.config import Settings
 from worker.db.engine import create_engine
 from worker.db.store import JobBusy, Store, WriteCounts
-from worker.errors import PermanentJobError
+from worker.errors import ErasureKeyMissing, PermanentJobError
 from worker.ingest import JobOutcome, merge_meta
 from worker.logs import get_logger
 from worker.messages import JobRef, validate_job_id
 from worker.normalize import JobMeta, normalize_page, parse_meta
+from worker.tombstones import Tombstoned
 
 log = get_logger(__name__)
 
@@ -86,6 +87,9 @@ async def reprocess_job(store: Store, ref: JobRef) -> JobOutcome:
             outcome = JobOutcome(ref.job_id, ref.api.value, "failed", reason=f"{type(exc).__name__}: {exc}")
         except JobBusy as exc:
             outcome = JobOutcome(ref.job_id, ref.api.value, "busy", reason=str(exc))
+        except (ErasureKeyMissing, Tombstoned) as exc:
+            outcome = JobOutcome(ref.job_id, ref.api.value,
+                                 "transient" if isinstance(exc, ErasureKeyMissing) else "tombstoned", reason=str(exc))
         else:
             outcome = JobOutcome(ref.job_id, ref.api.value, "ingested", pages=counts.pages, faces=counts.faces,
                                  persons=counts.persons, matches=counts.face_matches, rows=counts.rows)
@@ -102,7 +106,7 @@ async def run_reprocess(settings: Settings, job_ids: list[str] | None) -> list[J
     One job's failure never stops the others; the outcomes say which failed.
     """
     engine = create_engine(settings, pool_size=2)
-    store = Store(engine, archive_raw_pages=settings.archive_raw_pages)
+    store = Store(engine, archive_raw_pages=settings.archive_raw_pages, erasure_key=settings.erasure_hash_key)
     try:
         if job_ids is None:
             targets = [JobRef.create(job_id, api) for job_id, api in await store.archived_jobs()]

@@ -71,7 +71,8 @@ async def open_runtime(settings: Settings, *, limiter: Limiter | None = None) ->
             fetcher = Fetcher(client, limiter, page_size=settings.page_size, max_attempts=settings.max_call_attempts,
                               retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s,
                               max_pages=settings.max_pages_per_job)
-            store = Store(engine, archive_raw_pages=settings.archive_raw_pages)
+            store = Store(engine, archive_raw_pages=settings.archive_raw_pages,
+                          erasure_key=settings.erasure_hash_key)
             decoder = PageDecoder(settings.decode_processes if settings.decode_processes >= 0
                                   else default_processes())
             stack.callback(decoder.close)

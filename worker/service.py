@@ -250,14 +250,7 @@ class SqsWorker:
             structlog.contextvars.bind_contextvars(job_id=ref.job_id, api=ref.api.value)
             if ref.job_tag is not None:
                 structlog.contextvars.bind_contextvars(job_tag=ref.job_tag)
-            await self._note_pending(ref)
-            if ref.job_id in self._jobs_in_flight:
-                # Another copy of this notification is running here: by the time this one returns it is
-                # a duplicate. Settled without a Get* call, which would only find the job's lock taken.
-                reason = "another copy of this job is running in this worker"
-                metrics.JOBS.labels(ref.api.value, "busy").inc()
-                log.info("job finished", outcome="busy", pages=0, rows=0, seconds=0.0, reason=reason)
-                await self._settle(message, "busy", receive_count, earlier, reason=reason)
+            if await self._turned_away(message, ref, receive_count, earlier):
                 return
             self._jobs_in_flight.add(ref.job_id)
             try:
@@ -288,6 +281,27 @@ class SqsWorker:
         finally:
             structlog.contextvars.unbind_contextvars("message_id", "receive_count", "earlier_receives", "job_id", "api",
                                                      "job_tag")
+
+    async def _turned_away(self, message: dict[str, Any], ref: JobRef, receive_count: int, earlier: int) -> bool:
+        """Settle a notification that needs no ingest now (True); else record the job pending (False)."""
+        if (stone := await self.rt.store.tombstone(ref.job_id)) is not None:
+            # Deleted or expired (worker/tombstones.py): not recorded pending again, not fetched; counted as
+            # outcome "tombstoned" (worker_tombstoned_notifications_total).
+            metrics.JOBS.labels(ref.api.value, "tombstoned").inc()
+            log.info("notification of a deleted job settled without ingesting", outcome="tombstoned",
+                     tombstone_reason=stone.reason, deleted_at=stone.deleted_at.isoformat())
+            await self._settle(message, "tombstoned", receive_count, earlier, reason=str(stone))
+            return True
+        await self._note_pending(ref)
+        if ref.job_id in self._jobs_in_flight:
+            # Another copy of this notification is running here: by the time this one returns it is
+            # a duplicate. Settled without a Get* call, which would only find the job's lock taken.
+            reason = "another copy of this job is running in this worker"
+            metrics.JOBS.labels(ref.api.value, "busy").inc()
+            log.info("job finished", outcome="busy", pages=0, rows=0, seconds=0.0, reason=reason)
+            await self._settle(message, "busy", receive_count, earlier, reason=reason)
+            return True
+        return False
 
     async def _note_pending(self, ref: JobRef) -> None:
         # The 7-day clock starts here, in the database; an outage is transient like any other in _handle.

@@ -83,6 +83,8 @@ jobs = sa.Table(
     sa.Column("completed_at", sa.TIMESTAMP(timezone=True)),
     # 0012: the key of the job's rows in the bulk tables (NULL: none); the reporting views join on it.
     sa.Column("ingest_id", sa.Integer),
+    # 0013: when the job's results were first stored completely; kept across re-ingests (the retention clock).
+    sa.Column("first_ingested_at", sa.TIMESTAMP(timezone=True)),
     sa.Index("jobs_ingest_idx", "ingest_id", unique=True),
     sa.Index("jobs_state_idx", "ingest_state", "updated_at"),
     # 0002: which jobs looked at this video.
@@ -286,6 +288,30 @@ erasures = sa.Table(
     *(_count(name) for name in ("jobs", "collection_faces", "face_matches", "persons", "faces", "landmarks",
                                 "emotions", "pages_rewritten")),
     sa.Index("erasures_hash_idx", "selector_hash"),
+)
+
+# Erased identifiers (0013): the keyed hash of each (as erasures.selector_hash), applied at every write that
+# makes an ingest visible. Append-only for the worker role.
+erased_identifiers = sa.Table(
+    "erased_identifiers", metadata,
+    sa.Column("selector_hash", sa.Text, sa.CheckConstraint(
+        "selector_hash ~ '^[0-9a-f]{64}$'::text", name="erased_identifiers_selector_hash_check"), primary_key=True),
+    sa.Column("selector_kind", sa.Text, sa.CheckConstraint(
+        "selector_kind = ANY (ARRAY['external_image_id'::text, 'face_id'::text, 'user_id'::text])",
+        name="erased_identifiers_selector_kind_check"), nullable=False),
+    sa.Column("erased_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+)
+
+# Jobs removed by `delete` or the retention purge (0013): JobId, why, when; no face data. Not a per-job table:
+# it outlives the job, so that a later notification of it is settled without ingesting it again.
+tombstones = sa.Table(
+    "tombstones", metadata,
+    sa.Column("job_id", sa.Text, sa.CheckConstraint(_JOB_ID_CHECK, name="tombstones_job_id_check"),
+              primary_key=True),
+    sa.Column("api", face_api),
+    sa.Column("reason", sa.Text, sa.CheckConstraint("reason = ANY (ARRAY['deleted'::text, 'expired'::text])",
+                                                    name="tombstones_reason_check"), nullable=False),
+    sa.Column("deleted_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=_now),
 )
 
 # Videos registered by `submit` and started by `run` (0011). Not a per-job table: a submission outlives the

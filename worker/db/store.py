@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from worker import metrics, normalize
+from worker import erased, metrics, normalize, tombstones
 from worker.archive import ArchivedPage
 from worker.db import schema
 from worker.errors import TransientError, WorkerError
@@ -110,10 +110,11 @@ _META_UPDATE = ", ".join(f"{c.strip()} = EXCLUDED.{c.strip()}" for c in _META_CO
 _UPSERT_INGESTED = f"""
 INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure_reason,
                   pages, faces, persons, face_matches, collection_faces, landmarks, emotions,
-                  attempts, notified_at, completed_at, ingest_started_at, ingested_at, updated_at, ingest_id)
+                  attempts, notified_at, completed_at, ingest_started_at, ingested_at, updated_at, ingest_id,
+                  first_ingested_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ingested', NULL, NULL,
         $16, $17, (SELECT count(*) FROM persons WHERE ingest_id = $24), $18, $19, $20, $21,
-        1, $22, $22, $23, clock_timestamp(), clock_timestamp(), $24)
+        1, $22, $22, $23, clock_timestamp(), clock_timestamp(), $24, clock_timestamp())
 ON CONFLICT (job_id) DO UPDATE SET
     api = EXCLUDED.api, {_META_UPDATE},
     ingest_state = 'ingested', failure_code = NULL, failure_reason = NULL,
@@ -123,7 +124,10 @@ ON CONFLICT (job_id) DO UPDATE SET
     attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
     completed_at = COALESCE(jobs.completed_at, EXCLUDED.completed_at),
     ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = clock_timestamp(), updated_at = clock_timestamp(),
-    ingest_id = EXCLUDED.ingest_id
+    ingest_id = EXCLUDED.ingest_id,
+    -- The retention clock: when the results were first stored. A re-ingest, reprocess or retry keeps it
+    -- (the previous ingested_at counts too, for rows that predate the column).
+    first_ingested_at = least(jobs.first_ingested_at, jobs.ingested_at, EXCLUDED.first_ingested_at)
 RETURNING persons
 """
 
@@ -154,7 +158,7 @@ ON CONFLICT (job_id) DO UPDATE SET
     attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
     completed_at = COALESCE(jobs.completed_at, EXCLUDED.completed_at),
     ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = NULL, updated_at = now(),
-    ingest_id = EXCLUDED.ingest_id
+    ingest_id = EXCLUDED.ingest_id, first_ingested_at = least(jobs.first_ingested_at, jobs.ingested_at)
 """
 
 # A completion notification arrived: the job is pending from Rekognition's completion time (the 7-day
@@ -275,8 +279,9 @@ class JobWriter:
     job's lock (see :meth:`Store.job_writer`)."""
 
     def __init__(self, conn: asyncpg.Connection, ref: JobRef, ingest_id: int, started_at: datetime,
-                 archive: bool, archive_of: int | None) -> None:
+                 archive: bool, archive_of: int | None, erasure_key: str | None = None) -> None:
         self._conn = conn
+        self._erasure_key = erasure_key
         self._ref = ref
         self.ingest_id = ingest_id
         self._started_at = started_at
@@ -340,6 +345,19 @@ class JobWriter:
             await self._conn.execute(_DERIVE_PERSONS, self.ingest_id)
         self.meta = meta
 
+    async def _remove_erased(self) -> None:
+        """Before the switch, under the job's lock: nothing `erase` removed may become visible again
+        (worker/erased.py); the counters follow what was removed."""
+        with metrics.DB_WRITE_SECONDS.labels("erasures").time():
+            async with self._conn.transaction():
+                removed = await erased.apply_to_key(
+                    self._conn, self.ingest_id, self._erasure_key, pages_key=self._archive_of,
+                    from_archive=self._archive_of is not None)
+        if removed:  # the counters are the job's rows; ``rows`` stays what was written
+            c = self.counts
+            for name in ("faces", "landmarks", "emotions", "face_matches", "collection_faces"):
+                setattr(c, name, max(0, getattr(c, name) - removed[name]))
+
     async def _switch(self) -> None:
         """One short transaction: the jobs row names the new key, with its counters; readers see it at commit."""
         conn, c, ref = self._conn, self.counts, self._ref
@@ -362,8 +380,10 @@ class Quarantine:
     and records the job failed with them (see :meth:`Store.quarantine`): the rows are lost, what Rekognition
     returned is not, and ``reprocess`` rebuilds the job once the cause is fixed."""
 
-    def __init__(self, conn: asyncpg.Connection, ref: JobRef, ingest_id: int | None) -> None:
+    def __init__(self, conn: asyncpg.Connection, ref: JobRef, ingest_id: int | None,
+                 erasure_key: str | None = None) -> None:
         self._conn = conn
+        self._erasure_key = erasure_key
         self._ref = ref
         self.ingest_id = ingest_id
         # A complete earlier ingest (rows and archive) is kept as it is: no pages are taken.
@@ -382,6 +402,9 @@ class Quarantine:
     async def finish(self, *, code: str, reason: str, meta: JobMeta | None = None) -> bool:
         """Record the job failed with the archived pages; False when an earlier ingest was kept."""
         async with self._conn.transaction():
+            if self.ingest_id is not None:
+                # The archived pages are what an erase rewrites: no erased identity is kept in them either.
+                await erased.apply_to_key(self._conn, self.ingest_id, self._erasure_key, scan_pages=True)
             return await _record_failed(self._conn, self._ref, code=code, reason=reason, meta=meta,
                                         rekognition_failed=False, keep_archive=True, new_key=self.ingest_id)
 
@@ -393,6 +416,8 @@ async def _record_failed(conn: asyncpg.Connection, ref: JobRef, *, code: str, re
     The job's rows go; its raw pages stay with ``keep_archive`` (under its current key), or ``new_key``'s
     (a quarantine) replace them. The keys the job no longer names are left for drop_stale_ingests.
     """
+    if await tombstones.find(conn, ref.job_id) is not None:
+        return False  # deleted or expired meanwhile: no row of it is written again
     await conn.execute(_CLEAR_RETRIES, ref.job_id)
     job = await conn.fetchrow("SELECT ingest_state, ingest_id FROM jobs WHERE job_id = $1", ref.job_id)
     if job is not None and job["ingest_state"] == "ingested" and not rekognition_failed:
@@ -428,9 +453,11 @@ async def _record_failed(conn: asyncpg.Connection, ref: JobRef, *, code: str, re
 class Store:
     """All reads and writes of the worker's tables."""
 
-    def __init__(self, engine: AsyncEngine, *, archive_raw_pages: bool = True) -> None:
+    def __init__(self, engine: AsyncEngine, *, archive_raw_pages: bool = True, erasure_key: str | None = None) -> None:
         self.engine = engine
         self.archive_raw_pages = archive_raw_pages
+        # ERASURE_HASH_KEY: every write checks the new rows against the erased identifiers with it.
+        self.erasure_key = erasure_key
 
     async def new_ingest_id(self) -> int:
         """A fresh key for the rows of one ingest (the decoder puts it in every row it builds)."""
@@ -466,6 +493,10 @@ class Store:
             if skip_if_ingested_since_ms is not None and await conn.fetchval(
                     _INGESTED_SINCE_SQL, ref.job_id, _ms_to_dt(skip_if_ingested_since_ms)):
                 raise AlreadyIngested(ref.job_id)
+            # Read again under the lock: a copy that started before a delete must not bring the job back.
+            await tombstones.check(conn, ref.job_id)
+            if not from_archive and not self.erasure_key and await erased.any_erased(conn):
+                raise erased.missing_key_error()  # before any row is written (the switch would refuse anyway)
             await drop_stale_ingests(conn, ref.job_id)
             archive_of = None
             if from_archive:
@@ -474,9 +505,10 @@ class Store:
                 ingest_id = int(await conn.fetchval("SELECT nextval('ingest_ids')"))
             await _register(conn, ingest_id, ref.job_id)
             writer = JobWriter(conn, ref, ingest_id, started_at, self.archive_raw_pages and not from_archive,
-                               archive_of)
+                               archive_of, self.erasure_key)
             yield writer
             if writer.meta is not None:
+                await writer._remove_erased()
                 await writer._switch()
                 await drop_stale_ingests(conn, ref.job_id)
 
@@ -521,14 +553,22 @@ class Store:
         it (``keeps_earlier_ingest``): its archive already holds what Rekognition returns.
         """
         async with self._locked(ref.job_id) as conn:
+            await tombstones.check(conn, ref.job_id)
+            if not self.erasure_key and await erased.any_erased(conn):
+                raise erased.missing_key_error()  # its pages could not be checked: none is archived
             await drop_stale_ingests(conn, ref.job_id)
             state = await conn.fetchval("SELECT ingest_state FROM jobs WHERE job_id = $1", ref.job_id)
             key = None
             if state != "ingested":
                 key = int(await conn.fetchval("SELECT nextval('ingest_ids')"))
                 await _register(conn, key, ref.job_id)
-            yield Quarantine(conn, ref, key)
+            yield Quarantine(conn, ref, key, self.erasure_key)
             await drop_stale_ingests(conn, ref.job_id)
+
+    async def tombstone(self, job_id: str) -> tombstones.Tombstoned | None:
+        """The job's tombstone as the error to report (None: it was never deleted); see worker/tombstones.py."""
+        async with self.engine.connect() as sa_conn:
+            return await tombstones.settle(await _driver(sa_conn), job_id)
 
     async def note_pending(self, ref: JobRef) -> None:
         """A notification for ``ref`` arrived: record the job pending with its completion time, unless it
