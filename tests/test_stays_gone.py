@@ -208,7 +208,7 @@ async def test_a_quarantine_archives_no_erased_identity(
 
 
 def _tombstoned_total() -> float:
-    return REGISTRY.get_sample_value("worker_tombstoned_notifications_total") or 0.0
+    return REGISTRY.get_sample_value("rekognition_worker_tombstoned_notifications_total") or 0.0
 
 
 async def test_a_deleted_job_stays_deleted_until_an_operator_restores_it(
