@@ -4,13 +4,14 @@
   what consumers deduplicate on, ``payload`` the whole JSON document as published (docs/events.md,
   docs/events.schema.json). ``published_at`` stays NULL until the publisher (`run`, or a command that
   changed data) delivered it; ``attempts`` and ``last_error`` say why it has not been.
-- A trigger on ``jobs`` writes ``job.ingested`` when a job switches to a new complete ingest (``ingest_id``
-  or ``ingested_at`` changes with the state ``ingested``: ingest, re-ingest, reprocess, jobs retry, backfill,
-  the SQS path alike), ``job.failed`` when a failure is recorded (the state becomes, or is again recorded,
-  ``failed``; a large job hidden by ``delete`` before its rows go in batches, failure_code ``Deleting``, is
-  not a failure), and ``job.deleted`` when the row goes (``delete``, the retention purge; a session setting
-  ``rekognition.event_reason`` names which). A trigger on ``erasures`` writes ``identity.erased`` with what
-  the audit row keeps (kind, keyed hash, counts), never the identifier.
+- A trigger on ``jobs`` writes ``job.ingested`` when a job switches to a new complete ingest (the state
+  becomes ``ingested``, or ``ingest_id`` changes with it: every ingest, re-ingest and reprocess writes under a
+  key of its own, whether it came from the SQS path, backfill or jobs retry; an erasure adjusting the counters
+  or a change of ``ingested_at`` alone is not an ingest), ``job.failed`` when a failure is recorded (the state
+  becomes, or is again recorded, ``failed``; a large job hidden by ``delete`` before its rows go in batches,
+  failure_code ``Deleting``, is not a failure), and ``job.deleted`` when the row goes (``delete``, the
+  retention purge; a session setting ``rekognition.event_reason`` names which). A trigger on ``erasures``
+  writes ``identity.erased`` with what the audit row keeps (kind, keyed hash, counts), never the identifier.
 - A trigger on the outbox sends ``NOTIFY rekognition_job_events`` with the event id: delivered at commit,
   never for a change that rolled back.
 
@@ -97,8 +98,7 @@ BEGIN
     END IF;
     IF NEW.ingest_state::text = 'ingested' AND (TG_OP = 'INSERT'
             OR OLD.ingest_state::text IS DISTINCT FROM 'ingested'
-            OR NEW.ingest_id IS DISTINCT FROM OLD.ingest_id
-            OR NEW.ingested_at IS DISTINCT FROM OLD.ingested_at) THEN
+            OR NEW.ingest_id IS DISTINCT FROM OLD.ingest_id) THEN
         PERFORM {SCHEMA}.emit_event('job.ingested', job, jsonb_build_object(
             'job_status', NEW.job_status, 'ingested_at', {SCHEMA}.event_time(NEW.ingested_at),
             'faces', NEW.faces, 'persons', NEW.persons, 'face_matches', NEW.face_matches, 'pages', NEW.pages));

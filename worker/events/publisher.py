@@ -129,7 +129,7 @@ def _describe(exc: BaseException) -> str:
 @contextlib.asynccontextmanager
 async def open_destinations(settings: Settings) -> AsyncIterator[Destinations]:
     """Clients for the configured destinations (none when neither is set); endpoints and credentials are
-    botocore's own (``AWS_ENDPOINT_URL_SNS``, ``AWS_ENDPOINT_URL_EVENTS``, the credential chain)."""
+    botocore's own (``AWS_ENDPOINT_URL_SNS``, ``AWS_ENDPOINT_URL_EVENTBRIDGE``, the credential chain)."""
     session = get_session()
     async with contextlib.AsyncExitStack() as stack:
         sns = eventbridge = None
@@ -331,7 +331,7 @@ class Flush:
     pending: int | None = None
 
 
-async def flush(settings: Settings, *, timeout_s: float | None = None,
+async def flush(settings: Settings, *, timeout_s: float | None = None, batch_events: int = BATCH_EVENTS,
                 clock: Callable[[], float] = time.monotonic) -> Flush | None:
     """Deliver what is pending, for at most ``timeout_s`` (EVENTS_FLUSH_TIMEOUT_S); None when no destination
     is configured. Stops early when nothing is left that this process may claim (another replica may be
@@ -342,7 +342,8 @@ async def flush(settings: Settings, *, timeout_s: float | None = None,
     deadline = clock() + budget_s
     result = Flush()
     async with open_destinations(settings) as destinations:
-        publisher = Publisher(destinations, clock=clock, round_timeout_s=max(1.0, min(ROUND_TIMEOUT_S, budget_s)))
+        publisher = Publisher(destinations, batch_events=batch_events, clock=clock,
+                              round_timeout_s=max(1.0, min(ROUND_TIMEOUT_S, budget_s)))
         conn = await connect(settings.asyncpg_dsn, application_name="rekognition-worker-events")
         try:
             while clock() < deadline:
