@@ -461,6 +461,12 @@ async def test_an_event_written_while_the_topic_is_unreachable_is_delivered_by_t
     first.wait(10)
     assert rows[0]["published_at"] is None and rows[0]["type"] == "job.ingested"
     assert any(e.get("event") == "job events not delivered; retrying with backoff" for e in first.lines)
+    # Idle, but the topic still unreachable: --exit-when-idle says the events were not delivered.
+    stuck = start_worker("--exit-when-idle", EVENTS_SNS_TOPIC_ARN=topic.arn, EVENTS_FLUSH_TIMEOUT_S="1",
+                         AWS_ENDPOINT_URL_SNS=f"http://127.0.0.1:{closed_port()}")
+    assert stuck.wait(60) == 1
+    assert any(e.get("event", "").startswith("job events not delivered before exit") for e in stuck.lines)
+    assert (await outbox_rows(db))[0]["published_at"] is None
     second = start_worker("--exit-when-idle", EVENTS_SNS_TOPIC_ARN=topic.arn, AWS_ENDPOINT_URL_SNS=moto_url)
     assert second.wait(60) == 0, second.lines[-10:]
     messages = await received(topic.queue_url)

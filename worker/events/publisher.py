@@ -180,16 +180,17 @@ class Publisher:
         self.next_attempt_at = self._clock() + delay
         return delay
 
-    async def deliver_round(self, conn: asyncpg.Connection) -> Round:
-        """Claim, send, record; one transaction. A cancellation or an error mid-round discards the connection
-        (the server rolls back: the events stay pending) and propagates."""
+    async def deliver_round(self, conn: asyncpg.Connection, *, timeout_s: float | None = None) -> Round:
+        """Claim, send (within ``timeout_s``, else the publisher's round timeout), record; one transaction. A
+        cancellation or an error mid-round discards the connection (the server rolls back: the events stay
+        pending) and propagates."""
         result = Round()
         delivered: list[Event] = []
         tx = conn.transaction()
         await tx.start()
         try:
             events = await outbox.claim(conn, self.batch_events)
-            outcomes = await self._send_all(events) if events else []
+            outcomes = await self._send_all(events, timeout_s or self._round_timeout_s) if events else []
             delivered = [e for e, error in zip(events, outcomes, strict=True) if error is None]
             await outbox.mark_published(conn, [e.seq for e in delivered])
             for event, error in zip(events, outcomes, strict=True):
@@ -218,7 +219,7 @@ class Publisher:
             self.next_attempt_at = 0.0
         return result
 
-    async def _send_all(self, events: list[Event]) -> list[str | None]:
+    async def _send_all(self, events: list[Event], timeout_s: float) -> list[str | None]:
         """Send each event (at most SEND_CONCURRENCY at once); per event None, or why it was not delivered."""
         gate = asyncio.Semaphore(SEND_CONCURRENCY)
 
@@ -232,14 +233,14 @@ class Publisher:
                 return None
 
         tasks = [asyncio.create_task(one(e)) for e in events]
-        _, pending = await asyncio.wait(tasks, timeout=self._round_timeout_s)
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         outcomes: list[str | None] = []
         for task in tasks:
             if task in pending:
-                outcomes.append(f"no answer within {self._round_timeout_s:g} s")
+                outcomes.append(f"no answer within {timeout_s:g} s")
                 self.last_error = outcomes[-1]
             else:
                 outcomes.append(task.result())
@@ -342,15 +343,15 @@ async def flush(settings: Settings, *, timeout_s: float | None = None, batch_eve
     deadline = clock() + budget_s
     result = Flush()
     async with open_destinations(settings) as destinations:
-        publisher = Publisher(destinations, batch_events=batch_events, clock=clock,
-                              round_timeout_s=max(1.0, min(ROUND_TIMEOUT_S, budget_s)))
+        publisher = Publisher(destinations, batch_events=batch_events, clock=clock)
         conn = await connect(settings.asyncpg_dsn, application_name="rekognition-worker-events")
         try:
             while clock() < deadline:
                 if (wait := publisher.wait_s()) > 0:
                     await asyncio.sleep(min(wait, max(0.0, deadline - clock())))
                     continue
-                done = await publisher.deliver_round(conn)
+                # A round never outlasts the budget by more than a second.
+                done = await publisher.deliver_round(conn, timeout_s=max(1.0, min(ROUND_TIMEOUT_S, deadline - clock())))
                 result.delivered += done.delivered
                 result.failed += done.failed
                 if done.claimed == 0:
