@@ -302,9 +302,11 @@ async def run_publisher(settings: Settings, stop: asyncio.Event, *, clock: Calla
                     conn = None
                 if more:
                     continue
+                # Backing off, a NOTIFY does not hurry the next round; the backlog is still read every poll.
                 backoff = publisher.wait_s()
                 await _wait(stop, wake if backoff == 0 else None,
-                            backoff if backoff > 0 else settings.events_poll_interval_s)
+                            min(backoff, settings.events_poll_interval_s) if backoff > 0
+                            else settings.events_poll_interval_s)
         finally:
             if conn is not None:
                 conn.terminate()
