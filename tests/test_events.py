@@ -644,3 +644,45 @@ def test_destinations_name_fifo_groups_by_job(settings: Settings) -> None:
     assert eventbridge_entry(event, "b") == {"Source": "rekognition-video-worker", "DetailType": "job.deleted",
                                              "Detail": '{"a": 1}', "EventBusName": "b"}
     assert not Destinations().enabled
+
+
+async def test_each_change_writes_exactly_its_own_event(settings: Settings, db: asyncpg.Connection,
+                                                      emu: Any) -> None:
+    """Through the real writers: a reprocess is an ingest; a failed re-attempt that keeps the complete ingest,
+    an erasure's counter update and the hiding of a large job being deleted are not events of their own."""
+    from worker.db.store import Store
+    from worker.lifecycle import delete_job, erase
+    from worker.reprocess import run_reprocess
+
+    fx = synth.search_job(unique_job_id("changes"), persons_elements=80, persons=4)
+    emu.add_jobs([fx])
+    await backfill_quietly(settings, [fx])
+
+    async def types() -> list[str]:
+        return [r["type"] for r in await outbox_rows(db) if r["job_id"] in (fx.job_id, None)]
+
+    assert await types() == ["job.ingested"]
+    assert [o.outcome for o in await run_reprocess(settings, [fx.job_id])] == ["ingested"]
+    assert await types() == ["job.ingested", "job.ingested"]
+    engine = create_engine(settings, pool_size=1)
+    try:
+        kept = await Store(engine).record_failure(JobRef.create(fx.job_id, fx.api), code="RepeatedFailure",
+                                                  reason="a re-attempt failed")
+        assert kept is False  # the complete ingest stays: nothing changed for readers, no event
+        assert await types() == ["job.ingested", "job.ingested"]
+        target = await db.fetchval("SELECT external_image_id FROM collection_faces ORDER BY 1 LIMIT 1")
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            await erase(raw, "external_image_id", target, key=ERASURE_KEY)
+            assert await types() == ["job.ingested", "job.ingested", "identity.erased"]
+            faces = await db.fetchval("SELECT faces FROM jobs WHERE job_id = $1", fx.job_id)
+            assert faces > 10
+            # More faces than a chunk: hidden first (failed, Deleting), then deleted in batches.
+            assert (await delete_job(raw, fx.job_id, chunk_faces=10)).outcome == "deleted"
+    finally:
+        await engine.dispose()
+    assert await types() == ["job.ingested", "job.ingested", "identity.erased", "job.deleted"]
+    rows = [orjson.loads(r["payload"]) for r in await outbox_rows(db)]
+    for event in rows:
+        jsonschema.validate(event, SCHEMA, cls=jsonschema.Draft202012Validator)
+    assert rows[1]["ingested_at"] > rows[0]["ingested_at"] and rows[1]["event_id"] != rows[0]["event_id"]
