@@ -21,7 +21,7 @@ from rich.table import Table
 from worker.config import Settings
 from worker.errors import ConfigError, InvalidInput
 from worker.events import EVENT_TYPES
-from worker.logs import get_logger, redact
+from worker.logs import get_logger, redact, renders_json
 
 log = get_logger(__name__)
 
@@ -79,7 +79,7 @@ def run_command(settings: Settings, args: argparse.Namespace, console: Console) 
         assert since is not None
         return asyncio.run(_replay(settings, args, since, console))
     except (OSError, asyncpg.PostgresError) as exc:
-        print(f"error: database: {redact(str(exc))[:500]}", file=sys.stderr)
+        _error(f"database: {redact(str(exc))[:500]}")
         return 1
 
 
@@ -143,16 +143,22 @@ async def _replay(settings: Settings, args: argparse.Namespace, since: datetime,
     console.print(f"{replayed} event(s) since {since.isoformat()} queued again: {done.delivered if done else 0} "
                   f"delivered now, {pending if pending is not None else '?'} pending in the outbox")
     if pending:
-        print(f"error: {pending} event(s) not delivered yet; `run` delivers them (events list --pending)",
-              file=sys.stderr)
+        _error(f"{pending} event(s) not delivered yet; `run` delivers them (events list --pending)")
         return 1
     return 0
 
 
 def _nothing(since: datetime) -> int:
-    print(f"error: no events since {since.isoformat()} (delivered events are kept EVENTS_RETENTION_DAYS)",
-          file=sys.stderr)
+    _error(f"no events since {since.isoformat()} (delivered events are kept EVENTS_RETENTION_DAYS)")
     return 1
+
+
+def _error(text: str) -> None:
+    """One line on stderr: a JSON object under LOG_FORMAT=json, else ``error: ...``."""
+    if renders_json():
+        log.error("command failed", error=text)
+    else:
+        print(f"error: {text}", file=sys.stderr)
 
 
 def deliver_after_command(settings: Settings, args: argparse.Namespace) -> None:
