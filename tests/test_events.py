@@ -435,7 +435,7 @@ def black_hole() -> Iterator[str]:
             s.close()
 
 
-async def wait_until(what: str, check: Callable[[], Any], timeout_s: float = 30) -> Any:
+async def wait_until(what: str, check: Callable[[], Any], timeout_s: float = 90) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if value := await check():
@@ -481,8 +481,9 @@ async def test_a_sigkill_between_the_commit_and_the_publish_delays_the_event_and
     done = synth.detection_job(unique_job_id("committed"), faces=50)
     emu.add_jobs([done])
     with black_hole() as endpoint:
+        # A long flush budget: the command is still waiting on the black hole whenever the kill comes.
         env = events_env(db_url, moto_url, topic, AWS_ENDPOINT_URL_REKOGNITION=emu.url, AWS_ENDPOINT_URL_SNS=endpoint,
-                         REKOGNITION_TPS="200", LOG_FORMAT="json")
+                         REKOGNITION_TPS="200", LOG_FORMAT="json", EVENTS_FLUSH_TIMEOUT_S="300")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         full_env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                          "AWS_EC2_METADATA_DISABLED": "true", **env})
@@ -496,7 +497,7 @@ async def test_a_sigkill_between_the_commit_and_the_publish_delays_the_event_and
             async def committed() -> Any:
                 return await db.fetchval("SELECT ingest_state = 'ingested' FROM jobs WHERE job_id = $1", done.job_id)
 
-            await wait_until("the ingest's commit", committed)
+            await wait_until("the ingest's commit", committed, timeout_s=90)
             await asyncio.sleep(1.0)  # the command is now waiting on the black hole's answer
             assert proc.poll() is None
             proc.send_signal(signal.SIGKILL)
@@ -508,9 +509,9 @@ async def test_a_sigkill_between_the_commit_and_the_publish_delays_the_event_and
     assert [(r["job_id"], r["type"], r["published_at"]) for r in rows] == [(done.job_id, "job.ingested", None)]
     assert await received(topic.queue_url) == []
     # A job killed before its commit: no event, nothing visible.
-    slow = synth.detection_job(unique_job_id("uncommitted"), faces=200)
+    slow = synth.detection_job(unique_job_id("uncommitted"), faces=300)
     emu.add_jobs([slow])
-    emu.configure(latency_s=0.3)
+    emu.configure(latency_s=0.5)  # 15 pages: 7.5 s at least, time enough to kill it mid-job
     try:
         await send(sqs, queues.url, enveloped(slow))
         killed = start_worker(PAGE_SIZE="20", EVENTS_SNS_TOPIC_ARN=topic.arn, AWS_ENDPOINT_URL_SNS=moto_url)
@@ -518,7 +519,7 @@ async def test_a_sigkill_between_the_commit_and_the_publish_delays_the_event_and
         async def writing() -> Any:
             return await db.fetchval("SELECT EXISTS (SELECT 1 FROM ingests WHERE job_id = $1)", slow.job_id)
 
-        await wait_until("the slow job's first page", writing)
+        await wait_until("the slow job's first page", writing, timeout_s=90)
         assert await db.fetchval("SELECT count(*) FROM jobs WHERE job_id = $1 AND ingest_state = 'ingested'",
                                  slow.job_id) == 0
         killed.proc.send_signal(signal.SIGKILL)
