@@ -1051,6 +1051,8 @@ def test_worker_iam_policy_is_least_privilege() -> None:
         "sqs:GetQueueAttributes",
         "sqs:SendMessage",
         "sqs:GetQueueUrl",
+        "sns:Publish",
+        "events:PutEvents",
     }
     for action, resources in granted.items():
         if action == "rekognition:StartFaceSearch":  # only the collections the deployment searches
@@ -1067,6 +1069,10 @@ def test_worker_iam_policy_is_least_privilege() -> None:
             assert resources == {"arn:aws:sqs:REGION:ACCOUNT:QUEUE", "arn:aws:sqs:REGION:ACCOUNT:QUEUE-dlq"}
         elif action == "sqs:GetQueueUrl":  # the redrive policy names the dead-letter queue by ARN
             assert resources == {"arn:aws:sqs:REGION:ACCOUNT:QUEUE-dlq"}
+        elif action == "sns:Publish":  # job events: EVENTS_SNS_TOPIC_ARN only
+            assert resources == {"arn:aws:sns:REGION:ACCOUNT:EVENTS_TOPIC"}
+        elif action == "events:PutEvents":  # job events: EVENTS_EVENT_BUS_NAME only
+            assert resources == {"arn:aws:events:REGION:ACCOUNT:event-bus/EVENTS_BUS"}
         else:
             assert resources == {"arn:aws:sqs:REGION:ACCOUNT:QUEUE"}, action
 

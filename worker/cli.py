@@ -15,6 +15,9 @@ from rich.console import Console
 from worker import __version__, tombstones
 from worker.config import Settings, log_format_from_env, redact_url
 from worker.errors import ConfigError, InvalidInput
+from worker.events.commands import add_parser as add_events_parser
+from worker.events.commands import deliver_after_command
+from worker.events.commands import run_command as run_events_command
 from worker.logs import asyncio_exception_handler, configure_logging, get_logger, redact, renders_json
 from worker.pagecodec import tune_gc
 
@@ -84,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_dlq_parser(sub)
     _add_jobs_parser(sub)
     _add_lifecycle_parsers(sub)
+    add_events_parser(sub)
     return p
 
 
@@ -352,6 +356,12 @@ def _cmd_erase(settings: Settings, args: argparse.Namespace, console: Console) -
     return 0
 
 
+def _delivering(settings: Settings, args: argparse.Namespace, code: int) -> int:
+    """A command that changed data: the events its changes wrote go out now if they can (the rest wait for `run`)."""
+    deliver_after_command(settings, args)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tune_gc()
@@ -365,23 +375,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _cmd_migrate(settings, console)
         if args.command == "backfill":
-            return _cmd_backfill(settings, args, console)
+            return _delivering(settings, args, _cmd_backfill(settings, args, console))
         if args.command == "run":
             return _cmd_run(settings, args)
         if args.command == "demo":
             return _cmd_demo(settings, args, console)
         if args.command == "reprocess":
-            return _cmd_reprocess(settings, args, console)
+            return _delivering(settings, args, _cmd_reprocess(settings, args, console))
         if args.command == "delete":
-            return _cmd_delete(settings, args, console)
+            return _delivering(settings, args, _cmd_delete(settings, args, console))
         if args.command == "erase":
-            return _cmd_erase(settings, args, console)
+            return _delivering(settings, args, _cmd_erase(settings, args, console))
         if args.command == "submit":
             return _cmd_submit(settings, args, console)
         if args.command == "submissions":
             return _cmd_submissions(settings, args, console)
-        if args.command in ("dlq", "jobs"):
-            return (_cmd_dlq if args.command == "dlq" else _cmd_jobs)(settings, args, console)
+        if args.command in ("dlq", "jobs", "events"):
+            handler = {"dlq": _cmd_dlq, "jobs": _cmd_jobs, "events": run_events_command}[args.command]
+            return _delivering(settings, args, handler(settings, args, console))
         return _cmd_report(settings, args, console)
     except (ConfigError, InvalidInput) as exc:
         _command_error(exc)

@@ -168,6 +168,14 @@ class Settings:
     # with the same ClientRequestToken.
     submit_poll_interval_s: float = 5.0
     submit_start_lease_s: float = 120.0
+    # Job events (docs/events.md): where the outbox is delivered (unset: events stay in the outbox), how long
+    # delivered events are kept, how often `run` looks for events when no NOTIFY woke it, and how long a
+    # command (and `run --exit-when-idle` before it exits) tries to deliver what is pending.
+    events_sns_topic_arn: str | None = None
+    events_event_bus_name: str | None = None
+    events_retention_days: float = 7.0
+    events_poll_interval_s: float = 5.0
+    events_flush_timeout_s: float = 10.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -240,4 +248,9 @@ class Settings:
             submit_sweep_after_s=_float(env, "SUBMIT_SWEEP_AFTER_S", 900.0, minimum=0.1),
             submit_poll_interval_s=_float(env, "SUBMIT_POLL_INTERVAL_S", 5.0, minimum=0.05),
             submit_start_lease_s=_float(env, "SUBMIT_START_LEASE_S", 120.0, minimum=0.1),
+            events_sns_topic_arn=env.get("EVENTS_SNS_TOPIC_ARN") or None,
+            events_event_bus_name=env.get("EVENTS_EVENT_BUS_NAME") or None,
+            events_retention_days=_float(env, "EVENTS_RETENTION_DAYS", 7.0, minimum=0.001),
+            events_poll_interval_s=_float(env, "EVENTS_POLL_INTERVAL_S", 5.0, minimum=0.05),
+            events_flush_timeout_s=_float(env, "EVENTS_FLUSH_TIMEOUT_S", 10.0),
         )

@@ -62,7 +62,9 @@ RETENTION_BATCH_JOBS = 50
 # One replica purges at a time: a session-level advisory lock on a fixed key. JobIds cannot contain '.',
 # so no job's lock (hashtextextended(job_id, 0)) can be this one.
 RETENTION_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('worker.retention', 0))"
-RETENTION_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('worker.retention', 0))"
+# The unlock also ends the session's event reason (below), before the connection goes back to the pool.
+RETENTION_UNLOCK_SQL = ("SELECT pg_advisory_unlock(hashtextextended('worker.retention', 0)), "
+                        "set_config('rekognition.event_reason', '', false)")
 _DELETING = "Deleting"
 # A job's lock held across the several transactions of a key's drop (released in the same pass).
 _SESSION_TRY_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
@@ -314,6 +316,8 @@ async def purge_expired(engine: AsyncEngine, retention_days: float, *, now: date
         if not await conn.fetchval(RETENTION_LOCK_SQL):
             return None
         try:
+            # The job.deleted events of this session's deletes say the retention purge made them (0014's trigger).
+            await conn.execute("SELECT set_config('rekognition.event_reason', 'retention', false)")
             skipped: list[str] = []
             while stop is None or not stop.is_set():
                 ids = [r["job_id"] for r in await conn.fetch(_EXPIRED_SQL, result.cutoff, skipped, batch_jobs)]

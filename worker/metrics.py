@@ -96,3 +96,17 @@ STARTS = Counter(f"{PREFIX}rekognition_starts_total", "Start* calls by API and o
                  "(the video was refused)", ["api", "outcome"])
 PROBES = Counter(f"{PREFIX}submission_probes_total", "Get* probes of started jobs whose notification is overdue, by "
                  "result: in_progress, finished (ingested as if notified), failed, error", ["result"])
+# Job events (worker/events/): the outbox backlog, read from the database by `run` when a destination is set.
+EVENTS_PENDING = Gauge(f"{PREFIX}events_pending", "Job events in the outbox not yet delivered to EVENTS_SNS_TOPIC_ARN "
+                       "/ EVENTS_EVENT_BUS_NAME, read from the database: the same for every replica")
+EVENTS_OLDEST_PENDING_AGE = Gauge(f"{PREFIX}events_oldest_pending_age_seconds",
+                                  "Age of the oldest job event not yet delivered (0 when none), by the database's "
+                                  "clock")
+EVENTS_PUBLISHED = Counter(f"{PREFIX}events_published_total", "Job events delivered by this process, by type", ["type"])
+EVENTS_PUBLISH_FAILURES = Counter(f"{PREFIX}events_publish_failures_total",
+                                  "Failed deliveries of a job event, by destination (sns, eventbridge); retried "
+                                  "with backoff", ["destination"])
+for _destination in ("sns", "eventbridge"):
+    EVENTS_PUBLISH_FAILURES.labels(_destination)
+for _type in ("job.ingested", "job.failed", "job.deleted", "identity.erased"):
+    EVENTS_PUBLISHED.labels(_type)

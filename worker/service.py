@@ -31,6 +31,7 @@ from worker.credentials import CredentialsGate, rekognition_probe
 from worker.db.migrate import head_revision
 from worker.db.submissions import SchedulerStore
 from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerError
+from worker.events.publisher import flush_before_exit, run_publisher
 from worker.expiry import watch_pending_jobs
 from worker.health import HealthServer
 from worker.ingest import JobOutcome
@@ -477,12 +478,18 @@ async def run_service(settings: Settings, *, exit_when_idle: bool = False,
                     ready(worker)
                 retention = (asyncio.create_task(retention_loop(rt.engine, settings, worker.stopping),
                                                  name="retention") if settings.retention_days is not None else None)
+                events = asyncio.create_task(run_publisher(settings, worker.stopping), name="events")
                 try:
-                    return await worker.run(exit_when_idle=exit_when_idle)
+                    code = await worker.run(exit_when_idle=exit_when_idle)
                 finally:
                     if retention is not None:
                         # A pass in progress rolls back its current job's transaction; the next run resumes.
                         retention.cancel()
                         await asyncio.gather(retention, return_exceptions=True)
+                    # A round in progress rolls back: its events stay pending for the next replica.
+                    events.cancel()
+                    await asyncio.gather(events, return_exceptions=True)
+                # Idle means delivered too: what is pending goes out now (bounded), or the exit says it did not.
+                return await flush_before_exit(settings, code) if exit_when_idle else code
             finally:
                 await health.stop()

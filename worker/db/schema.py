@@ -349,6 +349,27 @@ submissions = sa.Table(
     sa.Index("submissions_job_id_idx", "job_id", postgresql_where=sa.text("job_id IS NOT NULL")),
 )
 
+# Job events (0014): written by triggers on jobs and erasures in the transaction of the change they announce,
+# delivered by the publisher (worker/events/). Not a per-job table: a job.deleted event outlives its job.
+_EVENT_TYPES = ("type = ANY (ARRAY['job.ingested'::text, 'job.failed'::text, 'job.deleted'::text, "
+                "'identity.erased'::text])")
+event_outbox = sa.Table(
+    "event_outbox", metadata,
+    sa.Column("seq", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+    sa.Column("event_id", postgresql.UUID(as_uuid=True), nullable=False, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("type", sa.Text, sa.CheckConstraint(_EVENT_TYPES, name="event_outbox_type_check"), nullable=False),
+    sa.Column("job_id", sa.Text),
+    sa.Column("payload", postgresql.JSONB, nullable=False),
+    sa.Column("occurred_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=sa.text("clock_timestamp()")),
+    sa.Column("published_at", sa.TIMESTAMP(timezone=True)),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=_zero),
+    sa.Column("last_error", sa.Text),
+    sa.UniqueConstraint("event_id", name="event_outbox_event_id_key"),
+    sa.Index("event_outbox_pending_idx", "seq", postgresql_where=sa.text("published_at IS NULL")),
+    sa.Index("event_outbox_job_idx", "job_id", "seq", postgresql_where=sa.text("published_at IS NULL")),
+    sa.Index("event_outbox_occurred_idx", "occurred_at"),
+)
+
 # Tables whose rows belong to one ingest key (ingests says whose); deleting the job deletes them.
 KEYED_TABLES: tuple[sa.Table, ...] = (faces, landmarks, emotions, face_matches, collection_faces, persons, raw_pages)
 # Tables whose rows belong to one job (by key, or by job_id: ingests, job_retries); deleting the job deletes them.

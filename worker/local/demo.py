@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiobotocore.session import get_session
 from rich.console import Console
 from rich.table import Table
@@ -53,6 +54,7 @@ def _local_aws_env(rekognition_url: str, sqs_url: str) -> None:
     os.environ["AWS_ENDPOINT_URL_REKOGNITION"] = rekognition_url
     os.environ["AWS_ENDPOINT_URL_SQS"] = sqs_url
     os.environ["AWS_ENDPOINT_URL_S3"] = sqs_url  # moto's server answers both
+    os.environ["AWS_ENDPOINT_URL_SNS"] = sqs_url  # and the job events' topic
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -112,6 +114,29 @@ async def _library_path(settings: Settings, emu: EmulatorThread, moto_url: str) 
     return {"submitted": submitted, "again": again, "seconds": elapsed_s, "stats": stats}
 
 
+async def _events_path(settings: Settings) -> dict[str, int]:
+    """Deliver the job events the paths above wrote to a moto SNS topic; count what its subscribed queue got."""
+    from worker.events.publisher import flush
+
+    session = get_session()
+    async with session.create_client("sns", region_name=settings.aws_region) as sns, \
+            session.create_client("sqs", region_name=settings.aws_region) as sqs:
+        topic = (await sns.create_topic(Name="rekognition-demo-job-events"))["TopicArn"]
+        queue_url = (await sqs.create_queue(QueueName="rekognition-demo-job-events"))["QueueUrl"]
+        queue_arn = (await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"]))["Attributes"][
+            "QueueArn"]
+        await sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn,
+                            Attributes={"RawMessageDelivery": "true"})
+        await flush(settings.with_(events_sns_topic_arn=topic), timeout_s=60)
+        counts: dict[str, int] = {}
+        while batch := (await sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10,
+                                                  VisibilityTimeout=60)).get("Messages", []):
+            for m in batch:
+                kind = orjson.loads(m["Body"])["type"]
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+
 async def _backfill_path(settings: Settings, fixtures: list[synth.JobFixture]) -> list[JobOutcome]:
     async with open_runtime(settings) as rt:
         refs = [JobRef.create(f.job_id, f.api) for f in fixtures]
@@ -158,6 +183,7 @@ def run_demo(settings: Settings, console: Console) -> int:
             by_outcome, dlq_depth, left = asyncio.run(_queue_path(settings, queued))
             stats = emu.stats()
             library = asyncio.run(_library_path(settings, emu, sqs_url))
+            events = asyncio.run(_events_path(settings))
     finally:
         moto_server.stop()
     jobs, videos = asyncio.run(_summary(settings))
@@ -179,6 +205,9 @@ def run_demo(settings: Settings, console: Console) -> int:
         f"throttled {stats.get('throttled')}; total {time.perf_counter() - started:.1f} s"
     )
     _print_library(console, library, videos)
+    console.print("job events delivered to an SNS topic, read back from the SQS queue subscribed to it: "
+                  + (", ".join(f"{kind} {n}" for kind, n in sorted(events.items())) or "none")
+                  + " (docs/events.md; python -m worker events list)")
     console.print(f"explore: psql '{redact_url(settings.asyncpg_dsn)}'  (e.g. SELECT * FROM reporting.job_summary;)")
     if settings.database_url and PGDATA.exists():
         console.print("stop the embedded PostgreSQL with: .venv/bin/python -m worker demo --stop")
