@@ -1,11 +1,12 @@
-"""Decode, normalize and compress result pages, in a worker process when a spare core exists.
+"""Decode result pages into binary COPY streams and compress them for the archive, in a worker process.
 
-A full 1000-face page costs ~35 ms to decode, ~20 ms to normalize and ~11 ms to compress for the
-archive, all CPU that would otherwise stall the event loop that also fetches pages and feeds
-PostgreSQL. Handing the raw bytes to a process pool moves that work to the second core; what
-comes back is rows ready for COPY (pickling them costs ~10 ms each way, far less than the work).
+A full 1000-face page takes ~15 ms to decode straight into COPY streams (worker/pagecopy.py) and ~8 ms to
+compress for the archive: CPU that would otherwise stall the event loop that also fetches pages and feeds
+PostgreSQL. The process starts with the worker (:meth:`PageDecoder.start`), not on the first page, and
+imports only what decoding needs. What comes back is bytes (the streams, the compressed page), so
+the main process only hands them to the connection: no rows to unpickle, no value to encode.
 
-Both directions carry megabytes (a 3.4 MB page out, ~2 MB of pickled rows and archive back). Through
+Both directions carry megabytes (a 3.4 MB page out, ~2 MB of streams and ~0.9 MB of archive back). Through
 the pool's pipe that costs ~25 ms of the worker's CPU per page, in 64 KB writes and reads that also
 contend for the event loop's GIL; through a shared memory block it is one copy. Whoever takes a block
 unlinks it; a block left behind by a crash is removed by multiprocessing's resource tracker.
@@ -27,23 +28,22 @@ from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import cast
 
-import orjson
-
 from worker.archive import ArchivedPage
-from worker.errors import MalformedPage, TransientError
+from worker.errors import TransientError
 from worker.messages import Api
-from worker.normalize import JobMeta, PageRows, UnknownValues, normalize_page, parse_meta
+from worker.normalize import JobMeta, UnknownValues
+from worker.pagecopy import PageCopy, decode
 
 
 @dataclass(slots=True)
 class DecodedPage:
-    """One page, ready for the writer. ``rows`` is None unless the job SUCCEEDED.
+    """One page, ready for the writer: its rows as COPY streams, None unless the job SUCCEEDED.
 
     ``unknown``: enumeration values this version does not know, for the parent process to count.
     """
 
     meta: JobMeta
-    rows: PageRows | None
+    rows: PageCopy | None
     archived: ArchivedPage | None
     unknown: UnknownValues = field(default_factory=dict)
 
@@ -72,20 +72,9 @@ def tune_gc() -> None:
 
 def decode_page(raw: bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> DecodedPage:
     """Pure CPU work on one raw page; raises MalformedPage for anything the model does not allow."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedPage(f"malformed result page: not JSON: {exc}") from None
-    unknown: UnknownValues = {}
-    meta = parse_meta(body, unknown)
-    # SUCCEEDED, or a status newer than this version (stored as sent): the page's results are rows. A job
-    # still running, failed, or without a status has none to store.
-    has_results = meta.job_status not in (None, "IN_PROGRESS", "FAILED")
-    rows = normalize_page(body, api, ingest_id, seq_start) if has_results else None
-    del body
+    meta, rows, unknown = decode(raw, api, ingest_id, seq_start)
     archived = ArchivedPage.compress(raw) if archive and rows is not None else None
-    # normalize_page parses the job-level members again and reports their values with the rows'.
-    return DecodedPage(meta, rows, archived, rows.unknown if rows is not None else unknown)
+    return DecodedPage(meta, rows, archived, unknown)
 
 
 # Below this a pipe write is as cheap as creating and mapping a block.
@@ -156,6 +145,12 @@ def discard(item: object) -> None:
             block.unlink()
 
 
+def _collect(future: Future[int]) -> None:
+    """A warm-up task's end: its error, if any, returns with the first page that needs the pool."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _discard_result(future: Future[Shared | bytes]) -> None:
     if not future.cancelled() and future.exception() is None:
         discard(future.result())
@@ -179,6 +174,17 @@ class PageDecoder:
     def __init__(self, processes: int) -> None:
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the decoding processes now, with the worker, instead of on the first page (a process takes
+        ~0.2 s of CPU to start and import). Returns at once; a process that fails to start shows on the
+        first page as a TransientError."""
+        if self.processes <= 0:
+            return
+        executor = self._executor()
+        # The pool starts a process per task it cannot hand to an idle one: one warm-up task each.
+        for _ in range(self.processes):
+            executor.submit(os.getpid).add_done_callback(_collect)
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
