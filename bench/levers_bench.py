@@ -113,7 +113,7 @@ async def _new_round(api: Api, raw: bytes, conn: Any, add: Add) -> None:
     pickle.loads(pickle.dumps(copy, protocol=pickle.HIGHEST_PROTOCOL))
     add("new: pickling streams across processes (dumps + loads)", (time.process_time() - started) * 1e3)
     add("new: copy_to_table of the streams (client side)", await _rolled_back(conn, [
-        ("faces", pagecopy.FACE_COPY_COLUMNS, copy.faces),
+        ("faces", copy.face_columns, copy.faces),
         ("landmarks", pagecopy.LANDMARK_COPY_COLUMNS, copy.landmarks),
         ("emotions", pagecopy.EMOTION_COPY_COLUMNS, copy.emotions),
         ("face_matches", pagecopy.MATCH_COPY_COLUMNS, copy.matches)], binary=True))

@@ -212,12 +212,14 @@ def test_copy_columns_are_the_tables_physical_order() -> None:
         table_obj = schema.metadata.tables[f"rekognition.{table}"]
         assert columns == schema.columns(table_obj), table
         assert len(kinds) == len(columns), table
+    assert set(pagecopy.DETECTION_FACE_COPY_COLUMNS) < set(pagecopy.FACE_COPY_COLUMNS)
+    assert len(pagecopy.DETECTION_FACE_COPY_KINDS) == len(pagecopy.DETECTION_FACE_COPY_COLUMNS)
 
 
-def test_the_decoding_modules_import_neither_sqlalchemy_nor_asyncpg() -> None:
+def test_the_decoding_modules_import_no_database_driver_and_no_event_loop() -> None:
     # They run in the decoding process: every module it imports is start-up time.
-    code = ("import sys, worker.pagecodec; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'asyncpg', 'aiobotocore'}))")
+    code = ("import sys, worker.pagecodec; print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'sqlalchemy', 'asyncpg', 'aiobotocore', 'asyncio'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
 
@@ -228,7 +230,7 @@ def test_the_decoding_modules_import_neither_sqlalchemy_nor_asyncpg() -> None:
 async def _copy_in(db: asyncpg.Connection, copy: PageCopy) -> None:
     await db.execute("INSERT INTO ingests (ingest_id, job_id) VALUES (7, 'pc-round-trip')")
     for table, columns, data in (
-            ("faces", pagecopy.FACE_COPY_COLUMNS, copy.faces),
+            ("faces", copy.face_columns, copy.faces),
             ("landmarks", pagecopy.LANDMARK_COPY_COLUMNS, copy.landmarks),
             ("emotions", pagecopy.EMOTION_COPY_COLUMNS, copy.emotions),
             ("face_matches", pagecopy.MATCH_COPY_COLUMNS, copy.matches),

@@ -14,7 +14,6 @@ unlinks it; a block left behind by a crash is removed by multiprocessing's resou
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import multiprocessing
@@ -196,6 +195,8 @@ class PageDecoder:
     async def decode(self, raw: bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> DecodedPage:
         if self.processes <= 0:
             return decode_page(raw, api, ingest_id, seq_start, archive)
+        import asyncio  # here, not at the top: the decoding process imports this module and never needs it
+
         executor = self._executor()
         sent = share(raw)
         future: Future[Shared | bytes] | None = None

@@ -78,6 +78,13 @@ FACE_COPY_COLUMNS: tuple[str, ...] = (
 )
 _FACE_FIXED = INT4 * 2 + INT8 * 4 + FLOAT8 * 26 + BOOL * 9  # every column but gender_value (text, last)
 FACE_COPY_KINDS: tuple[str, ...] = (*_FACE_FIXED, TEXT)
+# A face detection element has no Person: its faces stream leaves those columns out (NULL by default), so
+# a full-attribute face is a row without NULLs, packed by one precompiled format.
+_PERSON_COLUMNS = frozenset({"person_index", "person_bbox_width", "person_bbox_height", "person_bbox_left",
+                             "person_bbox_top"})
+DETECTION_FACE_COPY_COLUMNS = tuple(c for c in FACE_COPY_COLUMNS if c not in _PERSON_COLUMNS)
+DETECTION_FACE_COPY_KINDS = tuple(k for c, k in zip(FACE_COPY_COLUMNS, FACE_COPY_KINDS, strict=True)
+                                  if c not in _PERSON_COLUMNS)
 LANDMARK_COPY_COLUMNS = ("ingest_id", "face_seq", "xs", "ys", "types")
 LANDMARK_COPY_KINDS = (INT4, INT4, FLOAT8_ARRAY, FLOAT8_ARRAY, TEXT_ARRAY)
 EMOTION_COPY_COLUMNS = ("ingest_id", "face_seq", "confidences", "types")
@@ -100,12 +107,14 @@ _MAX_KEY_CHARS = 512
 class PageCopy:
     """One page's rows as complete binary COPY streams (b"" for a table with none).
 
+    ``face_columns``: the columns of the faces stream (a detection page's leaves the person columns out).
     ``collection_faces``: FaceId -> its encoded tuple (the first on the page), for the writer, which keeps
     the first row of a FaceId across pages and streams only the new ones. ``fast``: the msgspec path made
     it (False: the normalizer did).
     """
 
     elements: int
+    face_columns: tuple[str, ...] = FACE_COPY_COLUMNS
     faces: bytes = b""
     landmarks: bytes = b""
     emotions: bytes = b""
@@ -169,7 +178,7 @@ def _slow(raw: bytes, api: Api, ingest_id: int, seq_start: int,
     rows = normalize_page(body, api, ingest_id, seq_start)
     del body
     # normalize_page parses the job-level members again and reports their values with the rows'.
-    return meta, from_rows(rows), rows.unknown
+    return meta, from_rows(rows, api), rows.unknown
 
 
 # --- the slow path's encoder: the normalizer's tuples, column by column -----------------------------
@@ -180,6 +189,7 @@ def _order(copy_columns: Sequence[str], row_columns: Sequence[str]) -> tuple[int
 
 
 _FACE_ORDER = _order(FACE_COPY_COLUMNS, FACE_COLUMNS)
+_DETECTION_FACE_ORDER = _order(DETECTION_FACE_COPY_COLUMNS, FACE_COLUMNS)
 _LANDMARK_ORDER = _order(LANDMARK_COPY_COLUMNS, LANDMARK_COLUMNS)
 _EMOTION_ORDER = _order(EMOTION_COPY_COLUMNS, EMOTION_COLUMNS)
 _MATCH_ORDER = _order(MATCH_COPY_COLUMNS, MATCH_COLUMNS)
@@ -192,13 +202,17 @@ def _stream(kinds: Sequence[str], order: Sequence[int], rows: Sequence[Sequence[
     return pgcopy.encode_rows(kinds, ([row[i] for i in order] for row in rows))
 
 
-def from_rows(rows: PageRows) -> PageCopy:
-    """The normalizer's rows as COPY streams. A value no column can hold (a surrogate in text, an integer
-    beyond its column) is UnstorableValue: the page's fault, the same on every try."""
+def from_rows(rows: PageRows, api: Api | None = None) -> PageCopy:
+    """The normalizer's rows as COPY streams (all columns, unless ``api`` says face detection). A value no
+    column can hold (a surrogate in text, an integer beyond its column) is UnstorableValue: the page's
+    fault, the same on every try."""
+    detection = api is Api.FACE_DETECTION
     try:
         return PageCopy(
             elements=rows.elements,
-            faces=_stream(FACE_COPY_KINDS, _FACE_ORDER, rows.faces),
+            face_columns=DETECTION_FACE_COPY_COLUMNS if detection else FACE_COPY_COLUMNS,
+            faces=(_stream(DETECTION_FACE_COPY_KINDS, _DETECTION_FACE_ORDER, rows.faces) if detection
+                   else _stream(FACE_COPY_KINDS, _FACE_ORDER, rows.faces)),
             landmarks=_stream(LANDMARK_COPY_KINDS, _LANDMARK_ORDER, rows.landmarks),
             emotions=_stream(EMOTION_COPY_KINDS, _EMOTION_ORDER, rows.emotions),
             matches=_stream(MATCH_COPY_KINDS, _MATCH_ORDER, rows.matches),
@@ -217,6 +231,7 @@ def from_rows(rows: PageRows) -> PageCopy:
 # --- the fast path ------------------------------------------------------------------------------------
 
 _FACE = RowPacker(_FACE_FIXED, fields=len(FACE_COPY_COLUMNS))
+_DETECTION_FACE = RowPacker("".join(DETECTION_FACE_COPY_KINDS[:-1]), fields=len(DETECTION_FACE_COPY_COLUMNS))
 _MATCH = RowPacker(INT4 + INT4 + FLOAT8 + INT2, fields=len(MATCH_COPY_COLUMNS))
 _COLLECTION_FACE = RowPacker(INT4 + FLOAT8 * 5, fields=len(COLLECTION_FACE_COPY_COLUMNS))
 _NO_BOX = BoundingBox()
@@ -321,8 +336,9 @@ def _meta(page: _Page, unknown: UnknownValues) -> JobMeta:
 class _Encoder:
     """The streams of one page, filled element by element."""
 
-    def __init__(self, ingest_id: int, unknown: UnknownValues) -> None:
+    def __init__(self, ingest_id: int, unknown: UnknownValues, search: bool) -> None:
         self.ingest_id = ingest_id
+        self.search = search
         self.unknown = unknown
         self.faces: list[bytes] = [pgcopy.HEADER]
         self.landmarks: list[bytes] = [pgcopy.HEADER]
@@ -333,10 +349,11 @@ class _Encoder:
 
     def face(self, seq: int, ts: int, index: int | None, pbox: BoundingBox, f: FaceDetail | None) -> None:
         """The faces row of one element, and its landmarks and emotions rows."""
+        person = [index, pbox.width, pbox.height, pbox.left, pbox.top] if self.search else []
+        packer = _FACE if self.search else _DETECTION_FACE
         if f is None:
-            self.faces.append(_FACE.pack([
-                self.ingest_id, seq, ts, index, None, None, pbox.width, pbox.height, pbox.left, pbox.top,
-                *(None,) * 22, False, *(None,) * 8]))
+            self.faces.append(packer.pack([self.ingest_id, seq, ts, *person[:1], None, None, *person[1:],
+                                           *(None,) * 22, False, *(None,) * 8]))
             self.faces.append(pgcopy.NULL)
             return
         bb = f.bounding_box or _NO_BOX
@@ -345,10 +362,10 @@ class _Encoder:
         be, mu, eo, mo = f.beard or _NO_FLAG, f.mustache or _NO_FLAG, f.eyes_open or _NO_FLAG, f.mouth_open or _NO_FLAG
         oc = f.face_occluded or _NO_FLAG
         pose, quality, eyes = f.pose, f.quality, f.eye_direction
-        self.faces.append(_FACE.pack([
-            self.ingest_id, seq, ts, index,
+        self.faces.append(packer.pack([
+            self.ingest_id, seq, ts, *person[:1],
             age.low if age is not None else None, age.high if age is not None else None,
-            pbox.width, pbox.height, pbox.left, pbox.top, bb.width, bb.height, bb.left, bb.top, f.confidence,
+            *person[1:], bb.width, bb.height, bb.left, bb.top, f.confidence,
             sm.confidence, eg.confidence, sg.confidence, gd.confidence,
             be.confidence, mu.confidence, eo.confidence, mo.confidence,
             *((pose.roll, pose.yaw, pose.pitch) if pose is not None else (None, None, None)),
@@ -439,6 +456,7 @@ class _Encoder:
 
         return PageCopy(
             elements=elements,
+            face_columns=FACE_COPY_COLUMNS if self.search else DETECTION_FACE_COPY_COLUMNS,
             faces=done(self.faces, elements),
             landmarks=done(self.landmarks, self.landmark_rows),
             emotions=done(self.emotions, self.emotion_rows),
@@ -465,7 +483,7 @@ def _fast(raw: bytes, api: Api, ingest_id: int, seq_start: int,
     elements: list[Any] = (page.persons if search else page.faces) or []
     if seq_start + len(elements) > _MAX_SEQ + 1:
         raise _Slow
-    enc = _Encoder(ingest_id, unknown)
+    enc = _Encoder(ingest_id, unknown, search)
     for n, element in enumerate(elements):
         ts = element.timestamp
         if ts is None:

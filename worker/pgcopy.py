@@ -61,6 +61,7 @@ class RowPacker:
         self.kinds = kinds
         self.fields = len(kinds) if fields is None else fields
         self._by_nulls: dict[tuple[bool, ...], tuple[struct.Struct, list[Any]]] = {}
+        self._full = self._compile((False,) * len(kinds))
 
     def _compile(self, nulls: tuple[bool, ...]) -> tuple[struct.Struct, list[Any]]:
         fmt: list[str] = [">h"]
@@ -78,6 +79,11 @@ class RowPacker:
 
     def pack(self, values: list[Any]) -> bytes:
         """One tuple's fixed-width fields; ``values`` in column order, None for NULL (range-checked by struct)."""
+        if None not in values:  # the common row: no pattern to look up, no value to replace
+            packer, template = self._full
+            args = template.copy()
+            args[2::2] = values
+            return packer.pack(*args)
         nulls = tuple(map(is_, values, _NONES))
         packer, template = self._by_nulls.get(nulls) or self._compile(nulls)
         args = template.copy()

@@ -292,7 +292,7 @@ class JobWriter:
         """One page's rows (COPY streams; a normalizer's rows are encoded first) and its archive, in one
         short transaction."""
         if isinstance(rows, PageRows):
-            rows = pagecopy.from_rows(rows)
+            rows = pagecopy.from_rows(rows, self._ref.api)
         with metrics.DB_WRITE_SECONDS.labels("page").time():
             async with self._conn.transaction():
                 await self._write_page(rows, archived)
@@ -302,7 +302,7 @@ class JobWriter:
         # Streams encoded by the decoding process, sent as they are: a memoryview, because asyncpg takes
         # bytes for a file name (os.fspath accepts bytes).
         for table, columns, data in (
-                ("faces", pagecopy.FACE_COPY_COLUMNS, rows.faces),
+                ("faces", rows.face_columns, rows.faces),
                 ("landmarks", pagecopy.LANDMARK_COPY_COLUMNS, rows.landmarks),
                 ("emotions", pagecopy.EMOTION_COPY_COLUMNS, rows.emotions),
                 ("face_matches", pagecopy.MATCH_COPY_COLUMNS, rows.matches)):
