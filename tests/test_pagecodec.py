@@ -14,7 +14,17 @@ import pytest
 from worker.errors import MalformedPage, TransientError
 from worker.local import synth
 from worker.messages import Api
-from worker.pagecodec import SHARED_MIN_BYTES, PageDecoder, Shared, decode_page, discard, share, take
+from worker.pagecodec import (
+    SHARED_MIN_BYTES,
+    PageDecoder,
+    Shared,
+    _frame,
+    decode_page,
+    discard,
+    share,
+    take,
+    take_page,
+)
 
 
 @pytest.fixture
@@ -78,6 +88,19 @@ async def test_the_decoding_process_starts_with_the_worker_not_with_the_first_pa
     decoded = await pool.decode(raw, Api.FACE_DETECTION, 1, 0, False)
     assert decoded.rows is not None and list(pool._pool._processes) == [pid]  # the same process, no other
     PageDecoder(0).start()  # inline decoding: nothing to start
+
+
+def test_a_decoded_page_crosses_as_one_frame_with_its_streams_copied_once() -> None:
+    fx = synth.search_job("codec-frame", persons_elements=400, all_optional=True)
+    raw = orjson.dumps(synth.page_body(fx, 0, 400, "next"))
+    page = decode_page(raw, Api.FACE_SEARCH, 7, 0, True)
+    assert page.rows is not None and page.rows.matches and page.archived is not None
+    before = _blocks()
+    for sent in (share(_frame(page)), b"".join(_frame(page))):  # a block, or the pipe when small
+        assert take_page(sent) == page
+    assert _blocks() == before
+    empty = decode_page(orjson.dumps({"JobStatus": "IN_PROGRESS"}), Api.FACE_SEARCH, 7, 0, True)
+    assert take_page(b"".join(_frame(empty))) == empty
 
 
 def _blocks() -> set[str]:

@@ -19,11 +19,13 @@ import gc
 import multiprocessing
 import os
 import pickle
+import struct
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import shared_memory
 from typing import cast
 
@@ -88,23 +90,30 @@ class Shared:
     size: int
 
 
-def share(data: bytes) -> Shared | bytes:
-    """Put ``data`` in a shared memory block, or return it as is when small or /dev/shm is unusable."""
-    if len(data) < SHARED_MIN_BYTES:
-        return data
+def share(data: bytes | Sequence[bytes]) -> Shared | bytes:
+    """Put ``data`` (or the concatenation of its parts, copied once) in a shared memory block, or return it as
+    bytes when small or /dev/shm is unusable."""
+    parts = [data] if isinstance(data, bytes) else data
+    size = sum(len(p) for p in parts)
+    if size < SHARED_MIN_BYTES:
+        return data if isinstance(data, bytes) else b"".join(parts)
     try:
-        block = shared_memory.SharedMemory(create=True, size=len(data))
+        block = shared_memory.SharedMemory(create=True, size=size)
     except OSError:  # no /dev/shm: the pipe still works
-        return data
+        return b"".join(parts)
     try:
-        _reserve(block.name, len(data))
-        cast(memoryview, block.buf)[:len(data)] = data  # buf is None only after close()
+        _reserve(block.name, size)
+        buf, at = cast(memoryview, block.buf), 0  # buf is None only after close()
+        for part in parts:
+            buf[at:at + len(part)] = part
+            at += len(part)
+        del buf
     except OSError:  # /dev/shm is full (a container's is 64 MB by default): the pipe still works
         block.close()
         block.unlink()
-        return data
+        return b"".join(parts)
     block.close()  # the block lives on until it is unlinked
-    return Shared(block.name, len(data))
+    return Shared(block.name, size)
 
 
 def _reserve(name: str, size: int) -> None:
@@ -155,10 +164,63 @@ def _discard_result(future: Future[Shared | bytes]) -> None:
         discard(future.result())
 
 
+# A decoded page crosses as one frame: the length of the pickled page without its streams and archive, that
+# pickle, then those (megabytes) as they are, so they are copied once into the block and once out of it
+# instead of also into and out of a pickle.
+_HEAD = struct.Struct(">I")
+
+
+def _frame(page: DecodedPage) -> list[bytes]:
+    big: list[bytes] = []
+    rows, archived = page.rows, page.archived
+    if rows is not None:
+        big += [rows.faces, rows.landmarks, rows.emotions, rows.matches]
+        rows = replace(rows, faces=b"", landmarks=b"", emotions=b"", matches=b"")
+    if archived is not None:
+        big.append(archived.body)
+        archived = replace(archived, body=b"")
+    head = pickle.dumps((replace(page, rows=rows, archived=archived), [len(b) for b in big]),
+                        protocol=pickle.HIGHEST_PROTOCOL)
+    return [_HEAD.pack(len(head)), head, *big]
+
+
+def _unframe(data: memoryview | bytes) -> DecodedPage:
+    (n,) = _HEAD.unpack_from(data)
+    # Written by our own decoding process (pipe, or a block only this user can open: mode 0600).
+    page, sizes = pickle.loads(data[_HEAD.size:_HEAD.size + n])  # noqa: S301
+    at, big = _HEAD.size + n, []
+    for size in sizes:
+        big.append(bytes(data[at:at + size]))
+        at += size
+    rows, archived = page.rows, page.archived
+    if rows is not None:
+        rows = replace(rows, faces=big[0], landmarks=big[1], emotions=big[2], matches=big[3])
+        big = big[4:]
+    if archived is not None:
+        archived = replace(archived, body=big[0])
+    result: DecodedPage = replace(page, rows=rows, archived=archived)
+    return result
+
+
+def take_page(item: Shared | bytes) -> DecodedPage:
+    """The decoded page a decoding process framed in ``item``; a shared block is read and unlinked."""
+    if not isinstance(item, Shared):
+        return _unframe(item)
+    block = shared_memory.SharedMemory(name=item.name)
+    try:
+        view = cast(memoryview, block.buf)[:item.size]
+        try:
+            return _unframe(view)
+        finally:
+            view.release()
+    finally:
+        block.close()
+        block.unlink()
+
+
 def decode_shared(raw: Shared | bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> Shared | bytes:
-    """:func:`decode_page` in a decoding process: the page in, the pickled result out, both via :func:`share`."""
-    page = decode_page(take(raw), api, ingest_id, seq_start, archive)
-    return share(pickle.dumps(page, protocol=pickle.HIGHEST_PROTOCOL))
+    """:func:`decode_page` in a decoding process: the page in, the framed result out, both via :func:`share`."""
+    return share(_frame(decode_page(take(raw), api, ingest_id, seq_start, archive)))
 
 
 def default_processes() -> int:
@@ -213,10 +275,7 @@ class PageDecoder:
                 self.close()
                 raise TransientError(f"page decoding process died: {exc}") from exc
             raise
-        # Written by our own decoding process into a block only this user can open (mode 0600): the
-        # same trust as the pickles the pool's pipe carries anyway.
-        page: DecodedPage = pickle.loads(take(result))  # noqa: S301
-        return page
+        return take_page(result)
 
     def close(self) -> None:
         if self._pool is not None:
