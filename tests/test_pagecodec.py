@@ -132,6 +132,13 @@ async def test_full_pages_cross_in_shared_memory_and_leave_no_block(pool: PageDe
     assert pooled.rows == inline.rows and pooled.rows.landmark_elements == 30_000
     assert _blocks() == before
 
+    # A page refused while it lies in its block: the error comes back and the block is gone all the same.
+    bad = synth.page_body(fx, 0, 1000, None)
+    bad["Faces"][999]["Timestamp"] = "late"
+    with pytest.raises(MalformedPage, match=r"Faces\[999\]\.Timestamp"):
+        await pool.decode(orjson.dumps(bad), Api.FACE_DETECTION, 1, 0, True)
+    assert _blocks() == before
+
     # An abandoned decode (the job was cancelled) frees its page and, when it arrives, its result.
     task = asyncio.create_task(pool.decode(raw, Api.FACE_DETECTION, 1, 0, True))
     await asyncio.sleep(0.01)

@@ -71,9 +71,10 @@ def tune_gc() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
-def decode_page(raw: bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> DecodedPage:
+def decode_page(raw: bytes | memoryview, api: Api, ingest_id: int, seq_start: int, archive: bool,
+                ascii_only: bool | None = None) -> DecodedPage:
     """Pure CPU work on one raw page; raises MalformedPage for anything the model does not allow."""
-    meta, rows, unknown = decode(raw, api, ingest_id, seq_start)
+    meta, rows, unknown = decode(raw, api, ingest_id, seq_start, ascii_only=ascii_only)
     archived = ArchivedPage.compress(raw) if archive and rows is not None else None
     return DecodedPage(meta, rows, archived, unknown)
 
@@ -218,9 +219,25 @@ def take_page(item: Shared | bytes) -> DecodedPage:
         block.unlink()
 
 
-def decode_shared(raw: Shared | bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> Shared | bytes:
-    """:func:`decode_page` in a decoding process: the page in, the framed result out, both via :func:`share`."""
-    return share(_frame(decode_page(take(raw), api, ingest_id, seq_start, archive)))
+def decode_shared(raw: Shared | bytes, api: Api, ingest_id: int, seq_start: int, archive: bool,
+                  ascii_only: bool) -> Shared | bytes:
+    """:func:`decode_page` in a decoding process: the page in, the framed result out, both via :func:`share`.
+
+    A page in a shared block is decoded and compressed where it lies, without a copy out of the block.
+    """
+    if not isinstance(raw, Shared):
+        return share(_frame(decode_page(raw, api, ingest_id, seq_start, archive, ascii_only)))
+    block = shared_memory.SharedMemory(name=raw.name)
+    try:
+        view = cast(memoryview, block.buf)[:raw.size]
+        try:
+            page = decode_page(view, api, ingest_id, seq_start, archive, ascii_only)
+        finally:
+            view.release()
+    finally:
+        block.close()
+        block.unlink()
+    return share(_frame(page))
 
 
 def default_processes() -> int:
@@ -263,7 +280,8 @@ class PageDecoder:
         sent = share(raw)
         future: Future[Shared | bytes] | None = None
         try:
-            future = executor.submit(decode_shared, sent, api, ingest_id, seq_start, archive)
+            # isascii() reads 3 MB in ~0.2 ms here; the decoding process reads the page in place, where it has none.
+            future = executor.submit(decode_shared, sent, api, ingest_id, seq_start, archive, raw.isascii())
             result = await asyncio.wrap_future(future)
         except BaseException as exc:
             # The decoder may never have taken the page, and a result may still arrive: free both.

@@ -146,15 +146,16 @@ class _Slow(Exception):
 DECLINED = (_Slow, msgspec.DecodeError, UnicodeDecodeError, struct.error, OverflowError)
 
 
-def decode(raw: bytes, api: Api, ingest_id: int, seq_start: int, *,
-           any_status: bool = False) -> tuple[JobMeta, PageCopy | None, UnknownValues]:
+def decode(raw: bytes | memoryview, api: Api, ingest_id: int, seq_start: int, *, any_status: bool = False,
+           ascii_only: bool | None = None) -> tuple[JobMeta, PageCopy | None, UnknownValues]:
     """The page's job-level members, its rows as COPY streams and the enumeration values this version does
     not know; MalformedPage for anything the normalizer refuses (NotJson for bytes that are not JSON).
 
     The rows are None for a page without results (see :func:`has_results`), unless ``any_status``.
+    ``ascii_only``: whether ``raw`` is all ASCII, when the caller knows (None: found out here).
     """
     try:
-        return _fast(raw, api, ingest_id, seq_start, any_status)
+        return _fast(raw, api, ingest_id, seq_start, any_status, ascii_only)
     except DECLINED:
         return _slow(raw, api, ingest_id, seq_start, any_status)
 
@@ -165,7 +166,7 @@ def has_results(meta: JobMeta) -> bool:
     return meta.job_status not in (None, "IN_PROGRESS", "FAILED")
 
 
-def _slow(raw: bytes, api: Api, ingest_id: int, seq_start: int,
+def _slow(raw: bytes | memoryview, api: Api, ingest_id: int, seq_start: int,
           any_status: bool) -> tuple[JobMeta, PageCopy | None, UnknownValues]:
     try:
         body = orjson.loads(raw)
@@ -468,12 +469,14 @@ class _Encoder:
         )
 
 
-def _fast(raw: bytes, api: Api, ingest_id: int, seq_start: int,
-          any_status: bool) -> tuple[JobMeta, PageCopy | None, UnknownValues]:
+def _fast(raw: bytes | memoryview, api: Api, ingest_id: int, seq_start: int, any_status: bool,
+          ascii_only: bool | None = None) -> tuple[JobMeta, PageCopy | None, UnknownValues]:
     # msgspec skips unknown members without checking their UTF-8; orjson (the normalizer's decoder) refuses
     # a page with invalid UTF-8 anywhere. A page of ASCII (every real one, almost) needs no look.
-    if not raw.isascii():
-        raw.decode()
+    if ascii_only is None:
+        ascii_only = (raw if isinstance(raw, bytes) else bytes(raw)).isascii()
+    if not ascii_only:
+        bytes(raw).decode()
     search = api is Api.FACE_SEARCH
     page: Any = (SEARCH if search else DETECTION).decode(raw)
     unknown: UnknownValues = {}
