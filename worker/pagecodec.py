@@ -2,9 +2,10 @@
 
 A full 1000-face page takes ~30 ms to decode straight into COPY streams (worker/pagecopy.py: ~13 ms msgspec,
 ~17 ms packing) and ~8 ms to compress for the archive: CPU that would otherwise stall the event loop that
-also fetches pages and feeds PostgreSQL. The process starts with the worker (:meth:`PageDecoder.start`), not on the first page, and
-imports only what decoding needs. What comes back is bytes (the streams, the compressed page), so
-the main process only hands them to the connection: no rows to unpickle, no value to encode.
+also fetches pages and feeds PostgreSQL. The process starts with the worker (:meth:`PageDecoder.start`),
+not on the first page, and imports only what decoding needs. What comes back is bytes (the streams, the
+compressed page), so the main process only hands them to the connection: no rows to unpickle, no value to
+encode.
 
 Both directions carry megabytes (a 3.4 MB page out, ~2 MB of streams and ~0.9 MB of archive back). Through
 the pool's pipe that costs ~25 ms of the worker's CPU per page, in 64 KB writes and reads that also
