@@ -389,16 +389,17 @@ class _Encoder:
             raise _Slow
         types = _types_field(tuple(map(_type, items)), LANDMARK_TYPES, "landmark_type", self.unknown)
         xs, ys = list(map(_x, items)), list(map(_y, items))
-        if None in xs or None in ys:  # a coordinate missing: an array with NULLs, field by field
-            self.landmarks.append(pgcopy.encode_row(LANDMARK_COPY_KINDS[:4], (self.ingest_id, seq, xs, ys),
-                                                    fields=len(LANDMARK_COPY_KINDS)))
-        else:
-            packer, template, x0, y0 = _landmark_packer(n)
-            args = template.copy()
-            args[2], args[4] = self.ingest_id, seq
-            args[x0 + 1:x0 + 2 * n:2] = xs
-            args[y0 + 1:y0 + 2 * n:2] = ys
-            self.landmarks.append(packer.pack(*args))
+        packer, template, x0, y0 = _landmark_packer(n)
+        args = template.copy()
+        args[2], args[4] = self.ingest_id, seq
+        args[x0 + 1:x0 + 2 * n:2] = xs
+        args[y0 + 1:y0 + 2 * n:2] = ys
+        try:
+            row = packer.pack(*args)
+        except struct.error:  # a coordinate missing (None is no double): an array with NULLs, field by field
+            row = pgcopy.encode_row(LANDMARK_COPY_KINDS[:4], (self.ingest_id, seq, xs, ys),
+                                    fields=len(LANDMARK_COPY_KINDS))
+        self.landmarks.append(row)
         self.landmarks.append(types)
         self.landmark_rows += 1
         self.landmark_elements += n
@@ -409,15 +410,16 @@ class _Encoder:
             raise _Slow
         types = _types_field(tuple(map(_type, items)), EMOTION_TYPES, "emotion_type", self.unknown)
         confidences = list(map(_confidence, items))
-        if None in confidences:
-            self.emotions.append(pgcopy.encode_row(EMOTION_COPY_KINDS[:3], (self.ingest_id, seq, confidences),
-                                                   fields=len(EMOTION_COPY_KINDS)))
-        else:
-            packer, template, c0 = _emotion_packer(n)
-            args = template.copy()
-            args[2], args[4] = self.ingest_id, seq
-            args[c0 + 1:c0 + 2 * n:2] = confidences
-            self.emotions.append(packer.pack(*args))
+        packer, template, c0 = _emotion_packer(n)
+        args = template.copy()
+        args[2], args[4] = self.ingest_id, seq
+        args[c0 + 1:c0 + 2 * n:2] = confidences
+        try:
+            row = packer.pack(*args)
+        except struct.error:  # a confidence missing: an array with NULLs, field by field
+            row = pgcopy.encode_row(EMOTION_COPY_KINDS[:3], (self.ingest_id, seq, confidences),
+                                    fields=len(EMOTION_COPY_KINDS))
+        self.emotions.append(row)
         self.emotions.append(types)
         self.emotion_rows += 1
         self.emotion_elements += n
