@@ -10,7 +10,10 @@ server's serialization is not measured), each in a fresh child process (so peak 
 
 Each workload is measured `--repeat` times (default 3) into fresh databases, the two pipelines taking
 turns to go first, each starting from a CHECKPOINT; the table shows medians, the median of the
-per-run ratios and their range. Prints faces/s and rows/s for both, their ratio, and peak RSS. Usage:
+per-run ratios and their range. Prints faces/s and rows/s for both, their ratio, peak RSS, and CPU per
+page: the client's (the pipeline's processes, user + system, the decoding process included; not wall time)
+and the local PostgreSQL server's, for both pipelines, with the per-run range of the client CPU ratio (the
+machine may be shared: CPU time and same-run ratios are what to compare). Usage:
 
     .venv/bin/python bench/ingest_bench.py                 # the full table (a few minutes)
     .venv/bin/python bench/ingest_bench.py --smoke         # tiny, for CI: proves it runs, asserts nothing
@@ -422,6 +425,9 @@ def _cost(results: list[Result], prefix: str) -> dict[str, float]:
 def _summarize(w: Workload, runs: list[tuple[Result, Result]]) -> dict[str, Any]:
     """Medians over the repetitions; the ratio is the median of each repetition's own ratio."""
     ratios = [wr.faces_per_s / rr.faces_per_s if rr.faces_per_s else 0.0 for wr, rr in runs]
+    # Client CPU per page, worker over reference, per run: below 1.0 the worker spends less.
+    cpu_ratios = [(wr.cpu_s / wr.pages) / (rr.cpu_s / rr.pages) for wr, rr in runs
+                  if wr.pages and rr.pages and rr.cpu_s]
     workers, refs = [wr for wr, _ in runs], [rr for _, rr in runs]
     return {
         "workload": w.name, "jobs": w.jobs, "pages": w.pages, "faces": workers[0].faces, "repeats": len(runs),
@@ -430,6 +436,8 @@ def _summarize(w: Workload, runs: list[tuple[Result, Result]]) -> dict[str, Any]
         "reference_faces_per_s": median(r.faces_per_s for r in refs),
         "reference_rows_per_s": median(r.rows_per_s for r in refs),
         "ratio": median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "cpu_ratio": median(cpu_ratios) if cpu_ratios else None,
+        "cpu_ratio_min": min(cpu_ratios, default=None), "cpu_ratio_max": max(cpu_ratios, default=None),
         "worker_peak_rss_mb": max(r.peak_rss_mb for r in workers),
         "reference_peak_rss_mb": max(r.peak_rss_mb for r in refs),
         "worker_cpu_ms_per_1000_faces": median(r.cpu_s * 1e6 / r.faces for r in workers if r.faces),
@@ -515,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                 wr, rr = measured["worker"], measured["reference"]
                 runs.append((wr, rr))
                 print(f"{w.name} #{rep + 1}: worker {wr.faces_per_s:,.0f} faces/s ({_cpu_note(wr)}), reference "
-                      f"{rr.faces_per_s:,.0f} faces/s ({_cpu_note(rr)}), ratio {wr.faces_per_s / rr.faces_per_s:.2f}",
+                      f"{rr.faces_per_s:,.0f} faces/s ({_cpu_note(rr)}), ratio {wr.faces_per_s / rr.faces_per_s:.2f}, "
+                      f"client CPU ms/page {wr.cpu_s * 1e3 / wr.pages:,.0f} vs {rr.cpu_s * 1e3 / rr.pages:,.0f}",
                       flush=True)
             table.append(_summarize(w, runs))
     finally:
@@ -539,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['worker_rows_per_s']:>14,.0f} {r['reference_faces_per_s']:>12,.0f} "
               f"{r['reference_rows_per_s']:>11,.0f} {r['ratio']:>6.2f} {spread:>12} "
               f"{r['worker_peak_rss_mb']:>14.0f} {r['reference_peak_rss_mb']:>11.0f}")
+    _print_cpu(table)
     _print_cost(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": _machine(), "repeats": repeat,
@@ -546,6 +556,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         _plot(table, args.plot)
     return 0
+
+
+def _print_cpu(table: list[dict[str, Any]]) -> None:
+    print("\nCPU ms per page (medians; client = the pipeline's own processes, decoding process included)")
+    header = (f"{'workload':<14} {'worker client':>14} {'ref client':>11} {'client ratio':>13} {'ratio range':>12} "
+              f"{'worker PostgreSQL':>18} {'ref PostgreSQL':>15}")
+    print(header)
+    print("-" * len(header))
+    def ms(r: dict[str, Any], key: str) -> str:
+        value = r.get(key)
+        return "-" if value is None else f"{value:,.0f}"
+
+    for r in table:
+        spread = "-" if r.get("cpu_ratio_min") is None else f"{r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f}"
+        ratio = "-" if r.get("cpu_ratio") is None else f"{r['cpu_ratio']:.2f}"
+        print(f"{r['workload']:<14} {ms(r, 'worker_cpu_ms_per_page'):>14} {ms(r, 'reference_cpu_ms_per_page'):>11} "
+              f"{ratio:>13} {spread:>12} {ms(r, 'worker_postgres_cpu_ms_per_page'):>18} "
+              f"{ms(r, 'reference_postgres_cpu_ms_per_page'):>15}")
 
 
 def _print_cost(table: list[dict[str, Any]]) -> None:

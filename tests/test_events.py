@@ -32,6 +32,7 @@ from test_service_process import start_worker  # noqa: F401 - a fixture
 from test_service_support import Queues, enveloped, send
 
 from tests.conftest import unique_job_id
+from worker import metrics
 from worker.backfill import run_backfill
 from worker.config import Settings
 from worker.db.engine import create_engine
@@ -45,6 +46,9 @@ from worker.messages import JobRef
 SCHEMA = orjson.loads((Path(__file__).resolve().parents[1] / "docs" / "events.schema.json").read_bytes())
 ERASURE_KEY = "k" * 40
 DEADLINE_S = 90
+
+_PENDING = f"{metrics.PREFIX}events_pending"
+_FAILURES = f"{metrics.PREFIX}events_publish_failures_total"
 
 
 @dataclass(frozen=True)
@@ -601,15 +605,15 @@ async def test_run_reads_the_backlog_into_the_metrics(settings: Settings, db: as
                      "VALUES ($1, 'FACE_DETECTION', 'ingested', now())", job_id)
     await db.execute("UPDATE event_outbox SET occurred_at = now() - interval '90 seconds'")
     unreachable = settings.with_(events_sns_topic_arn=topic.arn, events_poll_interval_s=0.1)
-    failures = REGISTRY.get_sample_value("rekognition_worker_events_publish_failures_total", {"destination": "sns"}) or 0.0
+    failures = REGISTRY.get_sample_value(_FAILURES, {"destination": "sns"}) or 0.0
     stop = asyncio.Event()
     monkeypatch.setenv("AWS_ENDPOINT_URL_SNS", f"http://127.0.0.1:{closed_port()}")
     task = asyncio.create_task(run_publisher(unreachable, stop))
     try:
         await wait_until("the backlog in the metrics",
-                         _async(lambda: (REGISTRY.get_sample_value("rekognition_worker_events_pending") or 0) >= 1))
+                         _async(lambda: (REGISTRY.get_sample_value(_PENDING) or 0) >= 1))
         assert REGISTRY.get_sample_value("rekognition_worker_events_oldest_pending_age_seconds") >= 90
-        assert REGISTRY.get_sample_value("rekognition_worker_events_publish_failures_total", {"destination": "sns"}) > failures
+        assert REGISTRY.get_sample_value(_FAILURES, {"destination": "sns"}) > failures
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -619,7 +623,7 @@ async def test_run_reads_the_backlog_into_the_metrics(settings: Settings, db: as
     task = asyncio.create_task(run_publisher(unreachable, stop))
     try:
         await wait_until("the backlog delivered",
-                         _async(lambda: REGISTRY.get_sample_value("rekognition_worker_events_pending") == 0), timeout_s=60)
+                         _async(lambda: REGISTRY.get_sample_value(_PENDING) == 0), timeout_s=60)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

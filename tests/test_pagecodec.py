@@ -14,7 +14,17 @@ import pytest
 from worker.errors import MalformedPage, TransientError
 from worker.local import synth
 from worker.messages import Api
-from worker.pagecodec import SHARED_MIN_BYTES, PageDecoder, Shared, decode_page, discard, share, take
+from worker.pagecodec import (
+    SHARED_MIN_BYTES,
+    PageDecoder,
+    Shared,
+    _frame,
+    decode_page,
+    discard,
+    share,
+    take,
+    take_page,
+)
 
 
 @pytest.fixture
@@ -27,12 +37,11 @@ def pool() -> PageDecoder:
 async def test_pool_and_inline_agree(pool: PageDecoder) -> None:
     fx = synth.search_job("codec-search", persons_elements=300, all_optional=True)
     raw = orjson.dumps(synth.page_body(fx, 0, 300, "next-token"))
-    inline = decode_page(raw, Api.FACE_SEARCH, fx.job_id, 1000, True)
-    pooled = await pool.decode(raw, Api.FACE_SEARCH, fx.job_id, 1000, True)
+    inline = decode_page(raw, Api.FACE_SEARCH, 7, 1000, True)
+    pooled = await pool.decode(raw, Api.FACE_SEARCH, 7, 1000, True)
     assert pooled.meta == inline.meta and pooled.meta.next_token == "next-token"
     assert pooled.rows is not None and inline.rows is not None
-    assert pooled.rows.faces == inline.rows.faces and pooled.rows.matches == inline.rows.matches
-    assert pooled.rows.collection_faces == inline.rows.collection_faces
+    assert pooled.rows == inline.rows and pooled.rows.fast and pooled.rows.matches
     assert pooled.archived is not None and pooled.archived.decompress() == raw
 
 
@@ -41,28 +50,57 @@ async def test_malformed_page_surfaces_with_its_reason(pool: PageDecoder) -> Non
     page = synth.page_body(fx, 0, 5, None)
     page["Faces"][2]["Timestamp"] = -5
     with pytest.raises(MalformedPage, match=r"Faces\[2\]\.Timestamp"):
-        await pool.decode(orjson.dumps(page), Api.FACE_DETECTION, fx.job_id, 0, True)
+        await pool.decode(orjson.dumps(page), Api.FACE_DETECTION, 1, 0, True)
     with pytest.raises(MalformedPage, match="not JSON"):
-        await pool.decode(b"<html>gateway error</html>", Api.FACE_DETECTION, fx.job_id, 0, True)
+        await pool.decode(b"<html>gateway error</html>", Api.FACE_DETECTION, 1, 0, True)
 
 
 async def test_not_succeeded_pages_have_no_rows(pool: PageDecoder) -> None:
     raw = orjson.dumps({"JobStatus": "IN_PROGRESS", "Faces": []})
-    decoded = await pool.decode(raw, Api.FACE_DETECTION, "codec-running", 0, True)
+    decoded = await pool.decode(raw, Api.FACE_DETECTION, 1, 0, True)
     assert decoded.meta.job_status == "IN_PROGRESS" and decoded.rows is None and decoded.archived is None
 
 
 async def test_a_dead_decoding_process_is_transient_and_recovers(pool: PageDecoder) -> None:
     raw = orjson.dumps(synth.page_body(synth.detection_job("codec-kill", faces=3), 0, 3, None))
-    await pool.decode(raw, Api.FACE_DETECTION, "codec-kill", 0, False)
+    await pool.decode(raw, Api.FACE_DETECTION, 1, 0, False)
     assert pool._pool is not None
     for pid in list(pool._pool._processes):  # the worker processes of the pool
         os.kill(pid, signal.SIGKILL)
     with pytest.raises(TransientError, match="decoding process died"):
         for _ in range(20):  # the pool notices the death on its next use
-            await pool.decode(raw, Api.FACE_DETECTION, "codec-kill", 0, False)
-    decoded = await pool.decode(raw, Api.FACE_DETECTION, "codec-kill", 0, False)
-    assert decoded.rows is not None and len(decoded.rows.faces) == 3
+            await pool.decode(raw, Api.FACE_DETECTION, 1, 0, False)
+    decoded = await pool.decode(raw, Api.FACE_DETECTION, 1, 0, False)
+    assert decoded.rows is not None and decoded.rows.elements == 3 and decoded.rows.faces
+
+
+async def test_the_decoding_process_starts_with_the_worker_not_with_the_first_page(pool: PageDecoder) -> None:
+    pool.start()
+    assert pool._pool is not None
+    deadline = asyncio.get_running_loop().time() + 60
+    # Started and warm (spawned, imported, its warm-up task done) before any page was handed to it.
+    while not (pool._pool._processes and all(p.exitcode is None for p in pool._pool._processes.values())
+               and pool._pool._pending_work_items == {}):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    [pid] = list(pool._pool._processes)
+    raw = orjson.dumps(synth.page_body(synth.detection_job("codec-warm", faces=3), 0, 3, None))
+    decoded = await pool.decode(raw, Api.FACE_DETECTION, 1, 0, False)
+    assert decoded.rows is not None and list(pool._pool._processes) == [pid]  # the same process, no other
+    PageDecoder(0).start()  # inline decoding: nothing to start
+
+
+def test_a_decoded_page_crosses_as_one_frame_with_its_streams_copied_once() -> None:
+    fx = synth.search_job("codec-frame", persons_elements=400, all_optional=True)
+    raw = orjson.dumps(synth.page_body(fx, 0, 400, "next"))
+    page = decode_page(raw, Api.FACE_SEARCH, 7, 0, True)
+    assert page.rows is not None and page.rows.matches and page.archived is not None
+    before = _blocks()
+    for sent in (share(_frame(page)), b"".join(_frame(page))):  # a block, or the pipe when small
+        assert take_page(sent) == page
+    assert _blocks() == before
+    empty = decode_page(orjson.dumps({"JobStatus": "IN_PROGRESS"}), Api.FACE_SEARCH, 7, 0, True)
+    assert take_page(b"".join(_frame(empty))) == empty
 
 
 def _blocks() -> set[str]:
@@ -88,21 +126,27 @@ async def test_full_pages_cross_in_shared_memory_and_leave_no_block(pool: PageDe
     raw = orjson.dumps(synth.page_body(fx, 0, 1000, None))
     assert len(raw) > SHARED_MIN_BYTES
     before = _blocks()
-    pooled = await pool.decode(raw, Api.FACE_DETECTION, fx.job_id, 0, True)
-    inline = decode_page(raw, Api.FACE_DETECTION, fx.job_id, 0, True)
+    pooled = await pool.decode(raw, Api.FACE_DETECTION, 1, 0, True)
+    inline = decode_page(raw, Api.FACE_DETECTION, 1, 0, True)
     assert pooled.rows is not None and inline.rows is not None
-    assert pooled.rows.faces == inline.rows.faces and pooled.rows.landmarks == inline.rows.landmarks
-    assert pooled.rows.emotions == inline.rows.emotions
+    assert pooled.rows == inline.rows and pooled.rows.landmark_elements == 30_000
+    assert _blocks() == before
+
+    # A page refused while it lies in its block: the error comes back and the block is gone all the same.
+    bad = synth.page_body(fx, 0, 1000, None)
+    bad["Faces"][999]["Timestamp"] = "late"
+    with pytest.raises(MalformedPage, match=r"Faces\[999\]\.Timestamp"):
+        await pool.decode(orjson.dumps(bad), Api.FACE_DETECTION, 1, 0, True)
     assert _blocks() == before
 
     # An abandoned decode (the job was cancelled) frees its page and, when it arrives, its result.
-    task = asyncio.create_task(pool.decode(raw, Api.FACE_DETECTION, fx.job_id, 0, True))
+    task = asyncio.create_task(pool.decode(raw, Api.FACE_DETECTION, 1, 0, True))
     await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     # The one decoding process works in order: once a later page is back, the abandoned one is done too.
-    await pool.decode(orjson.dumps({"JobStatus": "IN_PROGRESS"}), Api.FACE_DETECTION, fx.job_id, 0, True)
+    await pool.decode(orjson.dumps({"JobStatus": "IN_PROGRESS"}), Api.FACE_DETECTION, 1, 0, True)
     assert _blocks() == before
 
 

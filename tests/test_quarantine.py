@@ -19,7 +19,8 @@ from worker.config import Settings
 from worker.db.store import ArchivedPage
 from worker.local import synth
 from worker.messages import JobRef
-from worker.normalize import PageRows
+from worker.normalize import JobMeta
+from worker.pagecopy import PageCopy
 from worker.reprocess import run_reprocess
 from worker.runtime import open_runtime
 from worker.service import RetryPolicy, SqsWorker, describe_queue
@@ -208,14 +209,14 @@ async def test_the_sqs_worker_ends_a_job_that_fails_the_same_way_every_time(
     if trouble == "token-rejected":
         emulator.reject_tokens(fx.job_id)
     elif trouble == "ingest-bug":
-        real = pagecodec.normalize_page
+        real = pagecodec.decode
 
-        def buggy(page: Any, api: Any, ingest_id: int, seq_start: int) -> PageRows:
+        def buggy(raw: bytes, api: Any, ingest_id: int, seq_start: int) -> tuple[JobMeta, PageCopy | None, Any]:
             if seq_start > 0:  # this test's only job
                 raise RuntimeError("a bug in this version, hit by the second page")
-            return real(page, api, ingest_id, seq_start)
+            return real(raw, api, ingest_id, seq_start)
 
-        monkeypatch.setattr(pagecodec, "normalize_page", buggy)
+        monkeypatch.setattr(pagecodec, "decode", buggy)
     else:
         body = raw(fx, status="FAILED")
 

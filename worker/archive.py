@@ -60,7 +60,7 @@ class ArchivedPage:
     encoding: str = "zstd+json"
 
     @classmethod
-    def compress(cls, raw: bytes) -> ArchivedPage:
+    def compress(cls, raw: bytes | memoryview) -> ArchivedPage:
         # zstd level 1 on a 3.4 MB page: 11 ms to 0.87 MB, where zlib level 1 takes 26 ms to 1.1 MB.
         return cls(zstandard.ZstdCompressor(level=1).compress(raw), len(raw))
 

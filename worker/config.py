@@ -115,6 +115,8 @@ class Settings:
     prefetch_pages: int = 2
     # Processes that decode, normalize and compress pages; -1: one when a second core exists.
     decode_processes: int = -1
+    # Start the decoding process with the runtime (False: on the first page; for bench/startup_bench.py).
+    decode_warm_start: bool = True
     db_pool_size: int = 10
     archive_raw_pages: bool = True
     # Retries of one Get* call for faults and throttling before the job is handed back as transient.
@@ -216,6 +218,7 @@ class Settings:
             page_size=page_size,
             prefetch_pages=_int(env, "PREFETCH_PAGES", 2, minimum=1),
             decode_processes=_int(env, "DECODE_PROCESSES", -1, minimum=-1),
+            decode_warm_start=_bool(env, "DECODE_WARM_START", True),
             db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1),
             archive_raw_pages=_bool(env, "ARCHIVE_RAW_PAGES", True),
             max_call_attempts=_int(env, "MAX_CALL_ATTEMPTS", 8, minimum=1),

@@ -1,49 +1,52 @@
-"""Decode, normalize and compress result pages, in a worker process when a spare core exists.
+"""Decode result pages into binary COPY streams and compress them for the archive, in a worker process.
 
-A full 1000-face page costs ~35 ms to decode, ~20 ms to normalize and ~11 ms to compress for the
-archive, all CPU that would otherwise stall the event loop that also fetches pages and feeds
-PostgreSQL. Handing the raw bytes to a process pool moves that work to the second core; what
-comes back is rows ready for COPY (pickling them costs ~10 ms each way, far less than the work).
+A full 1000-face page takes ~30 ms to decode straight into COPY streams (worker/pagecopy.py: ~13 ms msgspec,
+~17 ms packing) and ~8 ms to compress for the archive: CPU that would otherwise stall the event loop that
+also fetches pages and feeds PostgreSQL. The process starts with the worker (:meth:`PageDecoder.start`),
+not on the first page, and imports only what decoding needs. What comes back is bytes (the streams, the
+compressed page), so the main process only hands them to the connection: no rows to unpickle, no value to
+encode.
 
-Both directions carry megabytes (a 3.4 MB page out, ~2 MB of pickled rows and archive back). Through
+Both directions carry megabytes (a 3.4 MB page out, ~2 MB of streams and ~0.9 MB of archive back). Through
 the pool's pipe that costs ~25 ms of the worker's CPU per page, in 64 KB writes and reads that also
-contend for the event loop's GIL; through a shared memory block it is one copy. Whoever takes a block
+contend for the event loop's GIL; through a shared memory block it is one copy: the page is decoded where
+it lies, and the result is framed (:func:`_frame`) so its megabytes skip pickle. Whoever takes a block
 unlinks it; a block left behind by a crash is removed by multiprocessing's resource tracker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import multiprocessing
 import os
 import pickle
+import struct
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import shared_memory
 from typing import cast
 
-import orjson
-
 from worker.archive import ArchivedPage
-from worker.errors import MalformedPage, TransientError
+from worker.errors import TransientError
 from worker.messages import Api
-from worker.normalize import JobMeta, PageRows, UnknownValues, normalize_page, parse_meta
+from worker.normalize import JobMeta, UnknownValues
+from worker.pagecopy import PageCopy, decode
 
 
 @dataclass(slots=True)
 class DecodedPage:
-    """One page, ready for the writer. ``rows`` is None unless the job SUCCEEDED.
+    """One page, ready for the writer: its rows as COPY streams, None unless the job SUCCEEDED.
 
     ``unknown``: enumeration values this version does not know, for the parent process to count.
     """
 
     meta: JobMeta
-    rows: PageRows | None
+    rows: PageCopy | None
     archived: ArchivedPage | None
     unknown: UnknownValues = field(default_factory=dict)
 
@@ -70,22 +73,12 @@ def tune_gc() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
-def decode_page(raw: bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> DecodedPage:
+def decode_page(raw: bytes | memoryview, api: Api, ingest_id: int, seq_start: int, archive: bool,
+                ascii_only: bool | None = None) -> DecodedPage:
     """Pure CPU work on one raw page; raises MalformedPage for anything the model does not allow."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedPage(f"malformed result page: not JSON: {exc}") from None
-    unknown: UnknownValues = {}
-    meta = parse_meta(body, unknown)
-    # SUCCEEDED, or a status newer than this version (stored as sent): the page's results are rows. A job
-    # still running, failed, or without a status has none to store.
-    has_results = meta.job_status not in (None, "IN_PROGRESS", "FAILED")
-    rows = normalize_page(body, api, ingest_id, seq_start) if has_results else None
-    del body
+    meta, rows, unknown = decode(raw, api, ingest_id, seq_start, ascii_only=ascii_only)
     archived = ArchivedPage.compress(raw) if archive and rows is not None else None
-    # normalize_page parses the job-level members again and reports their values with the rows'.
-    return DecodedPage(meta, rows, archived, rows.unknown if rows is not None else unknown)
+    return DecodedPage(meta, rows, archived, unknown)
 
 
 # Below this a pipe write is as cheap as creating and mapping a block.
@@ -100,23 +93,30 @@ class Shared:
     size: int
 
 
-def share(data: bytes) -> Shared | bytes:
-    """Put ``data`` in a shared memory block, or return it as is when small or /dev/shm is unusable."""
-    if len(data) < SHARED_MIN_BYTES:
-        return data
+def share(data: bytes | Sequence[bytes]) -> Shared | bytes:
+    """Put ``data`` (or the concatenation of its parts, copied once) in a shared memory block, or return it as
+    bytes when small or /dev/shm is unusable."""
+    parts = [data] if isinstance(data, bytes) else data
+    size = sum(len(p) for p in parts)
+    if size < SHARED_MIN_BYTES:
+        return data if isinstance(data, bytes) else b"".join(parts)
     try:
-        block = shared_memory.SharedMemory(create=True, size=len(data))
+        block = shared_memory.SharedMemory(create=True, size=size)
     except OSError:  # no /dev/shm: the pipe still works
-        return data
+        return b"".join(parts)
     try:
-        _reserve(block.name, len(data))
-        cast(memoryview, block.buf)[:len(data)] = data  # buf is None only after close()
+        _reserve(block.name, size)
+        buf, at = cast(memoryview, block.buf), 0  # buf is None only after close()
+        for part in parts:
+            buf[at:at + len(part)] = part
+            at += len(part)
+        del buf
     except OSError:  # /dev/shm is full (a container's is 64 MB by default): the pipe still works
         block.close()
         block.unlink()
-        return data
+        return b"".join(parts)
     block.close()  # the block lives on until it is unlinked
-    return Shared(block.name, len(data))
+    return Shared(block.name, size)
 
 
 def _reserve(name: str, size: int) -> None:
@@ -156,15 +156,90 @@ def discard(item: object) -> None:
             block.unlink()
 
 
+def _collect(future: Future[int]) -> None:
+    """A warm-up task's end: its error, if any, returns with the first page that needs the pool."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _discard_result(future: Future[Shared | bytes]) -> None:
     if not future.cancelled() and future.exception() is None:
         discard(future.result())
 
 
-def decode_shared(raw: Shared | bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> Shared | bytes:
-    """:func:`decode_page` in a decoding process: the page in, the pickled result out, both via :func:`share`."""
-    page = decode_page(take(raw), api, ingest_id, seq_start, archive)
-    return share(pickle.dumps(page, protocol=pickle.HIGHEST_PROTOCOL))
+# A decoded page crosses as one frame: the length of the pickled page without its streams and archive, that
+# pickle, then those (megabytes) as they are, so they are copied once into the block and once out of it
+# instead of also into and out of a pickle.
+_HEAD = struct.Struct(">I")
+
+
+def _frame(page: DecodedPage) -> list[bytes]:
+    big: list[bytes] = []
+    rows, archived = page.rows, page.archived
+    if rows is not None:
+        big += [rows.faces, rows.landmarks, rows.emotions, rows.matches]
+        rows = replace(rows, faces=b"", landmarks=b"", emotions=b"", matches=b"")
+    if archived is not None:
+        big.append(archived.body)
+        archived = replace(archived, body=b"")
+    head = pickle.dumps((replace(page, rows=rows, archived=archived), [len(b) for b in big]),
+                        protocol=pickle.HIGHEST_PROTOCOL)
+    return [_HEAD.pack(len(head)), head, *big]
+
+
+def _unframe(data: memoryview | bytes) -> DecodedPage:
+    (n,) = _HEAD.unpack_from(data)
+    # Written by our own decoding process (pipe, or a block only this user can open: mode 0600).
+    page, sizes = pickle.loads(data[_HEAD.size:_HEAD.size + n])  # noqa: S301
+    at, big = _HEAD.size + n, []
+    for size in sizes:
+        big.append(bytes(data[at:at + size]))
+        at += size
+    rows, archived = page.rows, page.archived
+    if rows is not None:
+        rows = replace(rows, faces=big[0], landmarks=big[1], emotions=big[2], matches=big[3])
+        big = big[4:]
+    if archived is not None:
+        archived = replace(archived, body=big[0])
+    result: DecodedPage = replace(page, rows=rows, archived=archived)
+    return result
+
+
+def take_page(item: Shared | bytes) -> DecodedPage:
+    """The decoded page a decoding process framed in ``item``; a shared block is read and unlinked."""
+    if not isinstance(item, Shared):
+        return _unframe(item)
+    block = shared_memory.SharedMemory(name=item.name)
+    try:
+        view = cast(memoryview, block.buf)[:item.size]
+        try:
+            return _unframe(view)
+        finally:
+            view.release()
+    finally:
+        block.close()
+        block.unlink()
+
+
+def decode_shared(raw: Shared | bytes, api: Api, ingest_id: int, seq_start: int, archive: bool,
+                  ascii_only: bool) -> Shared | bytes:
+    """:func:`decode_page` in a decoding process: the page in, the framed result out, both via :func:`share`.
+
+    A page in a shared block is decoded and compressed where it lies, without a copy out of the block.
+    """
+    if not isinstance(raw, Shared):
+        return share(_frame(decode_page(raw, api, ingest_id, seq_start, archive, ascii_only)))
+    block = shared_memory.SharedMemory(name=raw.name)
+    try:
+        view = cast(memoryview, block.buf)[:raw.size]
+        try:
+            page = decode_page(view, api, ingest_id, seq_start, archive, ascii_only)
+        finally:
+            view.release()
+    finally:
+        block.close()
+        block.unlink()
+    return share(_frame(page))
 
 
 def default_processes() -> int:
@@ -180,6 +255,17 @@ class PageDecoder:
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
 
+    def start(self) -> None:
+        """Start the decoding processes now, with the worker, instead of on the first page (a process takes
+        ~0.2 s of CPU to start and import). Returns at once; a process that fails to start shows on the
+        first page as a TransientError."""
+        if self.processes <= 0:
+            return
+        executor = self._executor()
+        # The pool starts a process per task it cannot hand to an idle one: one warm-up task each.
+        for _ in range(self.processes):
+            executor.submit(os.getpid).add_done_callback(_collect)
+
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn, not fork: forking a process that runs an event loop and holds sockets is unsafe.
@@ -190,11 +276,14 @@ class PageDecoder:
     async def decode(self, raw: bytes, api: Api, ingest_id: int, seq_start: int, archive: bool) -> DecodedPage:
         if self.processes <= 0:
             return decode_page(raw, api, ingest_id, seq_start, archive)
+        import asyncio  # here, not at the top: the decoding process imports this module and never needs it
+
         executor = self._executor()
         sent = share(raw)
         future: Future[Shared | bytes] | None = None
         try:
-            future = executor.submit(decode_shared, sent, api, ingest_id, seq_start, archive)
+            # isascii() reads 3 MB in ~0.2 ms here; the decoding process reads the page in place, where it has none.
+            future = executor.submit(decode_shared, sent, api, ingest_id, seq_start, archive, raw.isascii())
             result = await asyncio.wrap_future(future)
         except BaseException as exc:
             # The decoder may never have taken the page, and a result may still arrive: free both.
@@ -206,10 +295,7 @@ class PageDecoder:
                 self.close()
                 raise TransientError(f"page decoding process died: {exc}") from exc
             raise
-        # Written by our own decoding process into a block only this user can open (mode 0600): the
-        # same trust as the pickles the pool's pipe carries anyway.
-        page: DecodedPage = pickle.loads(take(result))  # noqa: S301
-        return page
+        return take_page(result)
 
     def close(self) -> None:
         if self._pool is not None:

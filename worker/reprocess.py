@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import time
 
-import orjson
 import structlog
 
-from worker import unknown_values
+from worker import pagecopy, unknown_values
 from worker.archive import CorruptArchive
 from worker.config import Settings
 from worker.db.engine import create_engine
@@ -23,7 +22,7 @@ from worker.errors import ErasureKeyMissing, PermanentJobError
 from worker.ingest import JobOutcome, merge_meta
 from worker.logs import get_logger
 from worker.messages import JobRef, validate_job_id
-from worker.normalize import JobMeta, normalize_page, parse_meta
+from worker.normalize import JobMeta
 from worker.tombstones import Tombstoned
 
 log = get_logger(__name__)
@@ -41,25 +40,22 @@ async def _rebuild(store: Store, ref: JobRef) -> WriteCounts:
         for page_no in numbers:
             archived = await writer.archived_page(page_no)
             try:
-                body = orjson.loads(archived.decompress())
+                # Every archived page has rows to rebuild, whatever its JobStatus says.
+                meta, rows, unknown = pagecopy.decode(archived.decompress(), ref.api, writer.ingest_id, seq,
+                                                      any_status=True)
             except CorruptArchive as exc:
                 raise CorruptArchive(f"archived page {page_no}: {exc.reason}") from exc
-            except orjson.JSONDecodeError as exc:
-                raise CorruptArchive(f"archived page {page_no} is not JSON: {exc}") from exc
+            except pagecopy.NotJson as exc:
+                raise CorruptArchive(f"archived page {page_no} is not JSON: {exc.reason}") from exc
             del archived
+            assert rows is not None
             if first is None:
-                first = parse_meta(body)
-            rows = normalize_page(body, ref.api, writer.ingest_id, seq)
-            if rows.unknown:
-                unknown_values.report(rows.unknown)
-            del body
+                first = meta
+            if unknown:
+                unknown_values.report(unknown)
             seq += rows.elements
-            last = rows.meta
-            try:
-                await writer.write_page(rows)
-            except (OverflowError, ValueError, UnicodeEncodeError) as exc:
-                raise PermanentJobError(f"rows of archived page {page_no} cannot be stored: "
-                                        f"{type(exc).__name__}: {str(exc)[:300]}", code="UnstorableValue") from exc
+            last = meta
+            await writer.write_page(rows)
         assert first is not None and last is not None
         if last.next_token is not None:
             # Quarantined pages of a token loop, or of a fetch that stopped early: not the whole job.

@@ -76,6 +76,8 @@ async def open_runtime(settings: Settings, *, limiter: Limiter | None = None) ->
             decoder = PageDecoder(settings.decode_processes if settings.decode_processes >= 0
                                   else default_processes())
             stack.callback(decoder.close)
+            if settings.decode_warm_start:
+                decoder.start()  # the process starts and imports while the first call is on the wire
             watchdog = await stack.enter_async_context(Watchdog(settings.job_stall_timeout_s))
             ingestor = Ingestor(fetcher, store, prefetch_pages=settings.prefetch_pages, decoder=decoder,
                                 watchdog=watchdog, max_identical_failures=settings.max_identical_failures)

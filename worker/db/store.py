@@ -24,12 +24,13 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from worker import erased, metrics, normalize, tombstones
+from worker import erased, metrics, normalize, pagecopy, pgcopy, tombstones
 from worker.archive import ArchivedPage
 from worker.db import schema
 from worker.errors import TransientError, WorkerError
 from worker.messages import JobRef
 from worker.normalize import JobMeta, PageRows
+from worker.pagecopy import PageCopy
 
 RESULT_TABLES = tuple(t.name for t in schema.KEYED_TABLES)
 # COPY column lists: the normalizer's tuple order, by name (COPY takes the columns in any order; the tables
@@ -292,40 +293,45 @@ class JobWriter:
         self.counts = WriteCounts()
         self.meta: JobMeta | None = None
 
-    async def write_page(self, rows: PageRows, archived: ArchivedPage | None = None) -> None:
+    async def write_page(self, rows: PageCopy | PageRows, archived: ArchivedPage | None = None) -> None:
+        """One page's rows (COPY streams; a normalizer's rows are encoded first) and its archive, in one
+        short transaction."""
+        if isinstance(rows, PageRows):
+            rows = pagecopy.from_rows(rows, self._ref.api)
         with metrics.DB_WRITE_SECONDS.labels("page").time():
             async with self._conn.transaction():
                 await self._write_page(rows, archived)
 
-    async def _write_page(self, rows: PageRows, archived: ArchivedPage | None) -> None:
+    async def _write_page(self, rows: PageCopy, archived: ArchivedPage | None) -> None:
         conn, c = self._conn, self.counts
-        if rows.faces:
-            await conn.copy_records_to_table("faces", records=rows.faces, columns=FACE_COLUMNS)
-        if rows.landmarks:
-            await conn.copy_records_to_table("landmarks", records=rows.landmarks, columns=LANDMARK_COLUMNS)
-        if rows.emotions:
-            await conn.copy_records_to_table("emotions", records=rows.emotions, columns=EMOTION_COLUMNS)
-        if rows.matches:
-            await conn.copy_records_to_table("face_matches", records=rows.matches, columns=MATCH_COLUMNS)
-        new_faces = [row for fid, row in rows.collection_faces.items() if fid not in self._seen_faces]
+        # Streams encoded by the decoding process, sent as they are: a memoryview, because asyncpg takes
+        # bytes for a file name (os.fspath accepts bytes).
+        for table, columns, data in (
+                ("faces", rows.face_columns, rows.faces),
+                ("landmarks", pagecopy.LANDMARK_COPY_COLUMNS, rows.landmarks),
+                ("emotions", pagecopy.EMOTION_COPY_COLUMNS, rows.emotions),
+                ("face_matches", pagecopy.MATCH_COPY_COLUMNS, rows.matches)):
+            if data:
+                await conn.copy_to_table(table, source=memoryview(data), columns=columns, format="binary")
+        new_faces = [fid for fid in rows.collection_faces if fid not in self._seen_faces]
         if new_faces:
-            await conn.copy_records_to_table(
-                "collection_faces", records=new_faces, columns=COLLECTION_FACE_COLUMNS
-            )
+            await conn.copy_to_table(
+                "collection_faces", columns=pagecopy.COLLECTION_FACE_COPY_COLUMNS, format="binary",
+                source=memoryview(pgcopy.stream(rows.collection_faces[fid] for fid in new_faces)))
         if self._archive and archived is not None:
             await conn.execute(
                 "INSERT INTO raw_pages (ingest_id, page_no, encoding, body, body_bytes) VALUES ($1, $2, $3, $4, $5)",
                 self.ingest_id, c.pages, archived.encoding, archived.body, archived.raw_bytes,
             )
         # Counted once the statements succeeded (the transaction commits when this returns).
-        self._seen_faces.update(row[1] for row in new_faces)
+        self._seen_faces.update(new_faces)
         c.pages += 1
-        c.faces += len(rows.faces)
+        c.faces += rows.elements
         c.landmarks += rows.landmark_elements
         c.emotions += rows.emotion_elements
-        c.face_matches += len(rows.matches)
+        c.face_matches += rows.match_rows
         c.collection_faces += len(new_faces)
-        c.rows += len(rows.faces) + len(rows.landmarks) + len(rows.emotions) + len(rows.matches) + len(new_faces)
+        c.rows += rows.elements + rows.landmark_rows + rows.emotion_rows + rows.match_rows + len(new_faces)
 
     async def archived_page_numbers(self) -> list[int]:
         return [r["page_no"] for r in await self._conn.fetch(
