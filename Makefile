@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo test fuzz lint bench bench-smoke clean install lock
+.PHONY: demo test test-citus fuzz lint bench bench-smoke clean install lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ TEST_WORKERS ?= 3
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 		if [ $$rc -eq 5 ]; then echo "no test selected by PYTEST_ARGS=$(PYTEST_ARGS)"; exit 0; fi; exit $$rc
+
+# The database integration tests against a Citus cluster (a coordinator and two workers started per test
+# process from the installed Citus: docs/citus.md). Where Citus is not installed it says so and exits 0.
+CITUS_PG_BIN ?= /usr/lib/postgresql/15/bin
+CITUS_TESTS ?= tests/test_citus.py tests/test_ingest.py tests/test_lifecycle.py tests/test_reprocess.py \
+	tests/test_reporting.py tests/test_service.py tests/test_dlq_jobs.py tests/test_submit.py tests/test_schema.py \
+	tests/test_job_cascade.py tests/test_completion_clock.py tests/test_ratelimit_fleet.py tests/test_archive.py
+test-citus: $(TEST_STAMP)
+	@if ! reason=$$($(PY) -m worker.local.citus check $(CITUS_PG_BIN)); then \
+		echo "make test-citus skipped: $$reason"; exit 0; fi; \
+	TEST_CITUS=1 CITUS_PG_BIN=$(CITUS_PG_BIN) $(PY) -m pytest -q -n $(TEST_WORKERS) $(CITUS_TESTS) $(PYTEST_ARGS)
 
 # The property-based suites with fresh random examples (make test uses a fixed seed); repeat to explore.
 fuzz: $(TEST_STAMP)

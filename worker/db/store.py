@@ -112,7 +112,7 @@ INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure
                   pages, faces, persons, face_matches, collection_faces, landmarks, emotions,
                   attempts, notified_at, completed_at, ingest_started_at, ingested_at, updated_at, ingest_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ingested', NULL, NULL,
-        $16, $17, (SELECT count(*) FROM persons WHERE ingest_id = $24), $18, $19, $20, $21,
+        $16, $17, $25, $18, $19, $20, $21,
         1, $22, $22, $23, clock_timestamp(), clock_timestamp(), $24)
 ON CONFLICT (job_id) DO UPDATE SET
     api = EXCLUDED.api, {_META_UPDATE},
@@ -350,10 +350,12 @@ class JobWriter:
                     await conn.execute("UPDATE raw_pages SET ingest_id = $2 WHERE ingest_id = $1",
                                        self._archive_of, self.ingest_id)
                 await conn.execute(_CLEAR_RETRIES, ref.job_id)
+                # Counted by its own statement: Citus refuses a subquery over a distributed table inside an INSERT.
+                persons = await conn.fetchval("SELECT count(*) FROM persons WHERE ingest_id = $1", self.ingest_id)
                 c.persons = await conn.fetchval(
                     _UPSERT_INGESTED, ref.job_id, ref.api.value, *_meta_values(self.meta),
                     c.pages, c.faces, c.face_matches, c.collection_faces, c.landmarks, c.emotions,
-                    _ms_to_dt(ref.notified_at_ms), self._started_at, self.ingest_id,
+                    _ms_to_dt(ref.notified_at_ms), self._started_at, self.ingest_id, persons,
                 )
 
 
