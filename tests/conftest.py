@@ -58,6 +58,25 @@ async def create_database(admin: asyncpg.Connection, name: str, template: str | 
     """
     await admin.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     await admin.execute(f'ALTER DATABASE "{name}" SET search_path = {SEARCH_PATH}')
+    workers = os.environ.get(_CITUS_WORKERS_ENV)
+    if template is not None and workers:
+        # Under `make test-citus` a clone of the distributed template needs the template's shards: its
+        # clone on every worker too (the coordinator's node list names them by port, the database by name).
+        await asyncio.gather(*(_clone(url, name, template) for url in workers.split()))
+
+
+# The admin URLs of this test process's Citus workers under `make test-citus`, set by the citus_cluster
+# fixture. An environment variable, not a global: test modules import this file again as tests.conftest.
+_CITUS_WORKERS_ENV = "TEST_CITUS_WORKER_URLS"
+
+
+async def _clone(admin_url: str, name: str, template: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        await admin.execute(f'ALTER DATABASE "{name}" SET search_path = {SEARCH_PATH}')
+    finally:
+        await admin.close()
 
 
 def with_database(url: str, name: str) -> str:
@@ -74,21 +93,18 @@ def citus_cluster() -> Iterator[Any]:
     from worker.local.citus import start_cluster
 
     cluster = start_cluster(bin_dir=Path(_CITUS_PG_BIN))
+    os.environ[_CITUS_WORKERS_ENV] = " ".join(node.url() for node in cluster.workers)
     try:
         yield cluster
     finally:
+        del os.environ[_CITUS_WORKERS_ENV]
         cluster.stop()
 
 
 async def _clone_on_every_node(cluster: Any, name: str, template: str) -> None:
     """A Citus test database: the template cloned on each worker and on the coordinator. The clones hold the
     same shards and metadata as the template, so they form a cluster of their own."""
-    for node in (*cluster.workers, cluster.coordinator):
-        admin = await asyncpg.connect(node.url())
-        try:
-            await create_database(admin, name, template)
-        finally:
-            await admin.close()
+    await asyncio.gather(*(_clone(node.url(), name, template) for node in cluster.nodes))
 
 
 async def _freeze_template(cluster: Any, name: str) -> None:
@@ -105,14 +121,14 @@ async def _freeze_template(cluster: Any, name: str) -> None:
 
 async def _drop_on_every_node(cluster: Any, name: str) -> None:
     # Closed to connections first: Citus restarts a database's maintenance daemon when a session starts there.
-    for node in (cluster.coordinator, *cluster.workers):
+    async def drop(node: Any) -> None:
         admin = await asyncpg.connect(node.url())
         try:
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
             for attempt in range(5):
                 try:
                     await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                    break
+                    return
                 except asyncpg.ObjectInUseError:
                     if attempt == 4:
                         raise
@@ -120,6 +136,8 @@ async def _drop_on_every_node(cluster: Any, name: str) -> None:
                                         name)
         finally:
             await admin.close()
+
+    await asyncio.gather(*(drop(node) for node in cluster.nodes))
 
 
 @pytest.fixture(scope="session")

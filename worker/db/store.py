@@ -173,6 +173,12 @@ SELECT COALESCE(extract(epoch FROM now() - min(completed_at)), 0)::double precis
 FROM jobs WHERE ingest_state = 'pending'
 """
 
+# Reprocess carries the archive over to the new key at the switch.
+_MOVE_ARCHIVE = """
+INSERT INTO raw_pages (ingest_id, page_no, body_bytes, fetched_at, encoding, body)
+SELECT $2, page_no, body_bytes, fetched_at, encoding, body FROM raw_pages WHERE ingest_id = $1
+"""
+
 _DERIVE_PERSONS = """
 INSERT INTO persons (ingest_id, person_index, first_seen_ms, last_seen_ms, detections)
 SELECT ingest_id, person_index, min(timestamp_ms), max(timestamp_ms), count(*)
@@ -347,8 +353,9 @@ class JobWriter:
         with metrics.DB_WRITE_SECONDS.labels("switch").time():
             async with conn.transaction():
                 if self._archive_of is not None:
-                    await conn.execute("UPDATE raw_pages SET ingest_id = $2 WHERE ingest_id = $1",
-                                       self._archive_of, self.ingest_id)
+                    # Copied and deleted, not UPDATEd: Citus refuses to change a row's distribution column.
+                    await conn.execute(_MOVE_ARCHIVE, self._archive_of, self.ingest_id)
+                    await conn.execute("DELETE FROM raw_pages WHERE ingest_id = $1", self._archive_of)
                 await conn.execute(_CLEAR_RETRIES, ref.job_id)
                 # Counted by its own statement: Citus refuses a subquery over a distributed table inside an INSERT.
                 persons = await conn.fetchval("SELECT count(*) FROM persons WHERE ingest_id = $1", self.ingest_id)
@@ -487,9 +494,11 @@ class Store:
         pages were quarantined (a fix to the normalizer or the schema lets ``reprocess`` recover them)."""
         async with self.engine.connect() as sa_conn:
             conn = await _driver(sa_conn)
+            # An uncorrelated subquery: Citus runs it on the shards (one row per key) and cannot correlate a
+            # distributed table with a coordinator table; PostgreSQL plans the same semi-join as EXISTS.
             rows = await conn.fetch(
                 "SELECT j.job_id, j.api::text AS api FROM jobs j WHERE "
-                "EXISTS (SELECT 1 FROM raw_pages r WHERE r.ingest_id = j.ingest_id) ORDER BY j.job_id"
+                "j.ingest_id IN (SELECT DISTINCT r.ingest_id FROM raw_pages r) ORDER BY j.job_id"
             )
             return [(r["job_id"], r["api"]) for r in rows]
 

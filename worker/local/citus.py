@@ -99,28 +99,40 @@ class Cluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _init_node(bin_dir: Path, name: str, root: Path, *, durable: bool) -> Node:
-    data_dir = root / name
+def _initdb(bin_dir: Path, data_dir: Path) -> None:
     data_dir.mkdir(parents=True)
     if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
+        shutil.chown(data_dir.parent, "postgres")
         shutil.chown(data_dir, "postgres")
     subprocess.run(_as_server_user([str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust",
                                     "-E", "UTF8", "--locale=C"]), capture_output=True, check=True)
+
+
+def _configure(source: Path, name: str, *, durable: bool) -> Node:
+    """A node's data directory: a copy of the freshly initialized ``source`` with its own port and settings."""
+    data_dir = source.parent / name
+    # cp -a keeps the server account's ownership and modes, which PostgreSQL checks at start.
+    subprocess.run(["cp", "-a", str(source), str(data_dir)], check=True)
     port = free_port()
     settings = [
         f"port = {port}", "listen_addresses = '127.0.0.1'", f"unix_socket_directories = '{data_dir}'",
         "shared_preload_libraries = 'citus'", "citus.node_conninfo = 'sslmode=disable'",
         "max_connections = 200", "max_prepared_transactions = 200", "shared_buffers = '128MB'",
-        "wal_level = 'logical'", "max_wal_senders = 10", "max_replication_slots = 10",
         *(() if durable else _FAST),
     ]
     with (data_dir / "postgresql.conf").open("a") as conf:
         conf.write("\n# worker.local.citus\n" + "\n".join(settings) + "\n")
-    subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "start", "-D", str(data_dir), "-w",
-                                    "-t", str(_START_TIMEOUT_S), "-l", str(data_dir / "server.log")]),
-                   capture_output=True, check=True)
     return Node(name, data_dir, port)
+
+
+def _start(bin_dir: Path, nodes: list[Node]) -> None:
+    """Start every node at once and wait for all of them."""
+    procs = [subprocess.Popen(_as_server_user([str(bin_dir / "pg_ctl"), "start", "-D", str(node.data_dir), "-w",
+                                               "-t", str(_START_TIMEOUT_S), "-l", str(node.data_dir / "server.log")]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for node in nodes]
+    failed = [(node.name, proc.communicate()[1]) for node, proc in zip(nodes, procs, strict=True) if proc.wait()]
+    if failed:
+        raise RuntimeError(f"PostgreSQL did not start: {failed}")
 
 
 async def create_citus_database(cluster: Cluster, database: str) -> None:
@@ -157,11 +169,12 @@ def start_cluster(root: Path | None = None, *, bin_dir: Path = Path(DEFAULT_PG_B
         raise RuntimeError(reason)
     owns_root = root is None
     root = root or Path(tempfile.mkdtemp(prefix="citus-cluster-"))
-    cluster = Cluster(root, bin_dir, Node("coordinator", root / "coordinator", 0), owns_root=owns_root)
+    _initdb(bin_dir, root / "initdb")
+    nodes = [_configure(root / "initdb", name, durable=durable)
+             for name in ("coordinator", *(f"worker{i + 1}" for i in range(workers)))]
+    cluster = Cluster(root, bin_dir, nodes[0], nodes[1:], owns_root=owns_root)
     try:
-        cluster.coordinator = _init_node(bin_dir, "coordinator", root, durable=durable)
-        for i in range(workers):
-            cluster.workers.append(_init_node(bin_dir, f"worker{i + 1}", root, durable=durable))
+        _start(bin_dir, nodes)
     except BaseException:
         cluster.stop()
         raise
