@@ -34,10 +34,9 @@ def unavailable_reason(bin_dir: Path = Path(DEFAULT_PG_BIN)) -> str | None:
         if not (bin_dir / tool).is_file():
             return f"no PostgreSQL server binaries in {bin_dir} ({tool} is missing)"
     try:
-        version = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True,
-                                 check=True).stdout
-        sharedir = subprocess.run([str(bin_dir / "pg_config"), "--sharedir"], capture_output=True, text=True,
-                                  check=True).stdout.strip() if (bin_dir / "pg_config").is_file() else None
+        version = _run([str(bin_dir / "postgres"), "--version"]).stdout
+        sharedir = _run([str(bin_dir / "pg_config"), "--sharedir"]).stdout.strip() \
+            if (bin_dir / "pg_config").is_file() else None
     except (OSError, subprocess.CalledProcessError) as exc:
         return f"cannot run {bin_dir / 'postgres'}: {exc}"
     libdir = bin_dir.parent / "lib"
@@ -46,6 +45,11 @@ def unavailable_reason(bin_dir: Path = Path(DEFAULT_PG_BIN)) -> str | None:
         return (f"Citus is not installed for {version.strip()} (no citus.so in {libdir} or citus.control in "
                 f"{share / 'extension'}); docs/citus.md says how to install it")
     return None
+
+
+def _run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    # PostgreSQL's own binaries from the directory the caller names (the tests' or the bench's setting).
+    return subprocess.run(argv, capture_output=True, text=True, check=check)  # noqa: S603
 
 
 def free_port() -> int:
@@ -93,8 +97,8 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes:
             if (node.data_dir / "postmaster.pid").exists():
-                subprocess.run(_as_server_user([str(self.bin_dir / "pg_ctl"), "stop", "-D", str(node.data_dir),
-                                                "-m", "immediate", "-w"]), capture_output=True, check=False)
+                _run(_as_server_user([str(self.bin_dir / "pg_ctl"), "stop", "-D", str(node.data_dir),
+                                      "-m", "immediate", "-w"]), check=False)
         if self.owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -104,15 +108,18 @@ def _initdb(bin_dir: Path, data_dir: Path) -> None:
     if os.geteuid() == 0:
         shutil.chown(data_dir.parent, "postgres")
         shutil.chown(data_dir, "postgres")
-    subprocess.run(_as_server_user([str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust",
-                                    "-E", "UTF8", "--locale=C"]), capture_output=True, check=True)
+    _run(_as_server_user([str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust",
+                          "-E", "UTF8", "--locale=C"]))
 
 
 def _configure(source: Path, name: str, *, durable: bool) -> Node:
     """A node's data directory: a copy of the freshly initialized ``source`` with its own port and settings."""
     data_dir = source.parent / name
-    # cp -a keeps the server account's ownership and modes, which PostgreSQL checks at start.
-    subprocess.run(["cp", "-a", str(source), str(data_dir)], check=True)
+    shutil.copytree(source, data_dir, symlinks=True)
+    if os.geteuid() == 0:
+        # PostgreSQL checks that the server account owns its data directory.
+        for path in (data_dir, *data_dir.rglob("*")):
+            shutil.chown(path, "postgres", "postgres")
     port = free_port()
     settings = [
         f"port = {port}", "listen_addresses = '127.0.0.1'", f"unix_socket_directories = '{data_dir}'",
@@ -127,9 +134,9 @@ def _configure(source: Path, name: str, *, durable: bool) -> Node:
 
 def _start(bin_dir: Path, nodes: list[Node]) -> None:
     """Start every node at once and wait for all of them."""
-    procs = [subprocess.Popen(_as_server_user([str(bin_dir / "pg_ctl"), "start", "-D", str(node.data_dir), "-w",
-                                               "-t", str(_START_TIMEOUT_S), "-l", str(node.data_dir / "server.log")]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for node in nodes]
+    argv = [_as_server_user([str(bin_dir / "pg_ctl"), "start", "-D", str(node.data_dir), "-w",
+                             "-t", str(_START_TIMEOUT_S), "-l", str(node.data_dir / "server.log")]) for node in nodes]
+    procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for a in argv]  # noqa: S603
     failed = [(node.name, proc.communicate()[1]) for node, proc in zip(nodes, procs, strict=True) if proc.wait()]
     if failed:
         raise RuntimeError(f"PostgreSQL did not start: {failed}")
