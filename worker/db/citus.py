@@ -45,6 +45,33 @@ def is_distributed(conn: sa.Connection, table: str) -> bool:
     return conn.execute(sa.text(_DISTRIBUTED), {"name": f"{schema.SCHEMA}.{table}"}).first() is not None
 
 
+# The schema's types that no Citus node knows yet: created before the extension (a database converted in place).
+_LOCAL_TYPES = """
+SELECT format('%I.%I', n.nspname, t.typname) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE n.nspname = :schema AND t.typtype = 'e'
+  AND NOT EXISTS (SELECT 1 FROM pg_dist_object o WHERE o.classid = 'pg_type'::regclass AND o.objid = t.oid)
+ORDER BY 1
+"""
+_TYPE_CARRIER = f"{schema.SCHEMA}.citus_type_carrier"
+
+
+def _propagate_types(conn: sa.Connection) -> None:
+    """Make the workers know the schema's enum types (face_api, ingest_state).
+
+    Citus ships rows of coordinator tables (jobs) to the workers when it joins them with the bulk tables, with
+    the columns' types named; types created after the extension are propagated by Citus itself, older ones
+    are not. Citus exposes no call for that: a reference table with a column of each type makes it create
+    them on every node (and on nodes added later), and is dropped at once.
+    """
+    types = conn.execute(sa.text(_LOCAL_TYPES), {"schema": schema.SCHEMA}).scalars().all()
+    if not types:
+        return
+    columns = ", ".join(f"c{n} {t}" for n, t in enumerate(types))
+    conn.execute(sa.text(f"CREATE TABLE {_TYPE_CARRIER} ({columns})"))
+    conn.execute(sa.text("SELECT create_reference_table(:name)"), {"name": _TYPE_CARRIER})
+    conn.execute(sa.text(f"DROP TABLE {_TYPE_CARRIER}"))
+
+
 def distribute(conn: sa.Connection) -> list[str]:
     """Distribute every bulk table not distributed yet, co-located on ``ingest_id``; returns those it did.
 
@@ -53,6 +80,7 @@ def distribute(conn: sa.Connection) -> list[str]:
     """
     if not has_citus(conn):
         return []
+    _propagate_types(conn)
     done: list[str] = []
     for table in DISTRIBUTED_TABLES:
         name = f"{schema.SCHEMA}.{table}"
