@@ -45,10 +45,14 @@ CITUS_PG_BIN ?= /usr/lib/postgresql/15/bin
 CITUS_TESTS ?= tests/test_citus.py tests/test_ingest.py tests/test_lifecycle.py tests/test_reprocess.py \
 	tests/test_reporting.py tests/test_service.py tests/test_dlq_jobs.py tests/test_submit.py tests/test_schema.py \
 	tests/test_job_cascade.py tests/test_completion_clock.py tests/test_ratelimit_fleet.py tests/test_archive.py
+# Downgrades below 0012 rebuild the bulk tables by renaming their constraints, which Citus refuses on
+# distributed tables: docs/citus.md says to undistribute first. Those tests run on one PostgreSQL only.
+CITUS_DESELECT ?= not downgrade and not carries_jobs_over_and_back and not carries_rows_views_grants
 test-citus: $(TEST_STAMP)
 	@if ! reason=$$($(PY) -m worker.local.citus check $(CITUS_PG_BIN)); then \
 		echo "make test-citus skipped: $$reason"; exit 0; fi; \
-	TEST_CITUS=1 CITUS_PG_BIN=$(CITUS_PG_BIN) $(PY) -m pytest -q -n $(TEST_WORKERS) $(CITUS_TESTS) $(PYTEST_ARGS)
+	TEST_CITUS=1 CITUS_PG_BIN=$(CITUS_PG_BIN) $(PY) -m pytest -q -n $(TEST_WORKERS) $(CITUS_TESTS) \
+		-k "$(CITUS_DESELECT)" $(PYTEST_ARGS)
 
 # The property-based suites with fresh random examples (make test uses a fixed seed); repeat to explore.
 fuzz: $(TEST_STAMP)

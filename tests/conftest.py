@@ -73,6 +73,8 @@ _CITUS_WORKERS_ENV = "TEST_CITUS_WORKER_URLS"
 async def _clone(admin_url: str, name: str, template: str) -> None:
     admin = await asyncpg.connect(admin_url)
     try:
+        # A test that drops its database on the coordinator alone and creates it again leaves a worker's copy.
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         await admin.execute(f'ALTER DATABASE "{name}" SET search_path = {SEARCH_PATH}')
     finally:

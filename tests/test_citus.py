@@ -35,7 +35,8 @@ JOB_LEVEL = ("jobs", "ingests", "job_retries", "erasures", "rate_limit_buckets",
 # Reporting views and the columns that say when, not what (they differ between any two runs).
 VIEWS = ("job_summary", "person_appearances", "person_identities", "collection_face_sightings", "person_seconds",
          "face_observations", "pending_jobs", "submissions")
-WHEN = {"ingested_at", "completed_at", "age_s", "expires_at", "submitted_at", "started_at", "finished_at"}
+WHEN = {"ingested_at", "completed_at", "age_s", "expires_at", "submitted_at", "started_at", "finished_at", "notified_at",
+        "ingest_started_at", "updated_at"}
 
 
 async def _faces_per_worker(conn: asyncpg.Connection) -> dict[int, int]:

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
+from worker.db.engine import connect
 
 DEFAULT_PG_BIN = "/usr/lib/postgresql/15/bin"
 # Test settings: a node that loses its data on a crash is fine here, and fsync would dominate the timings
@@ -149,17 +149,17 @@ async def create_citus_database(cluster: Cluster, database: str) -> None:
     and the coordinator's list of workers (a managed service does this for its one database).
     """
     for node in (*cluster.workers, cluster.coordinator):
-        admin = await asyncpg.connect(node.url())
+        admin = await connect(node.url())
         try:
             await admin.execute(f'CREATE DATABASE "{database}"')
         finally:
             await admin.close()
-        conn = await asyncpg.connect(node.url(database))
+        conn = await connect(node.url(database))
         try:
             await conn.execute("CREATE EXTENSION citus")
         finally:
             await conn.close()
-    conn = await asyncpg.connect(cluster.url(database))
+    conn = await connect(cluster.url(database))
     try:
         await conn.execute("SELECT citus_set_coordinator_host('127.0.0.1', $1)", cluster.coordinator.port)
         for worker in cluster.workers:
