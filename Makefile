@@ -68,8 +68,9 @@ lint: $(LINT_STAMP)
 	bash scripts/lint-deploy.sh
 	AUDIT_ALLOW_UNAVAILABLE=$${AUDIT_ALLOW_UNAVAILABLE:-1} bash scripts/audit.sh
 
+# BENCH_CITUS=1: the same workloads on a coordinator and two workers from the installed Citus (docs/citus.md).
 bench: $(TEST_STAMP)
-	$(PY) bench/ingest_bench.py --json bench/results/latest.json
+	$(PY) bench/ingest_bench.py $(if $(BENCH_CITUS),--citus --json bench/results/citus.json,--json bench/results/latest.json)
 
 bench-smoke: $(TEST_STAMP)
 	$(PY) bench/ingest_bench.py --smoke
