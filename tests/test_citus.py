@@ -35,8 +35,8 @@ JOB_LEVEL = ("jobs", "ingests", "job_retries", "erasures", "rate_limit_buckets",
 # Reporting views and the columns that say when, not what (they differ between any two runs).
 VIEWS = ("job_summary", "person_appearances", "person_identities", "collection_face_sightings", "person_seconds",
          "face_observations", "pending_jobs", "submissions")
-WHEN = {"ingested_at", "completed_at", "age_s", "expires_at", "submitted_at", "started_at", "finished_at", "notified_at",
-        "ingest_started_at", "updated_at"}
+WHEN = {"ingested_at", "completed_at", "age_s", "expires_at", "submitted_at", "started_at", "finished_at",
+        "notified_at", "ingest_started_at", "updated_at"}
 
 
 async def _faces_per_worker(conn: asyncpg.Connection) -> dict[int, int]:
@@ -55,7 +55,8 @@ async def test_migrate_distributes_the_bulk_tables_and_keeps_job_tables_on_the_c
 ) -> None:
     tables = {r["table_name"]: r for r in await db.fetch(
         "SELECT c.relname AS table_name, citus_table_type, distribution_column, colocation_id "
-        "FROM citus_tables t JOIN pg_class c ON c.oid = t.table_name WHERE c.relnamespace = 'rekognition'::regnamespace")}
+        "FROM citus_tables t JOIN pg_class c ON c.oid = t.table_name "
+        "WHERE c.relnamespace = 'rekognition'::regnamespace")}
     assert set(tables) == set(BULK)
     assert await db.fetchval("SELECT count(*) FROM citus_tables") == len(BULK)
     kinds = {(r["citus_table_type"], r["distribution_column"]) for r in tables.values()}
