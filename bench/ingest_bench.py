@@ -18,6 +18,12 @@ machine may be shared: CPU time and same-run ratios are what to compare). Usage:
     .venv/bin/python bench/ingest_bench.py                 # the full table (a few minutes)
     .venv/bin/python bench/ingest_bench.py --smoke         # tiny, for CI: proves it runs, asserts nothing
     .venv/bin/python bench/ingest_bench.py --json out.json # also write the figures
+    .venv/bin/python bench/ingest_bench.py --citus         # on a coordinator and two workers (docs/citus.md)
+
+With ``--citus`` (``make bench BENCH_CITUS=1``) every database is created on a throwaway Citus cluster started
+from the installed Citus (worker/local/citus.py, durable settings), so `migrate` distributes the bulk tables;
+the reference pipeline's tables stay on the coordinator. Bytes stored are summed over the shards, WAL over
+every node; PostgreSQL's CPU is the coordinator's only.
 """
 
 from __future__ import annotations
@@ -311,11 +317,22 @@ def _in_child(target: Any, *args: Any) -> Result:
 # --- orchestration -----------------------------------------------------------------------------------
 
 
+# The cluster of a --citus run.
+_CLUSTER: list[Any] = []
+
+
 def _database(base_url: str, name: str) -> str:
     from worker.config import Settings
     from worker.db.migrate import upgrade_to_head
 
-    _admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
+    if _CLUSTER:
+        from worker.local.citus import create_citus_database
+
+        for node in _CLUSTER[0].nodes:
+            _admin(node.url(), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        asyncio.run(create_citus_database(_CLUSTER[0], name))
+    else:
+        _admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
     head, _, query = base_url.partition("?")
     url = head.rsplit("/", 1)[0] + "/" + name + (("?" + query) if query else "")
     upgrade_to_head(Settings(database_url=url))
@@ -359,6 +376,13 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
   AND c.relname <> 'alembic_version'
 """
+# On Citus the coordinator's distributed tables are empty shells: their bytes are summed over the shards.
+_STORED_CITUS_SQL = """
+SELECT c.relname = 'raw_pages' AS archive, citus_table_size(c.oid) AS heap, 0::bigint AS toast,
+       citus_total_relation_size(c.oid) - citus_table_size(c.oid) AS index
+FROM pg_class c JOIN pg_dist_partition p ON p.logicalrelid = c.oid
+"""
+_NOT_DISTRIBUTED = " AND NOT EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = c.oid)"
 
 
 def _stored(db_url: str) -> dict[str, int]:
@@ -371,7 +395,9 @@ def _stored(db_url: str) -> dict[str, int]:
         try:
             await conn.execute("VACUUM")
             out = {"heap": 0, "index": 0, "toast": 0, "archive": 0}
-            for r in await conn.fetch(_STORED_SQL):
+            rows = await conn.fetch(_STORED_SQL + _NOT_DISTRIBUTED) + await conn.fetch(_STORED_CITUS_SQL) \
+                if _CLUSTER else await conn.fetch(_STORED_SQL)
+            for r in rows:
                 if r["archive"]:
                     out["archive"] += r["heap"] + r["toast"] + r["index"]
                 else:
@@ -386,16 +412,17 @@ def _stored(db_url: str) -> dict[str, int]:
 
 
 def _wal_lsn(base_url: str) -> int:
+    """The WAL insert position, summed over every node of a --citus run."""
     import asyncpg
 
-    async def run() -> int:
-        conn = await asyncpg.connect(base_url)
+    async def run(url: str) -> int:
+        conn = await asyncpg.connect(url)
         try:
             return int(await conn.fetchval("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"))
         finally:
             await conn.close()
 
-    return asyncio.run(run())
+    return sum(asyncio.run(run(url)) for url in ([n.url() for n in _CLUSTER[0].nodes] if _CLUSTER else [base_url]))
 
 
 def _cpu_note(r: Result) -> str:
@@ -480,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="give the reference UNLOGGED tables (no WAL): a stricter reference")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--plot", help="write a PNG of faces/s by workload (worker vs reference)")
+    parser.add_argument("--citus", action="store_true",
+                        help="run on a coordinator and two workers started from the installed Citus")
+    parser.add_argument("--citus-pg-bin", default="/usr/lib/postgresql/15/bin",
+                        help="PostgreSQL's bin directory, with Citus installed (--citus)")
     args = parser.parse_args(argv)
     repeat = args.repeat if args.repeat is not None else (1 if args.smoke else 3)
     if repeat < 1:
@@ -493,7 +524,12 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     base_url = os.environ.get("DATABASE_URL")
-    if not base_url:
+    if args.citus:
+        from worker.local.citus import start_cluster
+
+        _CLUSTER.append(start_cluster(bin_dir=Path(args.citus_pg_bin), durable=True))
+        base_url = _CLUSTER[0].url()
+    elif not base_url:
         from worker.local.pg import start_embedded_postgres
 
         server, base_url = start_embedded_postgres(Path(tempfile.mkdtemp(prefix="bench-pg-")) / "pgdata")
@@ -533,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.cleanup_mode = "delete"
             server.cleanup()
+        for cluster in _CLUSTER:
+            cluster.stop()
 
     reference = "UNLOGGED" if args.unlogged_reference else "plain (logged)"
     print(f"\nmachine: {_machine()}; medians of {repeat} run(s); reference tables: {reference}")

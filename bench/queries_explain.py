@@ -7,6 +7,11 @@ data to head and runs them again. Prints the median execution time of 3 runs of 
 
     .venv/bin/python bench/queries_explain.py               # embedded PostgreSQL in a temporary directory
     DATABASE_URL=postgresql://... .venv/bin/python bench/queries_explain.py --plans   # and print the plans
+    .venv/bin/python bench/queries_explain.py --citus       # on a coordinator and two workers (docs/citus.md)
+
+With ``--citus`` the data set is generated on a throwaway Citus cluster (worker/local/citus.py); the migration
+to head distributes it, and each query's plan is classified: the number of shard tasks Citus runs (1: a
+single-shard, router query) and the subplans it runs first (results shipped between nodes).
 """
 
 from __future__ import annotations
@@ -88,12 +93,33 @@ def queries() -> list[tuple[str, str]]:
     return out
 
 
-async def _time(conn: Any, sql: str, runs: int, plans: bool) -> float:
+# Per query heading: (shard tasks, distributed subplans) of its last plan on Citus.
+SHAPES: dict[str, tuple[int, int]] = {}
+
+
+def _shape(node: Any) -> tuple[int, int]:
+    """(largest Task Count, number of Distributed Subplans) anywhere in a Citus plan."""
+    tasks, subplans = 0, 0
+    if isinstance(node, dict):
+        tasks = int(node.get("Task Count", 0))
+        subplans = len(node.get("Subplans", []) or [])
+        for value in node.values():
+            t, s = _shape(value)
+            tasks, subplans = max(tasks, t), subplans + s
+    elif isinstance(node, list):
+        for value in node:
+            t, s = _shape(value)
+            tasks, subplans = max(tasks, t), subplans + s
+    return tasks, subplans
+
+
+async def _time(conn: Any, sql: str, runs: int, plans: bool, heading: str = "") -> float:
     times = []
     for n in range(runs):
         result = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}")
         plan = (result if isinstance(result, list) else json.loads(result))[0]
         times.append(plan["Execution Time"])
+        SHAPES[heading] = _shape(plan)
         if plans and n == 0:
             for row in await conn.fetch(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {sql}"):
                 print("    " + row[0])
@@ -110,9 +136,13 @@ async def _measure(url: str, runs: int, plans: bool) -> dict[str, float]:
         for heading, sql in queries():
             if plans:
                 print(f"-- {heading}")
-            out[heading] = await _time(conn, sql, runs, plans)
+            out[heading] = await _time(conn, sql, runs, plans, heading)
+        citus = await conn.fetchval("SELECT to_regclass('pg_dist_partition') IS NOT NULL")
+        size = ("CASE WHEN EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = c.oid) "
+                "THEN citus_total_relation_size(c.oid) ELSE pg_total_relation_size(c.oid) END") if citus \
+            else "pg_total_relation_size(c.oid)"
         sizes = await conn.fetch(
-            "SELECT c.relname, pg_total_relation_size(c.oid) AS bytes FROM pg_class c "
+            f"SELECT c.relname, {size} AS bytes FROM pg_class c "
             "WHERE c.relnamespace = 'rekognition'::regnamespace AND c.relkind = 'r' ORDER BY 2 DESC LIMIT 6")
         print("    sizes: " + ", ".join(f"{r['relname']} {r['bytes'] / 2**20:.1f} MB" for r in sizes))
         return out
@@ -135,6 +165,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--plans", action="store_true", help="print each plan (EXPLAIN ANALYZE) too")
+    parser.add_argument("--citus", action="store_true",
+                        help="on a coordinator and two workers from the installed Citus")
+    parser.add_argument("--citus-pg-bin", default="/usr/lib/postgresql/15/bin")
     args = parser.parse_args()
     from alembic import command
 
@@ -142,8 +175,15 @@ def main() -> int:
     from worker.db.migrate import alembic_config
 
     server = None
+    cluster = None
     url = os.environ.get("DATABASE_URL")
-    if not url:
+    if args.citus:
+        from worker.local.citus import create_citus_database, start_cluster
+
+        cluster = start_cluster(bin_dir=Path(args.citus_pg_bin), durable=True)
+        asyncio.run(create_citus_database(cluster, "queries"))
+        url = cluster.url("queries")
+    elif not url:
         from worker.local.pg import start_embedded_postgres
 
         server, url = start_embedded_postgres(Path(tempfile.mkdtemp(prefix="queries-pg-")) / "pgdata")
@@ -162,9 +202,12 @@ def main() -> int:
         if server is not None:
             server.cleanup_mode = "delete"
             server.cleanup()
-    print(f"\n{'docs/queries.md query':<58} {'0010 ms':>9} {'head ms':>9}")
+        if cluster is not None:
+            cluster.stop()
+    print(f"\n{'docs/queries.md query':<58} {'0010 ms':>9} {'head ms':>9}" + ("  tasks subplans" if cluster else ""))
     for heading in before:
-        print(f"{heading[:58]:<58} {before[heading]:>9.1f} {after[heading]:>9.1f}")
+        shape = f"  {SHAPES[heading][0]:>5} {SHAPES[heading][1]:>8}" if cluster else ""
+        print(f"{heading[:58]:<58} {before[heading]:>9.1f} {after[heading]:>9.1f}{shape}")
     return 0
 
 

@@ -9,11 +9,13 @@ table stays `public.alembic_version`. target_metadata is worker/db/schema.py, fo
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from alembic import context
 from sqlalchemy.engine import Connection
 
 from worker.config import Settings
+from worker.db import citus
 from worker.db.engine import create_engine
 from worker.db.schema import SEARCH_PATH, compare_type, compared_names, metadata
 
@@ -33,6 +35,21 @@ def _run(connection: Connection) -> None:
                       compare_server_default=True)
     with context.begin_transaction():
         context.run_migrations()
+    _distribute(connection)
+
+
+def _distribute(connection: Connection) -> None:
+    """On Citus, distribute the bulk tables once the schema is at head (worker/db/citus.py); idempotent, and
+    nothing on plain PostgreSQL or after a downgrade."""
+    if set(context.get_context().get_current_heads()) != set(context.script.get_heads()):
+        return
+    if connection.in_transaction():
+        done = citus.distribute(connection)
+    else:
+        with connection.begin():
+            done = citus.distribute(connection)
+    if done:
+        logging.getLogger("alembic.runtime.migration").info("Distributed on Citus by ingest_id: %s", ", ".join(done))
 
 
 async def _run_async() -> None:

@@ -28,6 +28,11 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Captured before the AWS/env scrub below; DATABASE_URL points the suite at another server.
 _EXTERNAL_DB = os.environ.get("DATABASE_URL")
+# `make test-citus`: each test process starts a coordinator and two workers from the installed Citus
+# (worker/local/citus.py; CITUS_PG_BIN names PostgreSQL's bin directory) and every test database is a
+# clone of a migrated, distributed template on every node.
+_CITUS = os.environ.get("TEST_CITUS") == "1"
+_CITUS_PG_BIN = os.environ.get("CITUS_PG_BIN", "/usr/lib/postgresql/15/bin")
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +58,27 @@ async def create_database(admin: asyncpg.Connection, name: str, template: str | 
     """
     await admin.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     await admin.execute(f'ALTER DATABASE "{name}" SET search_path = {SEARCH_PATH}')
+    workers = os.environ.get(_CITUS_WORKERS_ENV)
+    if template is not None and workers:
+        # Under `make test-citus` a clone of the distributed template needs the template's shards: its
+        # clone on every worker too (the coordinator's node list names them by port, the database by name).
+        await asyncio.gather(*(_clone(url, name, template) for url in workers.split()))
+
+
+# The admin URLs of this test process's Citus workers under `make test-citus`, set by the citus_cluster
+# fixture. An environment variable, not a global: test modules import this file again as tests.conftest.
+_CITUS_WORKERS_ENV = "TEST_CITUS_WORKER_URLS"
+
+
+async def _clone(admin_url: str, name: str, template: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        # A test that drops its database on the coordinator alone and creates it again leaves a worker's copy.
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        await admin.execute(f'ALTER DATABASE "{name}" SET search_path = {SEARCH_PATH}')
+    finally:
+        await admin.close()
 
 
 def with_database(url: str, name: str) -> str:
@@ -61,7 +87,66 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server_url() -> Iterator[str]:
+def citus_cluster() -> Iterator[Any]:
+    """The Citus cluster of `make test-citus` (None in the ordinary suite)."""
+    if not _CITUS:
+        yield None
+        return
+    from worker.local.citus import start_cluster
+
+    cluster = start_cluster(bin_dir=Path(_CITUS_PG_BIN))
+    os.environ[_CITUS_WORKERS_ENV] = " ".join(node.url() for node in cluster.workers)
+    try:
+        yield cluster
+    finally:
+        del os.environ[_CITUS_WORKERS_ENV]
+        cluster.stop()
+
+
+async def _clone_on_every_node(cluster: Any, name: str, template: str) -> None:
+    """A Citus test database: the template cloned on each worker and on the coordinator. The clones hold the
+    same shards and metadata as the template, so they form a cluster of their own."""
+    await asyncio.gather(*(_clone(node.url(), name, template) for node in cluster.nodes))
+
+
+async def _freeze_template(cluster: Any, name: str) -> None:
+    """Close the template to connections on every node (Citus keeps a maintenance daemon connected to each
+    database with the extension, and CREATE DATABASE ... TEMPLATE needs the template to itself)."""
+    for node in cluster.nodes:
+        admin = await asyncpg.connect(node.url())
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        finally:
+            await admin.close()
+
+
+async def _drop_on_every_node(cluster: Any, name: str) -> None:
+    # Closed to connections first: Citus restarts a database's maintenance daemon when a session starts there.
+    async def drop(node: Any) -> None:
+        admin = await asyncpg.connect(node.url())
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            for attempt in range(5):
+                try:
+                    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                    return
+                except asyncpg.ObjectInUseError:
+                    if attempt == 4:
+                        raise
+                    await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                                        name)
+        finally:
+            await admin.close()
+
+    await asyncio.gather(*(drop(node) for node in cluster.nodes))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(citus_cluster: Any) -> Iterator[str]:
+    if citus_cluster is not None:
+        yield citus_cluster.url()
+        return
     if _EXTERNAL_DB:
         yield normalize_database_url(_EXTERNAL_DB)
         return
@@ -77,28 +162,41 @@ def pg_server_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def template_db(pg_server_url: str) -> str:
-    """A migrated database that every test database is cloned from."""
+def template_db(pg_server_url: str, citus_cluster: Any) -> str:
+    """A migrated database that every test database is cloned from (on Citus: on every node, distributed)."""
     from worker.db.migrate import upgrade_to_head
+    from worker.local.citus import create_citus_database
 
     name = f"worker_template_{uuid.uuid4().hex[:8]}"
 
     async def create() -> None:
+        if citus_cluster is not None:
+            await create_citus_database(citus_cluster, name)
         conn = await asyncpg.connect(pg_server_url)
         try:
-            await create_database(conn, name)
+            if citus_cluster is None:
+                await create_database(conn, name)
+            else:
+                await conn.execute(f'ALTER DATABASE "{name}" SET search_path = {SEARCH_PATH}')
         finally:
             await conn.close()
 
     asyncio.run(create())
     upgrade_to_head(Settings(database_url=with_database(pg_server_url, name)))
+    if citus_cluster is not None:
+        asyncio.run(_freeze_template(citus_cluster, name))
     return name
 
 
 @pytest.fixture
-async def db_url(pg_server_url: str, template_db: str) -> AsyncIterator[str]:
+async def db_url(pg_server_url: str, template_db: str, citus_cluster: Any) -> AsyncIterator[str]:
     """A fresh, migrated database for one test."""
     name = f"t_{uuid.uuid4().hex[:12]}"
+    if citus_cluster is not None:
+        await _clone_on_every_node(citus_cluster, name, template_db)
+        yield with_database(pg_server_url, name)
+        await _drop_on_every_node(citus_cluster, name)
+        return
     conn = await asyncpg.connect(pg_server_url)
     try:
         await create_database(conn, name, template_db)

@@ -83,15 +83,21 @@ _FACES = ("SELECT DISTINCT face_id FROM collection_faces WHERE "
           "OR ($1 = 'user_id' AND user_id = $2))")
 # Keys whose rows no jobs row names (an ingest being written or replaced, an attempt that stopped) are looked
 # at too: their job is erased once its lock is free, the keys it no longer names dropped first.
-_JOBS_OF = ("SELECT i.job_id FROM collection_faces c JOIN ingests i ON i.ingest_id = c.ingest_id WHERE "
+# The bulk tables are read in uncorrelated IN subqueries, never joined to ingests or jobs: on Citus those are
+# coordinator tables and the bulk tables distributed, and Citus runs such a subquery first and hands its keys
+# to the rest ("direct joins between distributed and local tables are not supported"); PostgreSQL plans the
+# same semi-joins as before.
+_JOBS_OF = ("SELECT i.job_id FROM ingests i WHERE i.ingest_id IN ("
+            "SELECT c.ingest_id FROM collection_faces c WHERE "
             "(($1 = 'external_image_id' AND c.external_image_id = $2) OR ($1 = 'face_id' AND c.face_id = $2) "
             "OR ($1 = 'user_id' AND c.user_id = $2)) "
-            "UNION SELECT i.job_id FROM face_matches m JOIN ingests i ON i.ingest_id = m.ingest_id "
-            "WHERE m.face_id = ANY($3::text[]) "
+            "UNION SELECT m.ingest_id FROM face_matches m WHERE m.face_id = ANY($3::text[])) "
             "UNION SELECT i.job_id FROM ingests i "
             "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.ingest_id = i.ingest_id) "
             "UNION SELECT j.job_id FROM jobs j WHERE j.api = 'FACE_SEARCH' AND j.ingest_state <> 'ingested' "
-            "AND EXISTS (SELECT 1 FROM raw_pages r WHERE r.ingest_id = j.ingest_id) ORDER BY 1")
+            "AND j.ingest_id IN (SELECT r.ingest_id FROM raw_pages r WHERE r.ingest_id IN ("
+            "SELECT k.ingest_id FROM jobs k WHERE k.api = 'FACE_SEARCH' AND k.ingest_state <> 'ingested')) "
+            "ORDER BY 1")
 # The member of FaceMatch.Face that each selector names, in the raw pages.
 _PAGE_MEMBER = {"external_image_id": "ExternalImageId", "face_id": "FaceId", "user_id": "UserId"}
 

@@ -114,7 +114,7 @@ INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure
                   attempts, notified_at, completed_at, ingest_started_at, ingested_at, updated_at, ingest_id,
                   first_ingested_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ingested', NULL, NULL,
-        $16, $17, (SELECT count(*) FROM persons WHERE ingest_id = $24), $18, $19, $20, $21,
+        $16, $17, $25, $18, $19, $20, $21,
         1, $22, $22, $23, clock_timestamp(), clock_timestamp(), $24, clock_timestamp())
 ON CONFLICT (job_id) DO UPDATE SET
     api = EXCLUDED.api, {_META_UPDATE},
@@ -176,6 +176,12 @@ WHERE jobs.completed_at IS NULL AND EXCLUDED.completed_at IS NOT NULL
 _OLDEST_PENDING_AGE = """
 SELECT COALESCE(extract(epoch FROM now() - min(completed_at)), 0)::double precision
 FROM jobs WHERE ingest_state = 'pending'
+"""
+
+# Reprocess carries the archive over to the new key at the switch.
+_MOVE_ARCHIVE = """
+INSERT INTO raw_pages (ingest_id, page_no, body_bytes, fetched_at, encoding, body)
+SELECT $2, page_no, body_bytes, fetched_at, encoding, body FROM raw_pages WHERE ingest_id = $1
 """
 
 _DERIVE_PERSONS = """
@@ -371,13 +377,16 @@ class JobWriter:
         with metrics.DB_WRITE_SECONDS.labels("switch").time():
             async with conn.transaction():
                 if self._archive_of is not None:
-                    await conn.execute("UPDATE raw_pages SET ingest_id = $2 WHERE ingest_id = $1",
-                                       self._archive_of, self.ingest_id)
+                    # Copied and deleted, not UPDATEd: Citus refuses to change a row's distribution column.
+                    await conn.execute(_MOVE_ARCHIVE, self._archive_of, self.ingest_id)
+                    await conn.execute("DELETE FROM raw_pages WHERE ingest_id = $1", self._archive_of)
                 await conn.execute(_CLEAR_RETRIES, ref.job_id)
+                # Counted by its own statement: Citus refuses a subquery over a distributed table inside an INSERT.
+                persons = await conn.fetchval("SELECT count(*) FROM persons WHERE ingest_id = $1", self.ingest_id)
                 c.persons = await conn.fetchval(
                     _UPSERT_INGESTED, ref.job_id, ref.api.value, *_meta_values(self.meta),
                     c.pages, c.faces, c.face_matches, c.collection_faces, c.landmarks, c.emotions,
-                    _ms_to_dt(ref.notified_at_ms), self._started_at, self.ingest_id,
+                    _ms_to_dt(ref.notified_at_ms), self._started_at, self.ingest_id, persons,
                 )
 
 
@@ -523,9 +532,11 @@ class Store:
         pages were quarantined (a fix to the normalizer or the schema lets ``reprocess`` recover them)."""
         async with self.engine.connect() as sa_conn:
             conn = await _driver(sa_conn)
+            # An uncorrelated subquery: Citus runs it on the shards (one row per key) and cannot correlate a
+            # distributed table with a coordinator table; PostgreSQL plans the same semi-join as EXISTS.
             rows = await conn.fetch(
                 "SELECT j.job_id, j.api::text AS api FROM jobs j WHERE "
-                "EXISTS (SELECT 1 FROM raw_pages r WHERE r.ingest_id = j.ingest_id) ORDER BY j.job_id"
+                "j.ingest_id IN (SELECT DISTINCT r.ingest_id FROM raw_pages r) ORDER BY j.job_id"
             )
             return [(r["job_id"], r["api"]) for r in rows]
 
