@@ -48,7 +48,8 @@ CITUS_PG_BIN ?= /usr/lib/postgresql/15/bin
 # machine: redeliveries, not wrong rows.
 CITUS_TESTS ?= tests/test_citus.py tests/test_ingest.py tests/test_lifecycle.py tests/test_reprocess.py \
 	tests/test_reporting.py tests/test_dlq_jobs.py tests/test_submit.py tests/test_schema.py \
-	tests/test_job_cascade.py tests/test_completion_clock.py tests/test_ratelimit_fleet.py tests/test_archive.py
+	tests/test_job_cascade.py tests/test_completion_clock.py tests/test_ratelimit_fleet.py tests/test_archive.py \
+	tests/test_stays_gone.py tests/test_events.py
 # Downgrades below 0012 rebuild the bulk tables by renaming their constraints, which Citus refuses on
 # distributed tables: docs/citus.md says to undistribute first. Those tests run on one PostgreSQL only.
 CITUS_DESELECT ?= not downgrade and not carries_jobs_over_and_back and not carries_rows_views_grants \
