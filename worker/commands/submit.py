@@ -32,6 +32,7 @@ def register(sub: SubParsers) -> None:
     ss = sub.add_parser("submissions", help="submitted videos and their state")
     ss.add_argument("--state", metavar="S", help="submitted, starting, started, finished, ingested or failed")
     ss.add_argument("--limit", type=positive, default=1000, help="at most this many rows (1000)")
+    ss.add_argument("--counts", action="store_true", help="how many submissions are in each state, instead")
     add_format_argument(ss)
     ss.set_defaults(handler=run_submissions)
 
@@ -66,6 +67,11 @@ def run_submissions(ctx: Context) -> int:
         return [dict(r) for r in await store.list(state, limit)], await store.counts()
 
     rows, counts = arun(load())
+    if ctx.args.counts:
+        emit(ctx.out, ctx.args.format, [{"state": s, "submissions": counts[s]} for s in STATES],
+             (Column("state", "state", priority=0), Column("submissions", "submissions", priority=0, justify="right")),
+             title="submissions by state")
+        return EXIT_OK
     for r in rows:
         r["video"] = f"s3://{r['video_bucket']}/{r['video_name']}"
     warnings = [f"showing the first {limit} submissions: raise --limit or narrow with --state"] \
