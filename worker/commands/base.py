@@ -67,10 +67,10 @@ def job_error(job_id: str, text: str, *, quoted: bool = False) -> None:
         print(" ".join(redact(f"error: job {shown}: {text}").split()), file=sys.stderr)
 
 
-def note(text: str, **fields: Any) -> None:
-    """A remark about the output (a limit reached, columns left out) that is not data: to stderr, so pipes
-    carry records only, and as a log event under LOG_FORMAT=json."""
-    log.warning(text, **fields)
+def note(text: str, *, warning: bool = False, **fields: Any) -> None:
+    """A remark about the output (a summary, a limit reached) that is not data: to stderr, so pipes carry
+    records only, and as a log event under LOG_FORMAT=json."""
+    (log.warning if warning else log.info)(text, **fields)
 
 
 def positive(text: str) -> int:

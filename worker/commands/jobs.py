@@ -108,7 +108,7 @@ def run_retry(ctx: Context) -> int:
         rows += [{"job_id": job_id, "api": None, "action": f"skip: {why}"} for job_id, why in retry.skipped]
         emit(ctx.out, args.format, rows, _PLAN_COLUMNS,
              title="jobs retry plan" + (" (dry run)" if args.dry_run else ""),
-             warnings=[f"{len(retry.refs)} job(s) to retry, {len(retry.skipped)} skipped{more}"])
+             notes=[f"{len(retry.refs)} job(s) to retry, {len(retry.skipped)} skipped{more}"])
         for job_id in missing:
             job_error(job_id, "no such job in the database")
         # Jobs named with --job that do not exist: the code `report` gives for a job that does not exist.

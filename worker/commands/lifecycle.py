@@ -75,7 +75,7 @@ def run_delete(ctx: Context) -> int:
     summary = (f"{done} job(s), {sum(r.total for r in removals)} row(s)"
                + (" would be deleted" if args.dry_run else " deleted"))
     emit(ctx.out, args.format, rows, _delete_columns(),
-         title="would delete (dry run)" if args.dry_run else "deleted", warnings=[summary] if removals else [])
+         title="would delete (dry run)" if args.dry_run else "deleted", notes=[summary] if removals else [])
     for r in removals:
         if r.outcome in ("missing", "reingested"):
             job_error(r.job_id, "no such job" if r.outcome == "missing" else "re-ingested while being deleted")

@@ -112,43 +112,59 @@ def fit_columns(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]],
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], *, width: int,
           title: str | None = None, styles: Mapping[str, Callable[[Any], str | None]] | None = None) -> Table:
-    """A table no wider than ``width``: see the module docstring."""
+    """A table no wider than ``width``: see the module docstring. When even the columns never left out leave the
+    free-text column too little room, its text goes on a line of its own under the record's first cell."""
     shown, left_out = fit_columns(columns, rows, width)
+    flexible = next((c for c in shown if c.flexible), None)
+    fixed_width = sum(_width(c, rows) for c in shown if not c.flexible) + _GAP * (len(shown) - 1)
+    beneath = flexible is not None and len(shown) > 1 and width - fixed_width < MIN_FLEXIBLE_WIDTH // 2
+    if beneath:
+        shown = [c for c in shown if c is not flexible]
     caption = None
     if left_out:
         caption = (f"not shown at {width} columns: {', '.join(c.title for c in left_out)} "
                    "(a wider terminal, or --format tsv, shows every column)")
     out = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                 title_justify="left", caption_justify="left")
-    for c in shown:
-        fixed = max([len(c.title), *(len(c.cell(r)) for r in rows)])
+    for i, c in enumerate(shown):
         if c.flexible:
-            out.add_column(c.title, justify=c.justify, overflow="fold", min_width=min(fixed, MIN_FLEXIBLE_WIDTH),
-                           ratio=1)
+            out.add_column(c.title, justify=c.justify, overflow="fold",
+                           min_width=min(_width(c, rows), MIN_FLEXIBLE_WIDTH))
+        elif beneath and i == 0:
+            out.add_column(f"{c.title} / {flexible.title}" if flexible else c.title, overflow="fold",
+                           min_width=_width(c, rows))
         else:
-            out.add_column(c.title, justify=c.justify, no_wrap=True, min_width=fixed)
+            out.add_column(c.title, justify=c.justify, no_wrap=True, min_width=_width(c, rows))
     for r in rows:
         cells = []
-        for c in shown:
+        for i, c in enumerate(shown):
             style = (styles or {}).get(c.key)
-            cells.append(Text(redact(c.cell(r)), style=(style(r.get(c.key)) or "") if style else ""))
+            cell = Text(redact(c.cell(r)), style=(style(r.get(c.key)) or "") if style else "")
+            if beneath and i == 0 and flexible is not None and r.get(flexible.key):
+                cell.append("\n  " + redact(flexible.cell(r)), style="dim")
+            cells.append(cell)
         out.add_row(*cells)
     return out
 
 
+def _width(column: Column, rows: Sequence[Mapping[str, Any]]) -> int:
+    return max([len(column.title), *(len(column.cell(r)) for r in rows)])
+
+
 def emit(console: Console, fmt: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], *,
-         title: str | None = None, warnings: Sequence[str] = (), records: Sequence[Mapping[str, Any]] | None = None,
+         title: str | None = None, notes: Sequence[str] = (), warnings: Sequence[str] = (),
+         records: Sequence[Mapping[str, Any]] | None = None,
          styles: Mapping[str, Callable[[Any], str | None]] | None = None) -> None:
     """Print a listing in the format asked for (``auto``: table on a terminal, TSV otherwise).
 
     ``records``: what JSON lines carry for each row (every field, raw), when more than the columns.
-    ``warnings`` (a limit reached) follow a table, and go to stderr beside TSV and JSON so pipes carry records
-    only.
+    ``notes`` (a summary) and ``warnings`` (a limit reached) follow a table, and go to stderr beside TSV and
+    JSON (as log events) so pipes carry records only.
     """
     kind = resolve(fmt, console)
     if kind == "table":
         console.print(table(rows, columns, width=console.width, title=title, styles=styles))
-        for text in warnings:
+        for text in [*notes, *warnings]:
             console.print(text, markup=False, highlight=False)
         return
     out = console.file
@@ -160,5 +176,7 @@ def emit(console: Console, fmt: str, rows: Sequence[Mapping[str, Any]], columns:
         for r in rows:
             out.write("\t".join(tsv_field(r.get(c.key)) for c in columns) + "\n")
     out.flush()
-    for text in warnings:
+    for text in notes:
         note(text)
+    for text in warnings:
+        note(text, warning=True)
