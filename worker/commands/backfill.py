@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from worker.commands.base import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_USAGE,
     Context,
     SubParsers,
     arun,
@@ -64,4 +65,6 @@ def run(ctx: Context) -> int:
         if not o.ok:
             job_error(o.job_id, f"{o.outcome}: {o.reason}")
     print_outcomes(ctx, [*outcomes, *invalid], title="backfill summary")
+    if invalid and not outcomes:
+        return EXIT_USAGE  # nothing but invalid JobIds: the command line is what to fix
     return EXIT_OK if outcomes and not invalid and all(o.outcome == "ingested" for o in outcomes) else EXIT_FAILED
