@@ -135,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args.handler(Context(args, settings, _stdout_console(), prog)))
         sys.stdout.flush()  # here, not at exit, so a closed pipe is handled like any other
         return code
-    except SystemExit as exc:  # --help and --version
-        if exc.code not in (None, 0) and _closed_pipe(exc):
+    except SystemExit as exc:  # --help and --version (argparse swallows a closed pipe's error itself)
+        if _stdout_reader_gone():
             _quiet_stdout()
             return EXIT_CLOSED_PIPE
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
