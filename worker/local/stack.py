@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import shlex
 import signal
@@ -73,6 +74,10 @@ def local_stack(settings: Settings, pgdata: Path = PGDATA) -> Iterator[LocalStac
         moto_server, moto_url = start_moto_server()
         queue_url = asyncio.run(_aws_resources(moto_url))
         fixtures = synth.demo_jobs()
+        # The emulator sends the notifications of the jobs it starts with an SQS client of this process, to
+        # moto's endpoint only (given below): moto takes any key, and a process without one would send nothing.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
         config = EmulatorConfig(quota_tps=max(settings.rekognition_tps, 5.0), max_concurrent_jobs=4,
                                 job_duration_s=2.0, started_job_faces=300, notification_queue_url=queue_url,
                                 sqs_endpoint_url=moto_url)
