@@ -203,3 +203,16 @@ def test_a_bug_prints_its_line_first_then_the_traceback(tmp_path: Path, db_url: 
     assert as_json.returncode == 70
     [event] = json_events(as_json.stderr)
     assert event["kind"] == "bug" and event["level"] == "critical" and "KeyError" in event["exception"]
+
+
+async def test_redrive_of_a_job_with_no_dead_letter_is_exit_3(db_url: str, queues: Any, moto_url: str,
+                                                              sqs: Any) -> None:
+    await sqs.send_message(QueueUrl=queues.dlq_url, MessageBody="not a notification")
+    env = {"DATABASE_URL": db_url, "QUEUE_URL": queues.url, "AWS_ENDPOINT_URL_SQS": moto_url}
+    missing = unique_job_id("no-letter")
+    result = run_cli("dlq", "redrive", "--job", missing, env=env)
+    assert result.returncode == 3, result.stderr
+    assert the_error(result)["error"] == f"no message of job {missing} in the dead-letter queue"
+    # The message that was there is still there.
+    attrs = await sqs.get_queue_attributes(QueueUrl=queues.dlq_url, AttributeNames=["ApproximateNumberOfMessages"])
+    assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "1"

@@ -481,8 +481,8 @@ async def read_listing(settings: Settings, *, limit: int) -> tuple[Listing, bool
 
 
 async def run_redrive(settings: Settings, *, job_id: str | None, dry_run: bool, use_move_task: bool,
-                      console: Console) -> int:
-    """The `dlq redrive` command."""
+                      console: Console) -> RedriveResult:
+    """The `dlq redrive` command: moves, prints what it did, returns it."""
     queue_url = _queue_url(settings)
     async with _clients(settings) as (sqs, move_sqs), _database(settings, required=True) as conn:
         assert conn is not None
@@ -491,7 +491,7 @@ async def run_redrive(settings: Settings, *, job_id: str | None, dry_run: bool, 
                                move_sqs=move_sqs)
     for line in summary_lines(result, topo, job_id):
         console.print(line, markup=False, highlight=False)
-    return 0 if result.ok else 1
+    return result
 
 
 def summary_lines(result: RedriveResult, topo: DeadLetterTopology, job_id: str | None) -> list[str]:

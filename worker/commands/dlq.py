@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.commands.base import EXIT_FAILED, EXIT_OK, Context, SubParsers, arun, positive
+from worker.commands.base import EXIT_FAILED, EXIT_OK, Context, SubParsers, arun, check_database, positive
 from worker.commands.output import Column, add_format_argument, emit
 
 
@@ -45,6 +45,8 @@ def register(sub: SubParsers) -> None:
 def run_list(ctx: Context) -> int:
     from worker.dlq import read_listing
 
+    if ctx.settings.database_url:
+        check_database(ctx.settings)  # the database first: it is what an outage most often is
     listing, database = arun(read_listing(ctx.settings, limit=ctx.args.limit))
     warnings = []
     if listing.truncated:
@@ -59,10 +61,15 @@ def run_list(ctx: Context) -> int:
 
 def run_redrive(ctx: Context) -> int:
     from worker.dlq import run_redrive
+    from worker.errors import NotFound
     from worker.messages import validate_job_id
 
     args = ctx.args
     job_id = validate_job_id(args.job) if args.job is not None else None
-    code = arun(run_redrive(ctx.settings, job_id=job_id, dry_run=args.dry_run, use_move_task=not args.no_move_task,
-                            console=ctx.out))
-    return EXIT_OK if code == 0 else EXIT_FAILED
+    check_database(ctx.settings)  # the database first: it is what an outage most often is
+    result = arun(run_redrive(ctx.settings, job_id=job_id, dry_run=args.dry_run,
+                              use_move_task=not args.no_move_task, console=ctx.out))
+    if job_id is not None and not (result.moved or result.skipped_ingested or result.failed
+                                   or result.duplicates_left) and not result.truncated:
+        raise NotFound(f"no message of job {job_id} in the dead-letter queue")
+    return EXIT_OK if result.ok else EXIT_FAILED

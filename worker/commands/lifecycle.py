@@ -14,6 +14,7 @@ from worker.commands.base import (
     Context,
     SubParsers,
     arun,
+    check_database,
     instant,
     job_error,
 )
@@ -122,6 +123,7 @@ def run_erase(ctx: Context) -> int:
     if args.from_file is not None and raw != _READ:
         raise InvalidInput("erase: give the identifier either as the value or with --from-file, not both")
     value = read_identifier(raw, args.from_file)
+    check_database(ctx.settings)  # an outage is reported as one, before the key is even looked at
     result = arun(run_erase(ctx.settings, kind, value, dry_run=args.dry_run))  # type: ignore[arg-type]
     flag = f"--{kind.replace('_', '-')}"
     if not result.matched:

@@ -17,8 +17,8 @@ def run(ctx: Context) -> int:
     from worker.errors import ConfigError
     from worker.service import run_service
 
-    if not ctx.settings.queue_url:
-        raise ConfigError("QUEUE_URL is not set")
     # A pod started while the database is down exits with one line (and restarts) rather than half-starting.
     check_database(ctx.settings)
+    if not ctx.settings.queue_url:
+        raise ConfigError("QUEUE_URL is not set")
     return arun(run_service(ctx.settings, exit_when_idle=ctx.args.exit_when_idle))
