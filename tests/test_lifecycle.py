@@ -318,9 +318,9 @@ async def test_retention_purges_old_jobs_one_replica_at_a_time(
 
 def test_retention_settings() -> None:
     assert Settings.from_env({}).retention_days is None
-    s = Settings.from_env({"RETENTION_DAYS": "30", "RETENTION_INTERVAL_S": "60", "ERASURE_HASH_KEY": "k"})
-    assert (s.retention_days, s.retention_interval_s, s.erasure_hash_key) == (30.0, 60.0, "k")
-    assert "'k'" not in repr(s)
+    s = Settings.from_env({"RETENTION_DAYS": "30", "RETENTION_INTERVAL_S": "60", "ERASURE_HASH_KEY": KEY})
+    assert (s.retention_days, s.retention_interval_s, s.erasure_hash_key) == (30.0, 60.0, KEY)
+    assert KEY not in repr(s)
     from worker.errors import ConfigError
     for bad in ("0", "-1", "soon"):
         with pytest.raises(ConfigError):
