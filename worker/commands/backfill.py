@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from worker.commands.base import (
     EXIT_FAILED,
@@ -17,7 +18,9 @@ from worker.commands.base import (
 )
 from worker.commands.output import Column, add_format_argument, emit
 from worker.errors import InvalidInput
-from worker.ingest import JobOutcome
+
+if TYPE_CHECKING:  # imported by the commands that run: `--help` and a typo need none of the pipeline
+    from worker.ingest import JobOutcome
 
 OUTCOME_COLUMNS = (
     Column("job_id", "job", priority=0), Column("api", "api", priority=1), Column("outcome", "status", priority=0),
