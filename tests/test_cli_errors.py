@@ -216,3 +216,43 @@ async def test_redrive_of_a_job_with_no_dead_letter_is_exit_3(db_url: str, queue
     # The message that was there is still there.
     attrs = await sqs.get_queue_attributes(QueueUrl=queues.dlq_url, AttributeNames=["ApproximateNumberOfMessages"])
     assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "1"
+
+
+def test_aws_unreachable_is_exit_4_naming_the_endpoint() -> None:
+    closed = f"http://127.0.0.1:{closed_port()}"
+    result = run_cli("dlq", "list", env={"QUEUE_URL": f"{closed}/000000000000/jobs", "AWS_ENDPOINT_URL_SQS": closed,
+                                         "AWS_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 4, result.stderr
+    event = the_error(result)
+    assert event["kind"] == "aws_unreachable" and closed in event["error"]
+
+
+def test_failures_are_classified_from_the_whole_chain() -> None:
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    from worker.commands.failure import classify, database_place
+
+    denied = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "not [b]allowed[/b]"},
+                          "ResponseMetadata": {"RequestId": "req-1", "HTTPStatusCode": 400}}, "GetFaceSearch")
+    found = classify(denied)
+    assert found is not None and (found.code, found.kind) == (4, "aws_refused")
+    assert "not [b]allowed[/b] (request id req-1)" in found.line
+    no_queue = ClientError({"Error": {"Code": "AWS.SimpleQueueService.NonExistentQueue", "Message": "gone"}},
+                           "GetQueueAttributes")
+    assert (found := classify(no_queue)) is not None and found.code == 2 and "QUEUE_URL" in found.line
+    assert (found := classify(NoCredentialsError())) is not None and found.code == 2
+    # Wrapped twice, as SQLAlchemy and a pool wrap a refused connection.
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed")
+        except OSError as inner:
+            raise RuntimeError("pool could not connect") from inner
+    except RuntimeError as outer:
+        found = classify(outer, dsn=f"postgresql://u:{PASSWORD}@db.internal:6432/rek")
+    assert found is not None and found.code == 4
+    assert found.line.startswith("database db.internal:6432/rek is unreachable (connection refused)")
+    assert PASSWORD not in found.line
+    # Not the database's, not expected: a bug (None), whatever errno it carries.
+    assert classify(FileNotFoundError(2, "No such file")) is None and classify(KeyError("x")) is None
+    assert str(database_place("postgresql://u@/rek?host=/run/pg&port=5433")) == "/run/pg:5433/rek"
+    assert classify(Exception("multi\nline\n" + "x" * 2000)) is None
