@@ -14,6 +14,7 @@ from worker.commands.base import (
     arun,
     err_console,
     job_error,
+    note,
     positive,
 )
 from worker.commands.output import Column, add_format_argument, emit
@@ -121,8 +122,6 @@ def run_retry(ctx: Context) -> int:
             job_error(o.job_id, f"{o.outcome}: {o.reason}")
     ingested = sum(o.outcome == "ingested" for o in outcomes)
     print_outcomes(ctx, outcomes, title="jobs retry summary")
-    from worker.commands.base import note
-
     text = (f"retried {len(outcomes)}: {ingested} ingested, {len(outcomes) - ingested} not; "
             f"{len(retry.skipped)} skipped{more}")
     if ctx.out.is_terminal or args.format in ("table", "text"):
