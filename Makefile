@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo test test-citus fuzz lint bench bench-smoke clean install lock
+.PHONY: demo local test test-citus fuzz lint bench bench-smoke clean install lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m worker demo
+
+# The whole local stack kept running, with the environment to paste printed (docs/cli.md, "Try it locally").
+local: $(STAMP)
+	$(PY) -m worker local
 
 # Processes running the suite at once (pytest-xdist; each has its own PostgreSQL, emulator and moto). Most
 # tests wait on I/O and timers, so 3 finish about twice as fast as 1 even on two cores. TEST_WORKERS=0: one process.

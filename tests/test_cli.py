@@ -99,7 +99,7 @@ def test_invalid_input_gets_a_one_line_error(args: tuple[str, ...], message: str
 
 def test_report_of_unknown_job(cli_env: dict[str, str]) -> None:
     result = run_cli("report", "never-ingested-job", env=cli_env)
-    assert result.returncode == 2 and "never-ingested-job has not been ingested" in result.stderr
+    assert result.returncode == 3 and "never-ingested-job has not been ingested" in result.stderr
 
 
 def test_run_without_queue_url(cli_env: dict[str, str]) -> None:

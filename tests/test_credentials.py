@@ -29,7 +29,8 @@ from test_service_support import (
 )
 
 from worker import backfill
-from worker.cli import _cmd_backfill
+from worker.commands import backfill as backfill_command
+from worker.commands.base import Context
 from worker.config import Settings
 from worker.credentials import CredentialsGate
 from worker.ingest import JobOutcome
@@ -147,8 +148,9 @@ def test_backfill_of_jobs_aws_refuses_exits_non_zero_and_records_nothing(
     out = io.StringIO()
     emulator.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0, access_denied=True)
     try:
-        rc = _cmd_backfill(settings, argparse.Namespace(api=None, job_ids=[], from_file=str(jobs)),
-                           Console(file=out, width=250))
+        rc = backfill_command.run(Context(argparse.Namespace(api=None, job_ids=[], from_file=str(jobs),
+                                                             format="table"),
+                                          settings, Console(file=out, width=250), "worker"))
     finally:
         emulator.configure(access_denied=False)
     assert rc == 1

@@ -67,11 +67,13 @@ def test_failed_start_up_writes_only_json_lines(late_events: str) -> None:
                      DATABASE_URL=f"postgresql://worker:{PASSWORD}@127.0.0.1:1/rekognition",
                      DECODE_PROCESSES="0", PYTHONPATH=late_events)
     result = run_worker(["run"], env, python_flags=("-X", "dev"))
-    assert result.returncode != 0
+    assert result.returncode == 4  # a dependency unavailable (docs/cli.md, "Exit codes")
     events = json_lines(result.stderr)
-    uncaught = [e for e in events if e["event"] == "uncaught exception"]
-    assert len(uncaught) == 1 and uncaught[0]["level"] == "critical"
-    assert "Traceback (most recent call last)" in uncaught[0]["exception"]
+    # An expected failure: one event naming the database, no traceback.
+    [failed] = [e for e in events if e["event"] == "command failed"]
+    assert failed["level"] == "error" and failed["kind"] == "database" and failed["exit_code"] == 4
+    assert "127.0.0.1:1/rekognition is unreachable" in failed["error"]
+    assert not [e for e in events if e["event"] == "uncaught exception"] and "exception" not in failed
     warned = [e for e in events if e.get("logger") == "py.warnings"]
     assert len(warned) == 1 and "UserWarning: option X is deprecated" in warned[0]["event"]
     thread = [e for e in events if e["event"] == "uncaught exception in thread"]
@@ -84,9 +86,9 @@ def test_backfill_against_unreachable_database_writes_only_json_lines(emulator: 
     env = worker_env(DATABASE_URL=f"postgresql://worker:{PASSWORD}@127.0.0.1:1/rekognition",
                      AWS_ENDPOINT_URL_REKOGNITION=emulator.url, PYTHONPATH=late_events)
     result = run_worker(["backfill", "--api", "GetFaceSearch", "job-unreachable-db"], env)
-    assert result.returncode == 1
+    assert result.returncode == 4
     events = json_lines(result.stderr)
-    assert any(e["event"] == "job error" and e["job_id"] == "job-unreachable-db" for e in events)
+    assert any(e["event"] == "command failed" and "127.0.0.1:1/rekognition" in e["error"] for e in events)
     assert any(e.get("logger") == "py.warnings" for e in events)
     assert PASSWORD not in result.stderr + result.stdout
 

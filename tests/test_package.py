@@ -74,7 +74,13 @@ def test_the_base_install_carries_no_local_stack(installed: Path, tmp_path: Path
 async def test_installed_console_script_prints_its_version_migrates_and_backfills(
         installed: Path, tmp_path: Path, pg_server_url: str, rekognition_endpoint: Any) -> None:
     script = str(installed / "rekognition-worker")
-    assert _run([script, "--version"], cwd=tmp_path).split()[-1] == __version__
+    # The program that was run names itself: the console script, not `python -m worker`.
+    assert _run([script, "--version"], cwd=tmp_path).split() == ["rekognition-worker", __version__]
+    assert _run([script, "--help"], cwd=tmp_path).startswith("usage: rekognition-worker ")
+    # The license the metadata declares ships inside the wheel.
+    (license_file,) = installed.parent.glob("lib/python*/site-packages/rekognition_ingest_worker-*.dist-info/"
+                                            "licenses/LICENSE")
+    assert "Apache License" in license_file.read_text() and "Version 2.0" in license_file.read_text()
     name = f"pkg_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_server_url)
     await create_database(admin, name)

@@ -33,7 +33,7 @@ from rich.console import Console
 from tests.conftest import create_database, unique_job_id, with_database
 from tests.helpers import runtime
 from worker.config import Settings
-from worker.errors import InvalidInput
+from worker.errors import InvalidInput, NotFound
 from worker.local import synth
 from worker.messages import Api, JobRef
 from worker.normalize import normalize_page, parse_meta
@@ -736,7 +736,7 @@ async def test_report_text_is_readable(corpus: Corpus) -> None:
 async def test_report_errors_are_input_errors(corpus: Corpus, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     console = Console(file=io.StringIO())
-    with pytest.raises(InvalidInput, match="has not been ingested"):  # in flight, never stored, or unknown
+    with pytest.raises(NotFound, match="has not been ingested"):  # in flight, never stored, or unknown
         await run_report(corpus.settings, "demo-det-running-0005", fmt="text", chart=None, console=console)
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("")

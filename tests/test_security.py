@@ -213,7 +213,7 @@ async def test_no_secret_in_cli_output(secret: Secrets, db_url: str, moto_url: s
         (["run", "--exit-when-idle"], {**env, "QUEUE_URL": queue_url}, 0),
         (["report", good.job_id], env, 0),
         (["migrate"], {**env, "DATABASE_URL": unreachable}, None),
-        (["backfill", "--api", "GetFaceDetection", good.job_id], {**env, "DATABASE_URL": unreachable}, 1),
+        (["backfill", "--api", "GetFaceDetection", good.job_id], {**env, "DATABASE_URL": unreachable}, 4),
     ]
     for args, run_env, expected in runs:  # one after another: report reads what backfill stored
         proc = WorkerProcess(args, run_env)

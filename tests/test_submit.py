@@ -159,10 +159,12 @@ async def test_submissions_lists_by_state(library: str, cli_env: Any, db_url: st
     finally:
         await conn.close()
     assert await _in_thread(["submissions", "--state", "failed", "--format", "json"]) == 0
-    doc = orjson.loads(capsys.readouterr().out)
-    assert [r["video_name"] for r in doc["submissions"]] == ["archive/2024/PANEL.MOV"]
-    assert doc["counts"]["failed"] == 1 and doc["counts"]["submitted"] == 2
-    assert await _in_thread(["submissions"]) == 0
+    rows = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSON lines
+    assert [r["video_name"] for r in rows] == ["archive/2024/PANEL.MOV"]
+    assert await _in_thread(["submissions", "--counts", "--format", "json"]) == 0
+    counts = {r["state"]: r["submissions"] for r in map(orjson.loads, capsys.readouterr().out.splitlines())}
+    assert counts["failed"] == 1 and counts["submitted"] == 2
+    assert await _in_thread(["submissions", "--format", "table"]) == 0
     out = capsys.readouterr().out
     assert "submitted 2" in out and "failed 1" in out and "InvalidS3ObjectException" in out
     assert await _in_thread(["submissions", "--state", "lost"]) == 2
@@ -175,10 +177,10 @@ async def _in_thread(argv: list[str]) -> int:
     return await asyncio.to_thread(main, argv)
 
 
-async def test_a_listing_s3_refuses_records_nothing_and_exits_1(
+async def test_a_listing_of_a_missing_bucket_records_nothing_and_exits_3(
     library: str, cli_env: Any, db_url: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
     args = ["submit", "--api", "FACE_DETECTION", f"s3://{library}/archive/", "s3://no-such-bucket-here/x/"]
-    assert await _in_thread(args) == 1
+    assert await _in_thread(args) == 3  # not found (docs/cli.md, "Exit codes")
     assert "listing s3://no-such-bucket-here/x/ failed" in capsys.readouterr().err
     assert await _rows(db_url) == []

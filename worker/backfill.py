@@ -10,12 +10,11 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from worker.config import Settings
 from worker.errors import InvalidInput, PermanentJobError, TransientError
 from worker.ingest import JobOutcome
-from worker.logs import get_logger, redact
+from worker.logs import get_logger
 from worker.messages import Api, ApiMissing, JobRef, parse_api, parse_backfill_line, validate_job_id
 from worker.runtime import Runtime, open_runtime
 
@@ -130,14 +129,3 @@ async def run_backfill(settings: Settings, refs: list[JobRef], *, console: Conso
                 await asyncio.sleep(RETRY_DELAY_S * (round_no + 1))
             progress.update(task, completed=len(refs))
     return [*(outcomes[r.job_id] for r in refs), *unknown]
-
-
-def summary_table(outcomes: Sequence[JobOutcome]) -> Table:
-    table = Table(title="backfill summary")
-    for col in ("job", "api", "status", "pages", "faces", "persons", "matches", "seconds", "reason"):
-        table.add_column(col, justify="right" if col in ("pages", "faces", "persons", "matches", "seconds") else "left")
-    for o in outcomes:
-        style = "green" if o.ok else "red"
-        table.add_row(o.job_id, o.api, f"[{style}]{o.outcome}[/]", str(o.pages), str(o.faces), str(o.persons),
-                      str(o.matches), f"{o.seconds:.2f}", redact(o.reason or "")[:120])
-    return table

@@ -18,6 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 from worker.errors import ConfigError
 
 RateLimitScope = Literal["process", "fleet"]
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# HMAC-SHA256's own block is 64 bytes; 32 random bytes make the audit's hash of a short identifier (an
+# ExternalImageId such as "anna") as hard to guess as the key itself.
+MIN_ERASURE_KEY_BYTES = 32
 
 
 def normalize_database_url(url: str) -> str:
@@ -89,6 +93,23 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise ConfigError(f"{name} must be true or false (got {raw!r})")
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    level = (env.get("LOG_LEVEL") or "info").strip().lower()
+    level = "warning" if level == "warn" else level
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {env.get('LOG_LEVEL')!r})")
+    return level
+
+
+def _erasure_hash_key(env: Mapping[str, str]) -> str | None:
+    key = env.get("ERASURE_HASH_KEY") or None
+    if key is not None and len(key.encode()) < MIN_ERASURE_KEY_BYTES:
+        # The value itself is never quoted: it is a secret.
+        raise ConfigError(f"ERASURE_HASH_KEY must have at least {MIN_ERASURE_KEY_BYTES} bytes (it has "
+                          f"{len(key.encode())}); generate one with: openssl rand -hex 32")
+    return key
 
 
 def _retention_days(env: Mapping[str, str]) -> float | None:
@@ -239,11 +260,11 @@ class Settings:
             not_ready_max_delay_s=_int(env, "NOT_READY_MAX_DELAY_S", 900, minimum=0),
             health_port=_int(env, "HEALTH_PORT", 8080, minimum=0),
             log_format=log_format,  # type: ignore[arg-type]
-            log_level=(env.get("LOG_LEVEL") or "info").strip().lower(),
+            log_level=_log_level(env),
             aws_region=env.get("AWS_REGION") or None,
             retention_days=_retention_days(env),
             retention_interval_s=_float(env, "RETENTION_INTERVAL_S", 3600.0, minimum=1.0),
-            erasure_hash_key=env.get("ERASURE_HASH_KEY") or None,
+            erasure_hash_key=_erasure_hash_key(env),
             rekognition_sns_topic_arn=env.get("REKOGNITION_SNS_TOPIC_ARN") or None,
             rekognition_role_arn=env.get("REKOGNITION_ROLE_ARN") or None,
             max_rekognition_jobs=_int(env, "MAX_REKOGNITION_JOBS", 20, minimum=1),

@@ -19,18 +19,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import orjson
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from worker.config import Settings
 from worker.db.engine import connect
 from worker.errors import ConfigError, InvalidInput, aws_message, aws_status
-from worker.logs import get_logger, redact
+from worker.logs import get_logger
 from worker.logsafe import redacted_body
 from worker.messages import JobRef, parse_message_body
 from worker.queue import describe_queue, queue_url_from_arn
@@ -460,20 +457,6 @@ def _age(seconds: int | None) -> str:
     return f"{seconds}s"
 
 
-def listing_table(listing: Listing) -> Table:
-    table = Table(title=f"dead-letter queue {listing.dlq_url}: {len(listing.rows)} message(s)"
-                        + (" (more not shown: raise --limit)" if listing.truncated else ""))
-    for col in ("message id", "sent", "age", "receives", "job", "api", "ingested", "reason"):
-        table.add_column(col, justify="right" if col in ("age", "receives") else "left", overflow="fold",
-                         no_wrap=col != "reason")
-    for r in listing.rows:
-        ingested = {True: "[green]yes[/]", False: "no", None: "-"}[r["ingested"]]
-        table.add_row(r["message_id"], (r["sent_at"] or "?")[:19].replace("T", " "), _age(r["age_s"]),
-                      str(r["receive_count"]), r["job_id"] or "-", r["api"] or "-", ingested,
-                      escape(redact(r["reason"]))[:200])
-    return table
-
-
 @contextlib.asynccontextmanager
 async def _clients(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
     """The SQS client, and one that makes a single attempt (so an unsupported move task fails fast)."""
@@ -502,24 +485,18 @@ def _queue_url(settings: Settings) -> str:
     return settings.queue_url
 
 
-async def run_list(settings: Settings, *, fmt: str, limit: int, console: Console) -> int:
-    """The `dlq list` command."""
+async def read_listing(settings: Settings, *, limit: int) -> tuple[Listing, bool]:
+    """The `dlq list` command's data: every message (up to ``limit``), and whether job states were looked up
+    (DATABASE_URL set)."""
     queue_url = _queue_url(settings)
     async with _clients(settings) as (sqs, _), _database(settings, required=False) as conn:
         topo = await locate(sqs, queue_url)
-        listing = await list_dead_letters(sqs, topo, conn, limit=limit)
-    if fmt == "json":
-        print(orjson.dumps(listing.rows, option=orjson.OPT_INDENT_2).decode())
-    else:
-        console.print(listing_table(listing))
-        if conn is None:
-            console.print("DATABASE_URL is not set: job states were not looked up")
-    return 0
+        return await list_dead_letters(sqs, topo, conn, limit=limit), conn is not None
 
 
 async def run_redrive(settings: Settings, *, job_id: str | None, dry_run: bool, use_move_task: bool,
-                      console: Console) -> int:
-    """The `dlq redrive` command."""
+                      console: Console) -> RedriveResult:
+    """The `dlq redrive` command: moves, prints what it did, returns it."""
     queue_url = _queue_url(settings)
     async with _clients(settings) as (sqs, move_sqs), _database(settings, required=True) as conn:
         assert conn is not None
@@ -528,7 +505,7 @@ async def run_redrive(settings: Settings, *, job_id: str | None, dry_run: bool, 
                                move_sqs=move_sqs)
     for line in summary_lines(result, topo, job_id):
         console.print(line, markup=False, highlight=False)
-    return 0 if result.ok else 1
+    return result
 
 
 def summary_lines(result: RedriveResult, topo: DeadLetterTopology, job_id: str | None) -> list[str]:

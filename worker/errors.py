@@ -17,6 +17,14 @@ class InvalidInput(WorkerError):
     """Input that can never succeed: a bad JobId, an unknown API name, an unreadable message."""
 
 
+class NotFound(WorkerError):
+    """What a command was asked about does not exist: a job, a submission, a DLQ message, an identity."""
+
+
+class Unavailable(WorkerError):
+    """A dependency (the database, AWS) cannot be reached or refuses the command: try again later."""
+
+
 class JobNotReady(WorkerError):
     """Rekognition still reports the job IN_PROGRESS: try again later, nothing was stored."""
 

@@ -422,6 +422,9 @@ async def retention_loop(engine: AsyncEngine, settings: Settings, stop: asyncio.
 
 ERASE_COUNTS = ("jobs", "collection_faces", "face_matches", "persons", "faces", "landmarks", "emotions",
                 "pages_rewritten")
+# The counts only the identity found in the data raises: none of them, and the erase matched nothing (a
+# typo, or an identity erased before). The audit row is kept even then, every count 0: the request is on record.
+IDENTITY_COUNTS = ERASE_COUNTS[1:]
 
 
 @dataclass(slots=True)
@@ -433,6 +436,10 @@ class Erasure:
     job_ids: list[str] = field(default_factory=list)
     audit_id: int | None = None
     seconds: float = 0.0
+
+    @property
+    def matched(self) -> bool:
+        return any(self.counts[name] for name in IDENTITY_COUNTS)
 
 
 # Whether a collection face (FaceMatch.Face of a page) is one being erased.
@@ -612,6 +619,7 @@ async def erase(conn: asyncpg.Connection, kind: SelectorKind, value: str, *, key
     if not dry_run:
         await erased.remember(conn, key, [("face_id", face_id) for face_id in face_ids])
     for job_id in job_ids:
+        found_before = sum(result.counts[name] for name in IDENTITY_COUNTS)
         tx = conn.transaction()
         await tx.start()
         try:
@@ -624,7 +632,8 @@ async def erase(conn: asyncpg.Connection, kind: SelectorKind, value: str, *, key
             await tx.rollback()
         else:
             await tx.commit()
-        if changed:
+        # A job counts when the identity was in it, not when only stale rows of another ingest were dropped.
+        if changed and sum(result.counts[name] for name in IDENTITY_COUNTS) > found_before:
             result.counts["jobs"] += 1
             result.job_ids.append(job_id)
     if not dry_run:

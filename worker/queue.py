@@ -48,7 +48,9 @@ OWN_COPY_MARGIN_S = 2.0
 # but without a fresh copy, so a message that keeps crashing the handler ends in the DLQ. "released":
 # handed back unfinished at shutdown, for another replica to take at once.
 # "waiting": a start request of `submit` while submissions are open (it comes back, and never dead-letters).
-RETRY_OUTCOMES = frozenset({"not_ready", "busy", "transient", "released", "waiting"})
+# "blocked": the same, while this replica cannot start any submission (no notification channel): it comes back
+# rarely, since nothing changes until the deployment's settings do.
+RETRY_OUTCOMES = frozenset({"not_ready", "busy", "transient", "released", "waiting", "blocked"})
 # "other_api": a notification of another Rekognition API, dropped because OTHER_API_NOTIFICATIONS=delete.
 # "submissions_done": a start request once no submission is open. "tombstoned": a notification of a job that
 # was deleted or expired (worker/tombstones.py), settled without ingesting it.
@@ -74,6 +76,9 @@ class RetryPolicy:
     # A start request comes back this often while submissions are open: hidden, it still counts for the
     # autoscaler (in flight), and once none is open the next receive deletes it.
     waiting_s: int = 5
+    # ... and this often while no submission can start (the settings must change first): one request waits
+    # without churning the queue; it still counts for the autoscaler (in flight), and the alert fires meanwhile.
+    blocked_s: int = 900
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
@@ -111,6 +116,8 @@ def decide(outcome: str, receive_count: int, settings: Settings, *, max_receive_
         delay = 0
     elif outcome == "waiting":
         delay = policy.waiting_s
+    elif outcome == "blocked":
+        delay = policy.blocked_s
     else:  # transient, error, or an outcome this worker does not know
         delay = retry_delay_s(attempt, base_s=policy.transient_base_s, cap_s=policy.transient_cap_s)
     last_life = max_receive_count is not None and receive_count >= max_receive_count

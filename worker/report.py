@@ -23,7 +23,7 @@ from rich.table import Table
 
 from worker.config import Settings
 from worker.db.engine import connect
-from worker.errors import InvalidInput
+from worker.errors import InvalidInput, NotFound
 from worker.messages import validate_job_id
 
 TOP_PERSONS = 15
@@ -290,9 +290,9 @@ async def run_report(settings: Settings, job_id: str, *, fmt: str, chart: str | 
             report = await load_report(conn, job_id)
             if report is None:
                 if await conn.fetchval("SELECT true FROM reporting.pending_jobs WHERE job_id = $1", job_id):
-                    raise InvalidInput(f"job {job_id} has not been ingested yet: its notification arrived, "
+                    raise NotFound(f"job {job_id} has not been ingested yet: its notification arrived, "
                                        "it is pending (reporting.pending_jobs)")
-                raise InvalidInput(f"job {job_id} has not been ingested (no such job in the database)")
+                raise NotFound(f"job {job_id} has not been ingested (no such job in the database)")
             timeline = await load_timeline(conn, job_id, gap_for(report)) if chart else None
     finally:
         await conn.close()
@@ -303,7 +303,8 @@ async def run_report(settings: Settings, job_id: str, *, fmt: str, chart: str | 
         except OSError as exc:  # the caller's input, not a crash
             raise InvalidInput(f"cannot write the chart to {chart}: {exc.strerror or exc}") from exc
     if fmt == "json":
-        print(json.dumps(report, indent=2, default=str))
+        # One record: indented for a person, one line for a pipe.
+        print(json.dumps(report, indent=2 if console.is_terminal else None, default=str))
     else:
         render_text(report, console)
         if chart:

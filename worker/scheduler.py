@@ -139,6 +139,7 @@ class Scheduler:
         self._paused_until = 0.0
         self._limit_streak = 0
         self._channel_warned = False
+        self._blocked: str | None = None
         self._counted_at = float("-inf")
         self._early_probe_after_s: float | None = None
         self._early_probe_min_s = early_probe_min_s
@@ -161,6 +162,17 @@ class Scheduler:
         if slot_freed:
             self._paused_until = 0.0
         self._wake.set()
+
+    @property
+    def blocked(self) -> str | None:
+        """Why submitted videos cannot start at all (no notification channel configured), as of the last pass;
+        None when nothing waits or they can start."""
+        return self._blocked
+
+    def _missing_channel_settings(self) -> list[str]:
+        s = self.settings
+        return [name for name, value in (("REKOGNITION_SNS_TOPIC_ARN", s.rekognition_sns_topic_arn),
+                                         ("REKOGNITION_ROLE_ARN", s.rekognition_role_arn)) if not value]
 
     async def has_open(self) -> bool:
         return await self.store.open_count() > 0
@@ -208,10 +220,14 @@ class Scheduler:
         channel = self.notification_channel
         while self._clock() >= self._paused_until:
             if channel is None:
-                if not self._channel_warned and await self.store.open_count() > 0:
-                    self._channel_warned = True
-                    log.error("submissions are waiting but nothing starts them: set REKOGNITION_SNS_TOPIC_ARN and "
-                              "REKOGNITION_ROLE_ARN (the jobs' NotificationChannel)")
+                waiting = await self.store.waiting_count()
+                missing = " and ".join(self._missing_channel_settings())
+                self._blocked = (f"{waiting} submitted video(s) wait to be started, but nothing can start them: set "
+                                 f"{missing} (the jobs' NotificationChannel)") if waiting else None
+                if self._blocked is not None and not self._channel_warned:
+                    self._channel_warned = True  # once: the metric and its alert carry it from here
+                    log.error("submissions are waiting but nothing starts them", reason=self._blocked,
+                              missing_settings=missing, submissions_waiting=waiting)
                 return
             claim = await self.store.claim(self.settings.max_rekognition_jobs, self.settings.submit_start_lease_s)
             if claim is None:

@@ -164,6 +164,9 @@ class SqsWorker:
                 break
             for message in messages:
                 self._start(message)
+            if exit_when_idle and self.scheduler is not None and (why := self.scheduler.blocked) is not None:
+                # Idle can never come: waiting here would be a silent wait for settings that cannot change.
+                raise ConfigError(f"run --exit-when-idle: {why}")
             if not messages and exit_when_idle and not self._in_flight and await self._idle():
                 log.info("queue is empty and nothing is in flight: exiting")
                 break
@@ -318,7 +321,12 @@ class SqsWorker:
             await self._settle(message, "waiting", receive_count, earlier, reason="this worker starts no jobs")
             return
         self.scheduler.wake()
-        outcome = "waiting" if await self.scheduler.has_open() else "submissions_done"
+        if not await self.scheduler.has_open():
+            outcome = "submissions_done"
+        else:
+            # Blocked: nothing starts them until the settings change, so the request is not handed back every
+            # few seconds (the scheduler's own pass still notices new submissions every SUBMIT_POLL_INTERVAL_S).
+            outcome = "blocked" if self.scheduler.blocked is not None else "waiting"
         await self._settle(message, outcome, receive_count, earlier)
 
     async def _count_failure(self, ref: JobRef, exc: Exception) -> str:

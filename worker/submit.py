@@ -12,18 +12,16 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import orjson
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
-from rich.table import Table
 
 from worker.config import Settings
 from worker.db.submissions import SubmissionStore, chunks
-from worker.errors import InvalidInput, aws_error
+from worker.errors import InvalidInput, NotFound, Unavailable, aws_error
 from worker.logs import get_logger
 from worker.messages import start_request_body
-from worker.submissions import STATES, StartOptions, Video, is_video, parse_s3_url
+from worker.submissions import StartOptions, Video, is_video, parse_s3_url
 
 log = get_logger(__name__)
 
@@ -95,6 +93,8 @@ async def run_submit(settings: Settings, options: StartOptions, prefixes: Sequen
                     async for video in list_prefix(s3, url):
                         listing.add(video)
                 except (ClientError, BotoCoreError) as exc:
+                    if aws_error(exc).get("aws_error_code") == "NoSuchBucket":
+                        raise NotFound(f"listing {url} failed: no such bucket: {aws_error(exc)['error']}") from exc
                     raise SubmitError(f"listing {url} failed: {aws_error(exc)['error']}") from exc
     store = SubmissionStore(settings.asyncpg_dsn)
     new = known = resubmitted = 0
@@ -109,7 +109,7 @@ async def run_submit(settings: Settings, options: StartOptions, prefixes: Sequen
     return SubmitResult(new, known, resubmitted, listing.skipped, queued)
 
 
-class SubmitError(Exception):
+class SubmitError(Unavailable):
     """S3 or SQS refused `submit` (the videos recorded so far stay recorded)."""
 
 
@@ -147,29 +147,3 @@ def print_submit_result(result: SubmitResult, console: Console, settings: Settin
     elif not settings.queue_url and (result.new or result.resubmitted):
         console.print("QUEUE_URL is not set: no start request was queued. A running `run` starts the videos; a "
                       "deployment scaled to zero is not woken.")
-
-
-async def run_submissions(settings: Settings, state: str | None, *, limit: int, fmt: str, console: Console) -> int:
-    if state is not None and state not in STATES:
-        raise InvalidInput(f"--state must be one of {', '.join(STATES)} (got {state!r})")
-    store = SubmissionStore(settings.asyncpg_dsn)
-    rows = await store.list(state, limit)
-    counts = await store.counts()
-    if fmt == "json":
-        print(orjson.dumps({"counts": counts, "submissions": rows}, default=str).decode())
-        return 0
-    table = Table(title="submissions" + (f" ({state})" if state else ""))
-    for col in ("video", "api", "state", "job", "submitted", "started", "finished", "ingested", "reason"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(f"s3://{r['video_bucket']}/{r['video_name']}", r["api"], r["state"], r["job_id"] or "",
-                      *(_when(r[k]) for k in ("submitted_at", "started_at", "finished_at", "ingested_at")),
-                      (r["failure_reason"] or "")[:80])
-    console.print(table)
-    console.print(", ".join(f"{s} {counts[s]}" for s in STATES) + (
-        f" (showing the first {limit})" if len(rows) >= limit else ""))
-    return 0
-
-
-def _when(value: Any) -> str:
-    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")

@@ -114,6 +114,7 @@ FROM (SELECT extract(epoch FROM finished_at - started_at)::float8 AS run_s
 """
 _OPEN = "SELECT count(*) FROM submissions WHERE state = ANY(ARRAY['submitted', 'starting', 'started'])"
 _BY_STATE = "SELECT state, count(*) AS n FROM submissions GROUP BY state"
+_WAITING = "SELECT count(*) FROM submissions WHERE state = ANY(ARRAY['submitted', 'starting'])"
 
 _INSERT = """
 INSERT INTO submissions (video_bucket, video_name, api, options, options_key, client_request_token)
@@ -278,6 +279,10 @@ class SchedulerStore(SubmissionStore):
     async def open_count(self) -> int:
         """Submissions not started or still running at Rekognition."""
         return int((await self._fetch(_OPEN))[0][0])
+
+    async def waiting_count(self) -> int:
+        """Submissions not started yet (submitted, or claimed and starting)."""
+        return int((await self._fetch(_WAITING))[0][0])
 
     async def claim(self, max_running: int, lease_s: float) -> Claim | None:
         """Take one submission to start, if a slot is free (or a stale claim waits); None when there is none."""
