@@ -239,7 +239,7 @@ async def test_a_deleted_job_stays_deleted_until_an_operator_restores_it(
         await send(sqs, queues.dlq_url, raw(deleted, timestamp_ms=_later_ms()))
         listed = run_cli("dlq", "list", "--format", "json", env=env)
         assert listed.returncode == 0, listed.stderr[-2000:]
-        [row] = json.loads(listed.stdout)
+        [row] = [json.loads(line) for line in listed.stdout.splitlines()]
         assert row["reason"].startswith("job deleted at") and row["ingested"] is False, row
         moved = run_cli("dlq", "redrive", "--job", deleted.job_id, env=env)
         assert moved.returncode == 0 and "moved: 1" in moved.stdout, moved.stdout + moved.stderr[-2000:]
