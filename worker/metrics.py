@@ -36,6 +36,10 @@ REQUEUES_HELD = Gauge("worker_requeues_held", "Messages on their last receive he
                       "copy is retried in the background")
 CREDENTIALS_FAILURES = Counter("worker_credentials_failures_total",
                                "Jobs handed back because AWS refused the worker's credentials or permissions")
+# A FAILED/ERROR notification that Rekognition's own JobStatus contradicts: forged, or a stray copy.
+NOTIFIED_FAILED_CONTRADICTED = Counter(
+    "worker_failed_notifications_contradicted_total",
+    "Notifications saying FAILED or ERROR for a job Rekognition reports SUCCEEDED: settled as completions")
 CREDENTIALS_PAUSED = Gauge("worker_credentials_paused",
                            "1 while the worker takes no messages because AWS refuses its credentials")
 

@@ -30,14 +30,12 @@ from worker.config import Settings
 from worker.credentials import CredentialsGate, rekognition_probe
 from worker.db.migrate import head_revision
 from worker.db.submissions import SchedulerStore
-from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerError
+from worker.errors import ConfigError, InvalidInput
 from worker.expiry import watch_pending_jobs
 from worker.health import HealthServer
-from worker.ingest import JobOutcome
 from worker.lifecycle import retention_loop
 from worker.logs import get_logger
 from worker.messages import JobRef, OtherApiNotification, is_start_request, parse_message_body
-from worker.normalize import JobMeta, parse_meta
 from worker.queue import (
     DEFAULT_REQUEUE_RETRY,
     DEFAULT_RETRY_POLICY,
@@ -262,10 +260,15 @@ class SqsWorker:
             self._jobs_in_flight.add(ref.job_id)
             try:
                 async with self.sqs_queue.heartbeat(message):
-                    if ref.notified_status in ("FAILED", "ERROR"):
-                        outcome = await self._record_notified_failure(ref)
-                    else:
-                        outcome = await self.rt.ingestor.ingest(ref, skip_if_ingested_since_ms=ref.notified_at_ms)
+                    # Whatever Status the notification claims, Rekognition's own JobStatus (the first Get*
+                    # page, read by the ingestor) decides: FAILED records the failure, SUCCEEDED ingests (or
+                    # settles a duplicate), no answer is transient. A message never deletes on its own word.
+                    outcome = await self.rt.ingestor.ingest(ref, skip_if_ingested_since_ms=ref.notified_at_ms)
+                    if ref.notified_status in ("FAILED", "ERROR") and outcome.ok:
+                        metrics.NOTIFIED_FAILED_CONTRADICTED.inc()
+                        log.warning("the notification says the job failed but Rekognition reports it succeeded: "
+                                    "settled as a completion", notified_status=ref.notified_status,
+                                    outcome=outcome.outcome)
             finally:
                 self._jobs_in_flight.discard(ref.job_id)
                 # The ingestor unbinds job_id and api when it returns; this message's lines still need them.
@@ -313,40 +316,6 @@ class SqsWorker:
         except Exception as count_exc:  # counting is best effort here: the message is retried regardless
             log.warning("could not count the failure", error=f"{type(count_exc).__name__}: {count_exc}"[:300])
             return "error"
-
-    async def _record_notified_failure(self, ref: JobRef) -> JobOutcome:
-        """Status FAILED or ERROR in the notification: record the job as failed, with Rekognition's reason."""
-        started = self._clock()
-        try:
-            meta = await self._failed_job_meta(ref)
-        except CredentialsError as exc:
-            # Recorded once the credentials work, with Rekognition's StatusMessage, not the notification's.
-            metrics.JOBS.labels(ref.api.value, "transient").inc()
-            log.info("job finished", outcome="transient", pages=0, rows=0, seconds=0.0, reason=str(exc)[:300])
-            return JobOutcome(ref.job_id, ref.api.value, "transient", reason=str(exc), credentials_error=True)
-        if meta is not None and meta.status_message:
-            code, reason = "JobFailed", meta.status_message
-        else:
-            code = f"Notification{(ref.notified_status or 'FAILED').title()}"
-            reason = f"completion notification reported Status={ref.notified_status}"
-        await self.rt.store.record_failure(ref, code=code, reason=reason, meta=meta, rekognition_failed=True)
-        outcome = JobOutcome(ref.job_id, ref.api.value, "failed", reason=reason,
-                             seconds=round(self._clock() - started, 3))
-        metrics.JOBS.labels(ref.api.value, "failed").inc()
-        log.info("job finished", outcome="failed", pages=0, rows=0, seconds=outcome.seconds, reason=reason)
-        return outcome
-
-    async def _failed_job_meta(self, ref: JobRef) -> JobMeta | None:
-        """Best effort: the failed job's StatusMessage and video, which the notification does not carry."""
-        try:
-            meta = parse_meta(await self.rt.fetcher.fetch(ref.api, ref.job_id, None))
-        except CredentialsError:
-            raise
-        except (WorkerError, ValueError) as exc:  # ValueError: a 200 answer whose body is not JSON
-            log.warning("could not read the failed job's status from Rekognition; recording the notification's",
-                        error=str(exc)[:300])
-            return None
-        return meta if meta.job_status == "FAILED" else None
 
     async def _settle(self, message: dict[str, Any], outcome: str, receive_count: int, earlier: int, *,
                       reason: str | None = None, deadline_s: float | None = None) -> None:
