@@ -38,6 +38,7 @@ from worker.config import Settings
 from worker.db import schema
 from worker.db.store import drop_stale_ingests
 from worker.errors import ConfigError, InvalidInput
+from worker.ingest import failure_fingerprint
 from worker.logs import get_logger
 
 log = get_logger(__name__)
@@ -497,6 +498,35 @@ async def _erase_in_job(conn: asyncpg.Connection, job_id: str, kind: SelectorKin
     return stale > 0 or pages_rewritten > 0 or any(removed.values())
 
 
+# Every text column that can quote a value of a page, or an error about one: failure reasons (copied from
+# jobs to submissions by the trigger of revision 0011 and by the scheduler's reconcile), Rekognition's
+# StatusMessage, and the retry bookkeeping (whose fingerprint is the error with its numbers blanked, $2).
+_SCRUB_JOBS = (
+    "UPDATE jobs SET failure_reason = replace(failure_reason, $1, '[erased]'), "
+    "status_message = replace(status_message, $1, '[erased]') "
+    "WHERE strpos(failure_reason, $1) > 0 OR strpos(status_message, $1) > 0")
+_SCRUB_SUBMISSIONS = (
+    "UPDATE submissions SET failure_reason = replace(failure_reason, $1, '[erased]') "
+    "WHERE strpos(failure_reason, $1) > 0")
+_SCRUB_RETRIES = (
+    "UPDATE job_retries SET last_error = replace(last_error, $1, '[erased]'), "
+    "last_outage = replace(last_outage, $1, '[erased]'), "
+    "fingerprint = replace(replace(fingerprint, $1, '[erased]'), $2, '[erased]') "
+    "WHERE strpos(last_error, $1) > 0 OR strpos(last_outage, $1) > 0 OR strpos(fingerprint, $1) > 0 "
+    "OR strpos(fingerprint, $2) > 0")
+
+
+async def scrub_free_text(conn: asyncpg.Connection, value: str) -> None:
+    """Replace ``value`` by ``[erased]`` wherever free text quotes it, in the caller's transaction (the
+    trigger that copies failure reasons to submissions does not fire on these updates)."""
+    blanked = failure_fingerprint(Exception(value)).removeprefix("Exception: ")
+    if blanked == value or not blanked.strip("#"):
+        blanked = value  # nothing blanked, or nothing but blanks: replacing it would hit unrelated numbers
+    await conn.execute(_SCRUB_JOBS, value)
+    await conn.execute(_SCRUB_SUBMISSIONS, value)
+    await conn.execute(_SCRUB_RETRIES, value, blanked)
+
+
 async def _erase_candidates(conn: asyncpg.Connection, kind: SelectorKind, value: str) -> tuple[set[str], list[str]]:
     """The erased FaceIds known from the rows, and the jobs to look at: those whose rows name the faces, and
     every face search job with raw pages but no ingested rows (quarantined pages are read, not trusted)."""
@@ -537,11 +567,7 @@ async def erase(conn: asyncpg.Connection, kind: SelectorKind, value: str, *, key
     if not dry_run:
         # Free text that may quote a value of a page (an error message naming a malformed member).
         async with conn.transaction():
-            await conn.execute("UPDATE jobs SET failure_reason = replace(failure_reason, $1, '[erased]') "
-                               "WHERE strpos(failure_reason, $1) > 0", value)
-            await conn.execute("UPDATE job_retries SET last_error = replace(last_error, $1, '[erased]'), "
-                               "last_outage = replace(last_outage, $1, '[erased]') "
-                               "WHERE strpos(last_error, $1) > 0 OR strpos(last_outage, $1) > 0", value)
+            await scrub_free_text(conn, value)
             c = result.counts
             result.audit_id = await conn.fetchval(
                 "INSERT INTO erasures (selector_kind, selector_hash, jobs, collection_faces, face_matches, persons, "
