@@ -1,13 +1,14 @@
 """The end of a job's data: `delete`, the retention purge of `run`, `erase` of one person, the erasure audit.
 
-Every change to a job happens under the job's transaction-scoped advisory lock (the store's key,
-``hashtextextended(job_id, 0)``), so it never interleaves with an ingest or a reprocess of that job, and
-other jobs are never locked at all. A job with more faces than ``chunk_faces`` is deleted in several short
-transactions: the first hides it (state failed, failure_code ``Deleting``, counters 0: out of every
-reporting view but job_summary) and drops its raw pages, persons and collection faces; the next ones
-delete ``chunk_faces`` faces with their landmarks, emotions and matches each; the last removes the jobs
-row. A run cut short leaves a hidden job that the next `delete` (or retention pass) finishes, since
-``ingested_at`` and ``updated_at`` are kept.
+Every change to a job happens under the job's advisory lock (the store's key, ``hashtextextended(job_id,
+0)``), waited for outside any transaction and held by the session across the change's short transactions
+(worker/db/joblock.py), so it never interleaves with an ingest or a reprocess of that job, never holds
+back vacuum while it waits, and other jobs are never locked at all. A job with more faces than
+``chunk_faces`` is deleted in several short transactions: the first hides it (state failed, failure_code
+``Deleting``, counters 0: out of every reporting view but job_summary) and drops its raw pages, persons and
+collection faces; the next ones delete ``chunk_faces`` faces with their landmarks, emotions and matches
+each; the last removes the jobs row. A run cut short leaves a hidden job that the next `delete` (or
+retention pass) finishes, since ``ingested_at`` and ``updated_at`` are kept.
 
 `erase` rewrites the archived raw pages as well as the rows, so `reprocess` cannot bring erased entries
 back; ERASURE_HASH_KEY keys the audit's hash, so the audit never names the person it is about.
@@ -36,6 +37,7 @@ from worker import metrics
 from worker.archive import ArchivedPage
 from worker.config import Settings
 from worker.db import schema
+from worker.db.joblock import JobLockBusy, job_lock
 from worker.db.store import drop_stale_ingests
 from worker.errors import ConfigError, InvalidInput
 from worker.ingest import failure_fingerprint
@@ -100,13 +102,6 @@ def _affected(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def _lock(conn: asyncpg.Connection, job_id: str, *, wait: bool) -> bool:
-    if wait:
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", job_id)
-        return True
-    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", job_id))
-
-
 # --- delete ------------------------------------------------------------------------------------------
 
 
@@ -156,17 +151,25 @@ async def _delete_all(conn: asyncpg.Connection, job_id: str, rows: dict[str, int
 
 async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True,
                      chunk_faces: int = DEFAULT_CHUNK_FACES) -> JobRemoval:
-    """Delete every row and raw page of ``job_id``, in short transactions under the job's lock.
+    """Delete every row and raw page of ``job_id``, in short transactions under the job's lock, which is
+    waited for outside any transaction (worker/db/joblock.py) and held until the last one.
 
     ``wait=False`` (retention) gives up with outcome ``busy`` when the job is being written right now.
     """
     started = time.monotonic()
     removal = JobRemoval(job_id, None, None)
+    try:
+        async with job_lock(conn, job_id, wait=wait):
+            await _delete_locked(conn, job_id, removal, chunk_faces)
+    except JobLockBusy:
+        removal.outcome = "busy"
+    removal.seconds = round(time.monotonic() - started, 3)
+    return removal
+
+
+async def _delete_locked(conn: asyncpg.Connection, job_id: str, removal: JobRemoval, chunk_faces: int) -> None:
     rows = removal.rows
     async with conn.transaction():
-        if not await _lock(conn, job_id, wait=wait):
-            removal.outcome = "busy"
-            return removal
         job = await conn.fetchrow("SELECT api::text AS api, ingest_state::text AS state, failure_code "
                                   "FROM jobs WHERE job_id = $1", job_id)
         removal.api, removal.state = (job["api"], job["state"]) if job is not None else (None, None)
@@ -176,8 +179,7 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
             await _delete_all(conn, job_id, rows)
             if removal.total == 0:
                 removal.outcome = "missing"
-            removal.seconds = round(time.monotonic() - started, 3)
-            return removal
+            return
         # Too large for one short transaction: hide it first, and drop the archive (the biometric source).
         await conn.execute(
             "UPDATE jobs SET ingest_state = 'failed', failure_code = $2, "
@@ -192,22 +194,18 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
             rows[table] = _affected(status)
     for low in range(0, top + 1, chunk_faces):
         async with conn.transaction():
-            await _lock(conn, job_id, wait=True)
             if not await _still_deleting(conn, job_id):
                 removal.outcome = "reingested"
-                return removal
+                return
             for table in _FACE_CHUNK_TABLES:
                 rows[table] = rows.get(table, 0) + _affected(await conn.execute(
                     f"DELETE FROM {table} WHERE ingest_id = ANY($1::int[]) AND face_seq >= $2 AND face_seq < $3",
                     keys, low, low + chunk_faces))
     async with conn.transaction():
-        await _lock(conn, job_id, wait=True)
         if not await _still_deleting(conn, job_id):
             removal.outcome = "reingested"
-            return removal
+            return
         await _delete_all(conn, job_id, rows)
-    removal.seconds = round(time.monotonic() - started, 3)
-    return removal
 
 
 async def _still_deleting(conn: asyncpg.Connection, job_id: str) -> bool:
@@ -549,18 +547,19 @@ async def erase(conn: asyncpg.Connection, kind: SelectorKind, value: str, *, key
     result = Erasure(kind)
     face_ids, job_ids = await _erase_candidates(conn, kind, value)
     for job_id in job_ids:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            await _lock(conn, job_id, wait=True)
-            changed = await _erase_in_job(conn, job_id, kind, value, face_ids, result.counts)
-        except BaseException:
-            await tx.rollback()
-            raise
-        if dry_run:
-            await tx.rollback()
-        else:
-            await tx.commit()
+        # The job's lock is waited for with no transaction open (an ingest may hold it for minutes).
+        async with job_lock(conn, job_id):
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                changed = await _erase_in_job(conn, job_id, kind, value, face_ids, result.counts)
+            except BaseException:
+                await tx.rollback()
+                raise
+            if dry_run:
+                await tx.rollback()
+            else:
+                await tx.commit()
         if changed:
             result.counts["jobs"] += 1
             result.job_ids.append(job_id)
