@@ -56,6 +56,7 @@ from worker.queue import earlier_receives as _earlier_receives
 from worker.queue import receive_count as _receive_count
 from worker.runtime import Runtime, open_runtime
 from worker.scheduler import Scheduler, open_start_limiter
+from worker.sweep import sweep_loop
 
 log = get_logger(__name__)
 
@@ -432,12 +433,15 @@ async def run_service(settings: Settings, *, exit_when_idle: bool = False,
                     ready(worker)
                 retention = (asyncio.create_task(retention_loop(rt.engine, settings, worker.stopping),
                                                  name="retention") if settings.retention_days is not None else None)
+                sweep = asyncio.create_task(sweep_loop(rt.engine, settings.stale_sweep_interval_s, worker.stopping),
+                                            name="stale-sweep")
                 try:
                     return await worker.run(exit_when_idle=exit_when_idle)
                 finally:
-                    if retention is not None:
-                        # A pass in progress rolls back its current job's transaction; the next run resumes.
-                        retention.cancel()
-                        await asyncio.gather(retention, return_exceptions=True)
+                    # A pass in progress rolls back its current transaction and releases its job's lock.
+                    for task in (retention, sweep):
+                        if task is not None:
+                            task.cancel()
+                    await asyncio.gather(*(t for t in (retention, sweep) if t is not None), return_exceptions=True)
             finally:
                 await health.stop()
