@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo test fuzz lint bench bench-smoke clean install lock
+.PHONY: demo test soak fuzz lint bench bench-smoke clean install lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ TEST_WORKERS ?= 3
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 		if [ $$rc -eq 5 ]; then echo "no test selected by PYTEST_ARGS=$(PYTEST_ARGS)"; exit 0; fi; exit $$rc
+
+# The chaos test (tests/test_chaos.py: three `run` replicas under mixed faults) for 30 minutes; `make test`
+# runs it for 45 s. CHAOS_SEED=N replays a run.
+CHAOS_DURATION_S ?= 1800
+soak: $(TEST_STAMP)
+	CHAOS_DURATION_S=$(CHAOS_DURATION_S) $(PY) -m pytest -q -n 0 -s tests/test_chaos.py $(PYTEST_ARGS)
 
 # The property-based suites with fresh random examples (make test uses a fixed seed); repeat to explore.
 fuzz: $(TEST_STAMP)
