@@ -33,6 +33,7 @@ from worker.db.submissions import SchedulerStore
 from worker.errors import ConfigError, InvalidInput
 from worker.expiry import watch_pending_jobs
 from worker.health import HealthServer
+from worker.ingest import JobOutcome
 from worker.lifecycle import retention_loop
 from worker.logs import get_logger
 from worker.messages import JobRef, OtherApiNotification, is_start_request, parse_message_body
@@ -261,15 +262,7 @@ class SqsWorker:
             self._jobs_in_flight.add(ref.job_id)
             try:
                 async with self.sqs_queue.heartbeat(message):
-                    # Whatever Status the notification claims, Rekognition's own JobStatus (the first Get*
-                    # page, read by the ingestor) decides: FAILED records the failure, SUCCEEDED ingests (or
-                    # settles a duplicate), no answer is transient. A message never deletes on its own word.
-                    outcome = await self.rt.ingestor.ingest(ref, skip_if_ingested_since_ms=ref.notified_at_ms)
-                    if ref.notified_status in ("FAILED", "ERROR") and outcome.ok:
-                        metrics.NOTIFIED_FAILED_CONTRADICTED.inc()
-                        log.warning("the notification says the job failed but Rekognition reports it succeeded: "
-                                    "settled as a completion", notified_status=ref.notified_status,
-                                    outcome=outcome.outcome)
+                    outcome = await self._ingest_notified(ref)
             finally:
                 self._jobs_in_flight.discard(ref.job_id)
                 # The ingestor unbinds job_id and api when it returns; this message's lines still need them.
@@ -292,6 +285,21 @@ class SqsWorker:
         finally:
             structlog.contextvars.unbind_contextvars("message_id", "receive_count", "earlier_receives", "job_id", "api",
                                                      "job_tag")
+
+    async def _ingest_notified(self, ref: JobRef) -> JobOutcome:
+        """Whatever Status the notification claims, Rekognition's own JobStatus (the first Get* page, read by
+        the ingestor) decides: FAILED records the failure, SUCCEEDED ingests (or settles a duplicate), no
+        answer is transient. A message never deletes data on its own word."""
+        claims_failed = ref.notified_status in ("FAILED", "ERROR")
+        # An ingested job SUCCEEDED at Rekognition, whenever it was: a FAILED claim about it is a duplicate,
+        # settled without a Get* call (a flood of forged copies costs no quota and no re-ingest).
+        since_ms = 0 if claims_failed else ref.notified_at_ms
+        outcome = await self.rt.ingestor.ingest(ref, skip_if_ingested_since_ms=since_ms)
+        if claims_failed and outcome.ok:
+            metrics.NOTIFIED_FAILED_CONTRADICTED.inc()
+            log.warning("the notification says the job failed but Rekognition reports it succeeded: settled as a "
+                        "completion", notified_status=ref.notified_status, outcome=outcome.outcome)
+        return outcome
 
     async def _note_pending(self, ref: JobRef) -> None:
         # The 7-day clock starts here, in the database; an outage is transient like any other in _handle.
