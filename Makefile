@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo local test test-citus fuzz lint bench bench-smoke clean install lock
+.PHONY: demo local test test-citus soak fuzz lint bench bench-smoke clean install lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ test-citus: $(TEST_STAMP)
 		echo "make test-citus skipped: $$reason"; exit 0; fi; \
 	TEST_CITUS=1 CITUS_PG_BIN=$(CITUS_PG_BIN) $(PY) -m pytest -q -n $(TEST_WORKERS) $(CITUS_TESTS) \
 		-k "$(CITUS_DESELECT)" $(PYTEST_ARGS)
+
+# The chaos test (tests/test_chaos.py: three `run` replicas under mixed faults) for 30 minutes; `make test`
+# runs it for 45 s. CHAOS_SEED=N replays a run.
+CHAOS_DURATION_S ?= 1800
+soak: $(TEST_STAMP)
+	CHAOS_DURATION_S=$(CHAOS_DURATION_S) $(PY) -m pytest -q -n 0 -s tests/test_chaos.py $(PYTEST_ARGS)
 
 # The property-based suites with fresh random examples (make test uses a fixed seed); repeat to explore.
 fuzz: $(TEST_STAMP)

@@ -6,6 +6,14 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO rekogniti
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO rekognition_worker;
 -- The schema version is the migration role's business: the worker only reads it (readiness probe).
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE public.alembic_version FROM rekognition_worker;
+-- Before revision 0007 the tables were in public: the erasure audit stays append-only there too.
+DO $audit$
+BEGIN
+    IF to_regclass('public.erasures') IS NOT NULL THEN
+        REVOKE UPDATE, DELETE, TRUNCATE ON TABLE public.erasures FROM rekognition_worker;
+    END IF;
+END
+$audit$;
 
 -- The worker's tables live in schema rekognition (revision 0007 onwards): rows of every table there, now
 -- and of tables later migrations create.
@@ -19,6 +27,15 @@ BEGIN
             GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO rekognition_worker;
         ALTER DEFAULT PRIVILEGES FOR ROLE rekognition_migrator IN SCHEMA rekognition
             GRANT USAGE, SELECT ON SEQUENCES TO rekognition_worker;
+        -- The erasure audit (revision 0008) and the erased identifiers every write applies (0013) are
+        -- append-only for the worker: the blanket grant above must not hand UPDATE or DELETE on them back,
+        -- or a worker could undo an erasure.
+        IF to_regclass('rekognition.erasures') IS NOT NULL THEN
+            REVOKE UPDATE, DELETE, TRUNCATE ON TABLE rekognition.erasures FROM rekognition_worker;
+        END IF;
+        IF to_regclass('rekognition.erased_identifiers') IS NOT NULL THEN
+            REVOKE UPDATE, DELETE, TRUNCATE ON TABLE rekognition.erased_identifiers FROM rekognition_worker;
+        END IF;
     END IF;
 END
 $rekognition$;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -10,6 +11,11 @@ import pytest
 
 from tests.conftest import create_database, with_database
 from tests.test_cli import run_cli
+from tests.test_security import as_role, role_database, roles_sections
+from worker.config import Settings
+from worker.db.migrate import upgrade_to_head
+
+__all__ = ["role_database"]  # a fixture, shared with tests/test_security.py
 
 ROLE = "rekognition_worker"
 
@@ -62,3 +68,40 @@ async def test_migrate_grants_dml_but_no_ddl_to_the_worker_role(pg_server_url: s
         if created:
             await admin.execute(f"DROP ROLE IF EXISTS {ROLE}")
         await admin.close()
+
+
+async def test_the_grants_script_after_migrate_keeps_the_erasure_audit_append_only(
+    role_database: tuple[str, str, str],
+) -> None:
+    """sql/03_grants.sql, run after every migrate as the docs say, must not hand UPDATE or DELETE on
+    `erasures` back to the worker role (revision 0008 revokes them)."""
+    url, migrator, worker = role_database
+    _, _, post_migrate = roles_sections(migrator, worker)
+    await asyncio.to_thread(upgrade_to_head, Settings(database_url=as_role(url, migrator)))
+    owner = await asyncpg.connect(as_role(url, migrator))
+    try:
+        await owner.execute(post_migrate)
+        await owner.execute(post_migrate)  # idempotent, and a second run takes nothing back either
+    finally:
+        await owner.close()
+    conn = await asyncpg.connect(as_role(url, worker))
+    try:
+        await conn.execute("INSERT INTO erasures (selector_kind, selector_hash) VALUES ('face_id', $1)", "a" * 64)
+        assert await conn.fetchval("SELECT count(*) FROM erasures") == 1
+        for change in ("UPDATE erasures SET jobs = 1", "DELETE FROM erasures", "TRUNCATE erasures"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(change)
+        # Nor can it take an erased identifier back (which would let the next ingest store the person again).
+        await conn.execute("INSERT INTO erased_identifiers (selector_kind, selector_hash) VALUES ('face_id', $1)",
+                           "b" * 64)
+        for change in ("UPDATE erased_identifiers SET erased_at = now()", "DELETE FROM erased_identifiers",
+                       "TRUNCATE erased_identifiers"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(change)
+        # The rest of the worker's tables stay writable: the revoke is aimed at the audit alone.
+        await conn.execute("INSERT INTO jobs (job_id, api, ingest_state) VALUES ('g-2', 'FACE_SEARCH', 'failed')")
+        assert await conn.fetchval("UPDATE jobs SET attempts = 2 WHERE job_id = 'g-2' RETURNING attempts") == 2
+        await conn.execute("DELETE FROM jobs WHERE job_id = 'g-2'")
+        assert await conn.fetchval("SELECT count(*) FROM erasures") == 1
+    finally:
+        await conn.close()

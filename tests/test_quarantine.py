@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 from structlog.testing import capture_logs
-from test_service_support import make_queues, plain, queue_counts, raw, send
+from test_service_support import make_queues, plain, queue_counts, send
 
 from tests.conftest import unique_job_id
 from tests.helpers import count_rows, dump_job, runtime
@@ -218,12 +218,10 @@ async def test_the_sqs_worker_ends_a_job_that_fails_the_same_way_every_time(
 
         monkeypatch.setattr(pagecodec, "decode", buggy)
     else:
-        body = raw(fx, status="FAILED")
-
-        async def buggy_meta(self: SqsWorker, ref: JobRef) -> None:
+        async def buggy_note(self: SqsWorker, ref: JobRef) -> None:
             raise RuntimeError("a bug in the handler")
 
-        monkeypatch.setattr(SqsWorker, "_failed_job_meta", buggy_meta)
+        monkeypatch.setattr(SqsWorker, "_note_pending", buggy_note)
     queues = await make_queues(sqs, visibility_timeout_s=2, max_receive_count=3)
     settings = small_pages.with_(queue_url=queues.url, poll_wait_s=1, visibility_timeout_s=2,
                                  heartbeat_interval_s=0.5, shutdown_grace_s=5.0, health_port=0,

@@ -297,7 +297,7 @@ async def test_failed_jobs_are_recorded_with_their_reason_and_deleted(
     notified = synth.failed_job(unique_id("failed-notified"), "GetFaceSearch", "Unsupported codec")
     by_get = synth.failed_job(unique_id("failed-by-get"), "GetFaceDetection", "The video is corrupt")
     emu.add_jobs([notified, by_get])
-    # ERROR for a job Rekognition no longer knows: recorded from the notification alone.
+    # ERROR for a job Rekognition does not know: recorded with Rekognition's answer, not the notification's.
     unknown = synth.detection_job(unique_id("error-unknown"), faces=3)
     await send(sqs, queues.url,
                enveloped(notified),  # Status FAILED in the notification
@@ -314,8 +314,8 @@ async def test_failed_jobs_are_recorded_with_their_reason_and_deleted(
     assert rows[notified.job_id]["job_status"] == "FAILED"  # type: ignore[index]
     assert rows[notified.job_id]["video_bucket"] == notified.video["S3Object"]["Bucket"]  # type: ignore[index]
     assert rows[by_get.job_id]["failure_reason"] == "The video is corrupt"  # type: ignore[index]
-    assert rows[unknown.job_id]["failure_reason"] == "completion notification reported Status=ERROR"  # type: ignore[index]
-    assert rows[unknown.job_id]["failure_code"] == "NotificationError"  # type: ignore[index]
+    assert rows[unknown.job_id]["failure_code"] == "ResourceNotFoundException"  # type: ignore[index]
+    assert rows[unknown.job_id]["job_status"] is None  # type: ignore[index]  # Rekognition never said FAILED
     summaries = [e for e in events(logs, "job finished") if e.get("outcome") == "failed"]
     assert {e["job_id"] for e in summaries} == set(rows)
     assert all(e["receive_count"] == 1 and "message_id" in e and "seconds" in e for e in summaries)

@@ -148,6 +148,9 @@ class Settings:
     max_pages_per_job: int = 100_000
     # The same non-infrastructure error on this many attempts in a row records the job failed.
     max_identical_failures: int = 5
+    # How often `run` drops the rows of ingests that stopped (a killed process, a lost connection) and that no
+    # later writer of the same job cleaned up (worker/sweep.py).
+    stale_sweep_interval_s: float = 300.0
     # Credential or IAM errors in a row before the service stops taking messages, and how often it then
     # probes Rekognition to resume.
     credentials_pause_after: int = 3
@@ -246,6 +249,7 @@ class Settings:
             job_stall_timeout_s=_float(env, "JOB_STALL_TIMEOUT_S", 600.0, minimum=1.0),
             max_pages_per_job=_int(env, "MAX_PAGES_PER_JOB", 100_000, minimum=1),
             max_identical_failures=_int(env, "MAX_IDENTICAL_FAILURES", 5, minimum=1),
+            stale_sweep_interval_s=_float(env, "STALE_SWEEP_INTERVAL_S", 300.0, minimum=1.0),
             credentials_pause_after=_int(env, "CREDENTIALS_PAUSE_AFTER", 3, minimum=1),
             credentials_probe_interval_s=_float(env, "CREDENTIALS_PROBE_INTERVAL_S", 30.0, minimum=0.1),
             queue_depth_interval_s=_float(env, "QUEUE_DEPTH_INTERVAL_S", 60.0, minimum=1.0),

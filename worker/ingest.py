@@ -38,7 +38,7 @@ from worker.normalize import JobMeta
 from worker.pagecodec import DecodedPage, PageDecoder
 from worker.rekognition import Fetcher
 from worker.tombstones import Tombstoned
-from worker.watchdog import Watchdog, progress
+from worker.watchdog import Watchdog, progress, watching
 
 log = get_logger(__name__)
 
@@ -234,10 +234,9 @@ class Ingestor:
                 if watch is not None and watch.cancel_requested and not outcome.ok:
                     # The watchdog's cancellation came out as another error (a rollback on a dead
                     # connection replaces it): the stall is what happened to the job.
-                    outcome = JobOutcome(ref.job_id, ref.api.value, "transient",
-                                         reason=f"{watch.stall_reason()}; then {outcome.reason}")
+                    outcome = await self._count_stall(ref, JobStalled(watch.stall_reason()), outcome.reason)
             except JobStalled as exc:  # cancelled by the watchdog: nothing was committed, retry later
-                outcome = JobOutcome(ref.job_id, ref.api.value, "transient", reason=str(exc))
+                outcome = await self._count_stall(ref, exc)
             finally:
                 metrics.IN_FLIGHT.dec()
             outcome.seconds = round(self._clock() - started, 3)
@@ -247,6 +246,26 @@ class Ingestor:
                      persons=outcome.persons, matches=outcome.matches, rows=outcome.rows,
                      seconds=outcome.seconds, reason=outcome.reason)
         return outcome
+
+    async def _count_stall(self, ref: JobRef, stall: JobStalled, then: str | None = None) -> JobOutcome:
+        """A stall is a failure of the job like any other: counted toward MAX_IDENTICAL_FAILURES, so a job
+        that stalls on every attempt ends failed instead of being handed back forever."""
+        outcome = await self.count_failure(ref, stall, "transient")
+        if then and outcome.outcome == "transient":
+            outcome.reason = f"{outcome.reason}; then {then}"[:1000]
+        return outcome
+
+    async def _give_up(self, ref: JobRef, exc: PermanentJobError) -> JobOutcome:
+        """Record ``exc`` (quarantining the pages), watched when no watch runs yet (after a stall, or for the
+        SQS worker's own errors): a stall there records the job failed without its pages, so giving up ends."""
+        if self.watchdog is None or watching():
+            return await self._record_permanent(ref, exc)
+        try:
+            with self.watchdog.watch(ref.job_id):
+                return await self._record_permanent(ref, exc)
+        except JobStalled as stall:
+            reason = f"{exc.reason}; archiving its pages stalled: {stall}"[:1000]
+            return await self._record_permanent(ref, PermanentJobError(reason, code=exc.code), quarantine=False)
 
     async def _ingest(self, ref: JobRef, skip_since_ms: int | None) -> JobOutcome:
         name = ref.api.value
@@ -313,13 +332,13 @@ class Ingestor:
         if streak >= self.max_identical_failures:
             log.warning("the same error on every attempt: giving up on the job", identical_failures=streak,
                         error=reason)
-            return await self._record_permanent(ref, PermanentJobError(
+            return await self._give_up(ref, PermanentJobError(
                 f"the same error on {streak} attempts in a row: {reason}", code="RepeatedFailure"))
         return JobOutcome(ref.job_id, ref.api.value, outcome, reason=reason, extra={"identical_failures": streak})
 
-    async def _record_permanent(self, ref: JobRef, exc: PermanentJobError) -> JobOutcome:
+    async def _record_permanent(self, ref: JobRef, exc: PermanentJobError, *, quarantine: bool = True) -> JobOutcome:
         name = ref.api.value
-        if exc.code in QUARANTINE_CODES and self.store.archive_raw_pages:
+        if quarantine and exc.code in QUARANTINE_CODES and self.store.archive_raw_pages:
             return await self._quarantine(ref, exc)
         try:
             await self.store.record_failure(ref, code=exc.code, reason=exc.reason)
@@ -372,12 +391,15 @@ class Ingestor:
         async def archive(raw: bytes, _number: int) -> tuple[ArchivedPage, str | None, str | None]:
             status, token = page_links(raw)
             # zstd releases the GIL: compressing a 3.5 MB page off the loop keeps it free for the others.
-            return await asyncio.to_thread(ArchivedPage.compress, raw), status, token
+            compressed = await asyncio.to_thread(ArchivedPage.compress, raw)
+            progress()  # a page fetched: a long quarantine is not a stalled one
+            return compressed, status, token
 
         try:
             async with aclosing(self.fetcher.decoded_pages(ref.api, ref.job_id, archive)) as pages:
                 async for page in pages:
                     await quarantine.add_page(page)
+                    progress()  # a page written
         except (PermanentJobError, RestartJob) as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
         except TransientError as exc:

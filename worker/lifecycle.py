@@ -1,13 +1,14 @@
 """The end of a job's data: `delete`, the retention purge of `run`, `erase` of one person, the erasure audit.
 
-Every change to a job happens under the job's transaction-scoped advisory lock (the store's key,
-``hashtextextended(job_id, 0)``), so it never interleaves with an ingest or a reprocess of that job, and
-other jobs are never locked at all. A job with more faces than ``chunk_faces`` is deleted in several short
-transactions: the first hides it (state failed, failure_code ``Deleting``, counters 0: out of every
-reporting view but job_summary) and drops its raw pages, persons and collection faces; the next ones
-delete ``chunk_faces`` faces with their landmarks, emotions and matches each; the last removes the jobs
-row. A run cut short leaves a hidden job that the next `delete` (or retention pass) finishes, since
-``ingested_at`` and ``updated_at`` are kept.
+Every change to a job happens under the job's advisory lock (the store's key, ``hashtextextended(job_id,
+0)``), waited for outside any transaction and held by the session across the change's short transactions
+(worker/db/joblock.py), so it never interleaves with an ingest or a reprocess of that job, never holds
+back vacuum while it waits, and other jobs are never locked at all. A job with more faces than
+``chunk_faces`` is deleted in several short transactions: the first hides it (state failed, failure_code
+``Deleting``, counters 0: out of every reporting view but job_summary) and drops its raw pages, persons and
+collection faces; the next ones delete ``chunk_faces`` faces with their landmarks, emotions and matches
+each; the last removes the jobs row. A run cut short leaves a hidden job that the next `delete` (or
+retention pass) finishes, since ``ingested_at`` and ``updated_at`` are kept.
 
 `erase` rewrites the archived raw pages as well as the rows, so `reprocess` cannot bring erased entries
 back; ERASURE_HASH_KEY keys the audit's hash, so the audit never names the person it is about. It keeps
@@ -37,9 +38,11 @@ from worker import erased, metrics, tombstones
 from worker.archive import ArchivedPage
 from worker.config import Settings
 from worker.db import schema
+from worker.db.joblock import JobLockBusy, job_lock
 from worker.db.store import drop_ingest, drop_stale_ingests
 from worker.erased import selector_hash
 from worker.errors import ConfigError, InvalidInput
+from worker.ingest import failure_fingerprint
 from worker.logs import get_logger
 
 log = get_logger(__name__)
@@ -112,13 +115,6 @@ def _affected(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def _lock(conn: asyncpg.Connection, job_id: str, *, wait: bool) -> bool:
-    if wait:
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", job_id)
-        return True
-    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", job_id))
-
-
 # --- delete ------------------------------------------------------------------------------------------
 
 
@@ -168,7 +164,8 @@ async def _delete_all(conn: asyncpg.Connection, job_id: str, rows: dict[str, int
 
 async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True,
                      chunk_faces: int = DEFAULT_CHUNK_FACES, why: str = "deleted") -> JobRemoval:
-    """Delete every row and raw page of ``job_id``, in short transactions under the job's lock, leaving a
+    """Delete every row and raw page of ``job_id``, in short transactions under the job's lock, which is
+    waited for outside any transaction (worker/db/joblock.py) and held until the last one, leaving a
     tombstone (``why``: deleted, or expired by retention) in the first one, so that no later notification,
     backfill or retry brings the job back (worker/tombstones.py).
 
@@ -176,11 +173,19 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
     """
     started = time.monotonic()
     removal = JobRemoval(job_id, None, None)
+    try:
+        async with job_lock(conn, job_id, wait=wait):
+            await _delete_locked(conn, job_id, removal, chunk_faces, why)
+    except JobLockBusy:
+        removal.outcome = "busy"
+    removal.seconds = round(time.monotonic() - started, 3)
+    return removal
+
+
+async def _delete_locked(conn: asyncpg.Connection, job_id: str, removal: JobRemoval, chunk_faces: int,
+                         why: str) -> None:
     rows = removal.rows
     async with conn.transaction():
-        if not await _lock(conn, job_id, wait=wait):
-            removal.outcome = "busy"
-            return removal
         job = await conn.fetchrow("SELECT api::text AS api, ingest_state::text AS state, failure_code "
                                   "FROM jobs WHERE job_id = $1", job_id)
         removal.api, removal.state = (job["api"], job["state"]) if job is not None else (None, None)
@@ -192,8 +197,7 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
             await _delete_all(conn, job_id, rows)
             if removal.total == 0:
                 removal.outcome = "missing"
-            removal.seconds = round(time.monotonic() - started, 3)
-            return removal
+            return
         # Too large for one short transaction: hide it first, and drop the archive (the biometric source).
         await conn.execute(
             "UPDATE jobs SET ingest_state = 'failed', failure_code = $2, "
@@ -208,22 +212,18 @@ async def delete_job(conn: asyncpg.Connection, job_id: str, *, wait: bool = True
             rows[table] = _affected(status)
     for low in range(0, top + 1, chunk_faces):
         async with conn.transaction():
-            await _lock(conn, job_id, wait=True)
             if not await _still_deleting(conn, job_id):
                 removal.outcome = "reingested"
-                return removal
+                return
             for table in _FACE_CHUNK_TABLES:
                 rows[table] = rows.get(table, 0) + _affected(await conn.execute(
                     f"DELETE FROM {table} WHERE ingest_id = ANY($1::int[]) AND face_seq >= $2 AND face_seq < $3",
                     keys, low, low + chunk_faces))
     async with conn.transaction():
-        await _lock(conn, job_id, wait=True)
         if not await _still_deleting(conn, job_id):
             removal.outcome = "reingested"
-            return removal
+            return
         await _delete_all(conn, job_id, rows)
-    removal.seconds = round(time.monotonic() - started, 3)
-    return removal
 
 
 async def _still_deleting(conn: asyncpg.Connection, job_id: str) -> bool:
@@ -590,6 +590,35 @@ async def erase_in_key(conn: asyncpg.Connection, key: int, face_ids: set[str], e
     return removed
 
 
+# Every text column that can quote a value of a page, or an error about one: failure reasons (copied from
+# jobs to submissions by the trigger of revision 0011 and by the scheduler's reconcile), Rekognition's
+# StatusMessage, and the retry bookkeeping (whose fingerprint is the error with its numbers blanked, $2).
+_SCRUB_JOBS = (
+    "UPDATE jobs SET failure_reason = replace(failure_reason, $1, '[erased]'), "
+    "status_message = replace(status_message, $1, '[erased]') "
+    "WHERE strpos(failure_reason, $1) > 0 OR strpos(status_message, $1) > 0")
+_SCRUB_SUBMISSIONS = (
+    "UPDATE submissions SET failure_reason = replace(failure_reason, $1, '[erased]') "
+    "WHERE strpos(failure_reason, $1) > 0")
+_SCRUB_RETRIES = (
+    "UPDATE job_retries SET last_error = replace(last_error, $1, '[erased]'), "
+    "last_outage = replace(last_outage, $1, '[erased]'), "
+    "fingerprint = replace(replace(fingerprint, $1, '[erased]'), $2, '[erased]') "
+    "WHERE strpos(last_error, $1) > 0 OR strpos(last_outage, $1) > 0 OR strpos(fingerprint, $1) > 0 "
+    "OR strpos(fingerprint, $2) > 0")
+
+
+async def scrub_free_text(conn: asyncpg.Connection, value: str) -> None:
+    """Replace ``value`` by ``[erased]`` wherever free text quotes it, in the caller's transaction (the
+    trigger that copies failure reasons to submissions does not fire on these updates)."""
+    blanked = failure_fingerprint(Exception(value)).removeprefix("Exception: ")
+    if blanked == value or not blanked.strip("#"):
+        blanked = value  # nothing blanked, or nothing but blanks: replacing it would hit unrelated numbers
+    await conn.execute(_SCRUB_JOBS, value)
+    await conn.execute(_SCRUB_SUBMISSIONS, value)
+    await conn.execute(_SCRUB_RETRIES, value, blanked)
+
+
 async def _erase_candidates(conn: asyncpg.Connection, kind: SelectorKind, value: str) -> tuple[set[str], list[str]]:
     """The erased FaceIds known from the rows, and the jobs to look at: those whose rows name the faces, and
     every face search job with raw pages but no ingested rows (quarantined pages are read, not trusted)."""
@@ -620,18 +649,19 @@ async def erase(conn: asyncpg.Connection, kind: SelectorKind, value: str, *, key
         await erased.remember(conn, key, [("face_id", face_id) for face_id in face_ids])
     for job_id in job_ids:
         found_before = sum(result.counts[name] for name in IDENTITY_COUNTS)
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            await _lock(conn, job_id, wait=True)
-            changed = await _erase_in_job(conn, job_id, kind, value, face_ids, result.counts, found)
-        except BaseException:
-            await tx.rollback()
-            raise
-        if dry_run:
-            await tx.rollback()
-        else:
-            await tx.commit()
+        # The job's lock is waited for with no transaction open (an ingest may hold it for minutes).
+        async with job_lock(conn, job_id):
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                changed = await _erase_in_job(conn, job_id, kind, value, face_ids, result.counts, found)
+            except BaseException:
+                await tx.rollback()
+                raise
+            if dry_run:
+                await tx.rollback()
+            else:
+                await tx.commit()
         # A job counts when the identity was in it, not when only stale rows of another ingest were dropped.
         if changed and sum(result.counts[name] for name in IDENTITY_COUNTS) > found_before:
             result.counts["jobs"] += 1
@@ -639,11 +669,7 @@ async def erase(conn: asyncpg.Connection, kind: SelectorKind, value: str, *, key
     if not dry_run:
         # Free text that may quote a value of a page (an error message naming a malformed member).
         async with conn.transaction():
-            await conn.execute("UPDATE jobs SET failure_reason = replace(failure_reason, $1, '[erased]') "
-                               "WHERE strpos(failure_reason, $1) > 0", value)
-            await conn.execute("UPDATE job_retries SET last_error = replace(last_error, $1, '[erased]'), "
-                               "last_outage = replace(last_outage, $1, '[erased]') "
-                               "WHERE strpos(last_error, $1) > 0 OR strpos(last_outage, $1) > 0", value)
+            await scrub_free_text(conn, value)
             await erased.remember(conn, key, [("face_id", face_id) for face_id in found - face_ids])
             c = result.counts
             result.audit_id = await conn.fetchval(

@@ -46,6 +46,10 @@ REQUEUES_HELD = Gauge(f"{PREFIX}requeues_held", "Messages on their last receive 
                       "copy is retried in the background")
 CREDENTIALS_FAILURES = Counter(f"{PREFIX}credentials_failures_total",
                                "Jobs handed back because AWS refused the worker's credentials or permissions")
+# A FAILED/ERROR notification that Rekognition's own JobStatus contradicts: forged, or a stray copy.
+NOTIFIED_FAILED_CONTRADICTED = Counter(
+    f"{PREFIX}failed_notifications_contradicted_total",
+    "Notifications saying FAILED or ERROR for a job Rekognition reports SUCCEEDED: settled as completions")
 CREDENTIALS_PAUSED = Gauge(f"{PREFIX}credentials_paused",
                            "1 while the worker takes no messages because AWS refuses its credentials")
 

@@ -30,7 +30,7 @@ from worker.config import Settings
 from worker.credentials import CredentialsGate, rekognition_probe
 from worker.db.migrate import head_revision
 from worker.db.submissions import SchedulerStore
-from worker.errors import ConfigError, CredentialsError, InvalidInput, WorkerError
+from worker.errors import ConfigError, InvalidInput
 from worker.events.publisher import flush_before_exit, run_publisher
 from worker.expiry import watch_pending_jobs
 from worker.health import HealthServer
@@ -38,7 +38,6 @@ from worker.ingest import JobOutcome
 from worker.lifecycle import retention_loop
 from worker.logs import get_logger
 from worker.messages import JobRef, OtherApiNotification, is_start_request, parse_message_body
-from worker.normalize import JobMeta, parse_meta
 from worker.queue import (
     DEFAULT_REQUEUE_RETRY,
     DEFAULT_RETRY_POLICY,
@@ -59,6 +58,7 @@ from worker.queue import earlier_receives as _earlier_receives
 from worker.queue import receive_count as _receive_count
 from worker.runtime import Runtime, open_runtime
 from worker.scheduler import Scheduler, open_start_limiter
+from worker.sweep import sweep_loop
 
 log = get_logger(__name__)
 
@@ -259,10 +259,7 @@ class SqsWorker:
             self._jobs_in_flight.add(ref.job_id)
             try:
                 async with self.sqs_queue.heartbeat(message):
-                    if ref.notified_status in ("FAILED", "ERROR"):
-                        outcome = await self._record_notified_failure(ref)
-                    else:
-                        outcome = await self.rt.ingestor.ingest(ref, skip_if_ingested_since_ms=ref.notified_at_ms)
+                    outcome = await self._ingest_notified(ref)
             finally:
                 self._jobs_in_flight.discard(ref.job_id)
                 # The ingestor unbinds job_id and api when it returns; this message's lines still need them.
@@ -307,6 +304,21 @@ class SqsWorker:
             return True
         return False
 
+    async def _ingest_notified(self, ref: JobRef) -> JobOutcome:
+        """Whatever Status the notification claims, Rekognition's own JobStatus (the first Get* page, read by
+        the ingestor) decides: FAILED records the failure, SUCCEEDED ingests (or settles a duplicate), no
+        answer is transient. A message never deletes data on its own word."""
+        claims_failed = ref.notified_status in ("FAILED", "ERROR")
+        # An ingested job SUCCEEDED at Rekognition, whenever it was: a FAILED claim about it is a duplicate,
+        # settled without a Get* call (a flood of forged copies costs no quota and no re-ingest).
+        since_ms = 0 if claims_failed else ref.notified_at_ms
+        outcome = await self.rt.ingestor.ingest(ref, skip_if_ingested_since_ms=since_ms)
+        if claims_failed and outcome.ok:
+            metrics.NOTIFIED_FAILED_CONTRADICTED.inc()
+            log.warning("the notification says the job failed but Rekognition reports it succeeded: settled as a "
+                        "completion", notified_status=ref.notified_status, outcome=outcome.outcome)
+        return outcome
+
     async def _note_pending(self, ref: JobRef) -> None:
         # The 7-day clock starts here, in the database; an outage is transient like any other in _handle.
         await self.rt.store.note_pending(ref)
@@ -336,40 +348,6 @@ class SqsWorker:
         except Exception as count_exc:  # counting is best effort here: the message is retried regardless
             log.warning("could not count the failure", error=f"{type(count_exc).__name__}: {count_exc}"[:300])
             return "error"
-
-    async def _record_notified_failure(self, ref: JobRef) -> JobOutcome:
-        """Status FAILED or ERROR in the notification: record the job as failed, with Rekognition's reason."""
-        started = self._clock()
-        try:
-            meta = await self._failed_job_meta(ref)
-        except CredentialsError as exc:
-            # Recorded once the credentials work, with Rekognition's StatusMessage, not the notification's.
-            metrics.JOBS.labels(ref.api.value, "transient").inc()
-            log.info("job finished", outcome="transient", pages=0, rows=0, seconds=0.0, reason=str(exc)[:300])
-            return JobOutcome(ref.job_id, ref.api.value, "transient", reason=str(exc), credentials_error=True)
-        if meta is not None and meta.status_message:
-            code, reason = "JobFailed", meta.status_message
-        else:
-            code = f"Notification{(ref.notified_status or 'FAILED').title()}"
-            reason = f"completion notification reported Status={ref.notified_status}"
-        await self.rt.store.record_failure(ref, code=code, reason=reason, meta=meta, rekognition_failed=True)
-        outcome = JobOutcome(ref.job_id, ref.api.value, "failed", reason=reason,
-                             seconds=round(self._clock() - started, 3))
-        metrics.JOBS.labels(ref.api.value, "failed").inc()
-        log.info("job finished", outcome="failed", pages=0, rows=0, seconds=outcome.seconds, reason=reason)
-        return outcome
-
-    async def _failed_job_meta(self, ref: JobRef) -> JobMeta | None:
-        """Best effort: the failed job's StatusMessage and video, which the notification does not carry."""
-        try:
-            meta = parse_meta(await self.rt.fetcher.fetch(ref.api, ref.job_id, None))
-        except CredentialsError:
-            raise
-        except (WorkerError, ValueError) as exc:  # ValueError: a 200 answer whose body is not JSON
-            log.warning("could not read the failed job's status from Rekognition; recording the notification's",
-                        error=str(exc)[:300])
-            return None
-        return meta if meta.job_status == "FAILED" else None
 
     async def _settle(self, message: dict[str, Any], outcome: str, receive_count: int, earlier: int, *,
                       reason: str | None = None, deadline_s: float | None = None) -> None:
@@ -487,16 +465,18 @@ async def run_service(settings: Settings, *, exit_when_idle: bool = False,
                 retention = (asyncio.create_task(retention_loop(rt.engine, settings, worker.stopping),
                                                  name="retention") if settings.retention_days is not None else None)
                 events = asyncio.create_task(run_publisher(settings, worker.stopping), name="events")
+                sweep = asyncio.create_task(sweep_loop(rt.engine, settings.stale_sweep_interval_s, worker.stopping),
+                                            name="stale-sweep")
                 try:
                     code = await worker.run(exit_when_idle=exit_when_idle)
                 finally:
-                    if retention is not None:
-                        # A pass in progress rolls back its current job's transaction; the next run resumes.
-                        retention.cancel()
-                        await asyncio.gather(retention, return_exceptions=True)
-                    # A round in progress rolls back: its events stay pending for the next replica.
-                    events.cancel()
-                    await asyncio.gather(events, return_exceptions=True)
+                    # A pass in progress rolls back its current transaction and releases its job's lock; a
+                    # publishing round in progress rolls back, its events stay pending for the next replica.
+                    for task in (retention, sweep, events):
+                        if task is not None:
+                            task.cancel()
+                    await asyncio.gather(*(t for t in (retention, sweep, events) if t is not None),
+                                         return_exceptions=True)
                 # Idle means delivered too: what is pending goes out now (bounded), or the exit says it did not.
                 return await flush_before_exit(settings, code) if exit_when_idle else code
             finally:

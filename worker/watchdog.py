@@ -32,6 +32,11 @@ def progress() -> None:
         watch.last_progress_s = watch.dog.clock()
 
 
+def watching() -> bool:
+    """True inside a watched job (a nested watch would hide the outer one's progress)."""
+    return _current.get() is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Stall:
     """A job past its deadline: no progress for ``no_progress_s``."""

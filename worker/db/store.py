@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from worker import erased, metrics, normalize, pagecopy, pgcopy, tombstones
 from worker.archive import ArchivedPage
 from worker.db import schema
+from worker.db.joblock import job_lock
 from worker.errors import TransientError, WorkerError
 from worker.messages import JobRef
 from worker.normalize import JobMeta, PageRows
@@ -49,7 +50,6 @@ _KEY_TABLES = ("persons", "collection_faces", "raw_pages", "ingests")
 _DROP_TABLES = (*_FACE_CHUNK_TABLES, *_KEY_TABLES)
 # Everything a key holds, for the one-transaction drop of a failure record.
 _KEYED_AND_INGESTS = (*RESULT_TABLES, "ingests")
-_LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
 # Held by a writer for a whole ingest without a transaction (released by _unlock, or with the session).
 _SESSION_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
 _SESSION_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended($1, 0))"
@@ -549,13 +549,13 @@ class Store:
         """
         async with self.engine.connect() as sa_conn:
             conn = await _driver(sa_conn)
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", ref.job_id)
-                recorded = await _record_failed(conn, ref, code=code, reason=reason, meta=meta,
-                                                rekognition_failed=rekognition_failed, keep_archive=keep_archive)
-            # The keys the job no longer names (an attempt that stopped, a dropped ingest), under the lock again.
-            async with conn.transaction():
-                if await conn.fetchval(_LOCK_SQL, ref.job_id):
+            # Waited for outside any transaction (joblock.py): an ingest may hold the job for minutes.
+            async with job_lock(conn, ref.job_id):
+                async with conn.transaction():
+                    recorded = await _record_failed(conn, ref, code=code, reason=reason, meta=meta,
+                                                    rekognition_failed=rekognition_failed, keep_archive=keep_archive)
+                # The keys the job no longer names (an attempt that stopped, a dropped ingest).
+                async with conn.transaction():
                     for key in [r["ingest_id"] for r in await conn.fetch(_STALE_KEYS_SQL, ref.job_id)]:
                         for table in _KEYED_AND_INGESTS:
                             await conn.execute(f"DELETE FROM {table} WHERE ingest_id = $1", key)
