@@ -22,7 +22,7 @@ from test_service_support import Queues, detection, job_row, queue_counts, raw, 
 from worker.config import Settings
 from worker.db.engine import create_engine
 from worker.db.store import Store
-from worker.errors import InvalidInput
+from worker.errors import NotFound
 from worker.expiry import watch_pending_jobs
 from worker.messages import JobRef, parse_message_body
 from worker.normalize import JobMeta
@@ -172,5 +172,5 @@ async def test_service_records_the_clock_and_a_database_outage_loses_no_message(
 async def test_report_of_a_pending_job_says_it_is_pending(store: Store, settings: Settings) -> None:
     async with asyncio.timeout(20):
         await store.note_pending(_ref("not-yet", _ms_ago(1)))
-        with pytest.raises(InvalidInput, match="pending"):
+        with pytest.raises(NotFound, match="pending"):  # exit 3: not ingested (yet)
             await run_report(settings, "not-yet", fmt="json", chart=None, console=Console(file=io.StringIO()))

@@ -149,7 +149,7 @@ def test_backfill_of_jobs_aws_refuses_exits_non_zero_and_records_nothing(
     emulator.configure(quota_tps=None, fault_rate=0.0, latency_s=0.0, access_denied=True)
     try:
         rc = backfill_command.run(Context(argparse.Namespace(api=None, job_ids=[], from_file=str(jobs),
-                                                             format="table"),
+                                                             format="table", restore_deleted=False),
                                           settings, Console(file=out, width=250), "worker"))
     finally:
         emulator.configure(access_denied=False)

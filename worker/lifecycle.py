@@ -233,16 +233,17 @@ async def _still_deleting(conn: asyncpg.Connection, job_id: str) -> bool:
 
 
 # The retention clock: when the job's results were first stored (kept across re-ingests and reprocess); the
-# last ingested_at too, for a row the store has not rewritten since first_ingested_at exists.
-FIRST_INGESTED = "least(first_ingested_at, ingested_at)"
+# last ingested_at too, for a row the store has not rewritten since first_ingested_at exists: the clock is
+# least(first_ingested_at, ingested_at) in both statements below.
+_INGESTED_BEFORE_SQL = ("SELECT job_id FROM jobs WHERE least(first_ingested_at, ingested_at) < $1 "
+                        "ORDER BY least(first_ingested_at, ingested_at), job_id")
 
 
 async def jobs_ingested_before(conn: asyncpg.Connection, before: datetime) -> list[str]:
     """Exactly the jobs first ingested before ``before`` (``first_ingested_at``: a re-ingest, `reprocess` or
     `jobs retry` does not move it). A job never ingested is not among them (retention purges failed jobs by
     updated_at); a job hidden by an interrupted delete keeps its times."""
-    return [r["job_id"] for r in await conn.fetch(
-        f"SELECT job_id FROM jobs WHERE {FIRST_INGESTED} < $1 ORDER BY {FIRST_INGESTED}, job_id", before)]
+    return [r["job_id"] for r in await conn.fetch(_INGESTED_BEFORE_SQL, before)]
 
 
 async def run_delete(settings: Settings, job_ids: list[str], *, ingested_before: datetime | None = None,
@@ -290,11 +291,11 @@ class PurgeResult:
     seconds: float = 0.0
 
 
-_EXPIRED_SQL = f"""
+_EXPIRED_SQL = """
 SELECT job_id FROM jobs
-WHERE ({FIRST_INGESTED} < $1 OR (ingest_state = 'failed' AND updated_at < $1))
+WHERE (least(first_ingested_at, ingested_at) < $1 OR (ingest_state = 'failed' AND updated_at < $1))
   AND NOT (job_id = ANY($2::text[]))
-ORDER BY coalesce({FIRST_INGESTED}, updated_at), job_id
+ORDER BY coalesce(least(first_ingested_at, ingested_at), updated_at), job_id
 LIMIT $3
 """
 # Keys no jobs row names: an ingest being written, or one that stopped (OOM, a lost node) for a job still

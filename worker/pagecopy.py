@@ -238,7 +238,7 @@ _COLLECTION_FACE = RowPacker(INT4 + FLOAT8 * 5, fields=len(COLLECTION_FACE_COPY_
 _NO_BOX = BoundingBox()
 _NO_FLAG = Flag()
 _NO_GENDER = Gender()
-_GENDER_FIELD: dict[str | None, bytes] = {g: pgcopy.text(g) for g in GENDERS} | {None: pgcopy.NULL}
+_GENDER_FIELD: dict[str | None, bytes] = {g: pgcopy.text_field(g) for g in GENDERS} | {None: pgcopy.NULL}
 _type, _x, _y, _confidence = attrgetter("type"), attrgetter("x"), attrgetter("y"), attrgetter("confidence")
 _NO_UNKNOWN: tuple[str, ...] = ()
 # Encoded text[] fields by the tuple of types they hold (a page repeats a handful of them) and the values
@@ -376,7 +376,7 @@ class _Encoder:
             True, sm.value, eg.value, sg.value, be.value, mu.value, eo.value, mo.value, oc.value]))
         gender = _GENDER_FIELD.get(gd.value)
         if gender is None:
-            gender = pgcopy.text(_enum(gd.value, GENDERS, "gender", self.unknown))
+            gender = pgcopy.text_field(_enum(gd.value, GENDERS, "gender", self.unknown))
         self.faces.append(gender)
         if f.landmarks:
             self._landmarks(seq, f.landmarks)
@@ -439,7 +439,7 @@ class _Encoder:
             model_version, external = _text(face.index_faces_model_version), _text(face.external_image_id)
             if external is not None and len(external) > _MAX_KEY_CHARS:
                 raise _Slow
-            encoded_id = pgcopy.text(face_id)
+            encoded_id = pgcopy.text_field(face_id)
             self.matches.append(_MATCH.pack([self.ingest_id, seq, match.similarity, ordinal]))
             self.matches.append(encoded_id)
             self.match_rows += 1
@@ -447,8 +447,8 @@ class _Encoder:
                 bb = face.bounding_box or _NO_BOX
                 self.collection_faces[face_id] = b"".join((
                     _COLLECTION_FACE.pack([self.ingest_id, bb.width, bb.height, bb.left, bb.top, face.confidence]),
-                    encoded_id, pgcopy.text(image_id), pgcopy.text(external), pgcopy.text(user_id),
-                    pgcopy.text(model_version)))
+                    encoded_id, pgcopy.text_field(image_id), pgcopy.text_field(external), pgcopy.text_field(user_id),
+                    pgcopy.text_field(model_version)))
 
     def page(self, elements: int) -> PageCopy:
         def done(parts: list[bytes], rows: int) -> bytes:

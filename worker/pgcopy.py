@@ -91,7 +91,7 @@ class RowPacker:
         return packer.pack(*args)
 
 
-def text(value: str | None) -> bytes:
+def text_field(value: str | None) -> bytes:
     """A text field (length and UTF-8 bytes), or NULL."""
     if value is None:
         return NULL
@@ -101,7 +101,7 @@ def text(value: str | None) -> bytes:
 
 def text_array(values: Sequence[str | None]) -> bytes:
     """A one-dimensional text[] field."""
-    parts = [text(v) for v in values]
+    parts = [text_field(v) for v in values]
     has_null = any(v is None for v in values)
     body = b"".join((_ARRAY_HEAD.pack(1, has_null, TEXT_OID, len(values), 1), *parts))
     return _I32.pack(len(body)) + body
@@ -137,7 +137,7 @@ def field(kind: str, value: Any) -> bytes:
     if value is None:
         return NULL
     if kind == TEXT:
-        return text(value)
+        return text_field(value)
     if kind == FLOAT8_ARRAY:
         return float8_array(value)
     if kind == TEXT_ARRAY:

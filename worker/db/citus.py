@@ -45,31 +45,34 @@ def is_distributed(conn: sa.Connection, table: str) -> bool:
     return conn.execute(sa.text(_DISTRIBUTED), {"name": f"{schema.SCHEMA}.{table}"}).first() is not None
 
 
-# The schema's types that no Citus node knows yet: created before the extension (a database converted in place).
-_LOCAL_TYPES = """
-SELECT format('%I.%I', n.nspname, t.typname) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-WHERE n.nspname = :schema AND t.typtype = 'e'
-  AND NOT EXISTS (SELECT 1 FROM pg_dist_object o WHERE o.classid = 'pg_type'::regclass AND o.objid = t.oid)
-ORDER BY 1
+SCHEMA = schema.SCHEMA
+_TYPE_CARRIER = f"{SCHEMA}.citus_type_carrier"
+# Make the workers know the schema's enum types (face_api, ingest_state) that no Citus node knows yet: types
+# created before the extension (a database converted in place). Citus ships rows of coordinator tables
+# (jobs) to the workers when it joins them with the bulk tables, with the columns' types named; types
+# created after the extension are propagated by Citus itself, older ones are not. Citus exposes no call for
+# that: a reference table with a column of each type makes it create them on every node (and on nodes added
+# later), and is dropped at once. The column list is built by the server from the catalog (format %I).
+_PROPAGATE_TYPES = f"""
+DO $propagate$
+DECLARE
+    cols text;
+BEGIN
+    SELECT string_agg(format('c%s %I.%I', x.n, x.nspname, x.typname), ', ' ORDER BY x.n) INTO cols
+    FROM (SELECT row_number() OVER (ORDER BY t.typname) AS n, n.nspname, t.typname
+          FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+          WHERE n.nspname = '{SCHEMA}' AND t.typtype = 'e'
+            AND NOT EXISTS (SELECT 1 FROM pg_dist_object o
+                            WHERE o.classid = 'pg_type'::regclass AND o.objid = t.oid)) x;
+    IF cols IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE format('CREATE TABLE {_TYPE_CARRIER} (%s)', cols);
+    PERFORM create_reference_table('{_TYPE_CARRIER}');
+    DROP TABLE {_TYPE_CARRIER};
+END
+$propagate$
 """
-_TYPE_CARRIER = f"{schema.SCHEMA}.citus_type_carrier"
-
-
-def _propagate_types(conn: sa.Connection) -> None:
-    """Make the workers know the schema's enum types (face_api, ingest_state).
-
-    Citus ships rows of coordinator tables (jobs) to the workers when it joins them with the bulk tables, with
-    the columns' types named; types created after the extension are propagated by Citus itself, older ones
-    are not. Citus exposes no call for that: a reference table with a column of each type makes it create
-    them on every node (and on nodes added later), and is dropped at once.
-    """
-    types = conn.execute(sa.text(_LOCAL_TYPES), {"schema": schema.SCHEMA}).scalars().all()
-    if not types:
-        return
-    columns = ", ".join(f"c{n} {t}" for n, t in enumerate(types))
-    conn.execute(sa.text(f"CREATE TABLE {_TYPE_CARRIER} ({columns})"))
-    conn.execute(sa.text("SELECT create_reference_table(:name)"), {"name": _TYPE_CARRIER})
-    conn.execute(sa.text(f"DROP TABLE {_TYPE_CARRIER}"))
 
 
 def distribute(conn: sa.Connection) -> list[str]:
@@ -80,10 +83,10 @@ def distribute(conn: sa.Connection) -> list[str]:
     """
     if not has_citus(conn):
         return []
-    _propagate_types(conn)
+    conn.execute(sa.text(_PROPAGATE_TYPES))
     done: list[str] = []
     for table in DISTRIBUTED_TABLES:
-        name = f"{schema.SCHEMA}.{table}"
+        name = f"{SCHEMA}.{table}"
         # A table of an older or newer schema without the key (a downgrade, a renamed table) is left alone.
         if not conn.execute(sa.text(_HAS_KEY), {"name": name, "column": DISTRIBUTION_COLUMN}).scalar():
             continue
@@ -91,7 +94,7 @@ def distribute(conn: sa.Connection) -> list[str]:
             continue
         anchor = f"{schema.SCHEMA}.{ANCHOR}"
         colocate = anchor if table != ANCHOR and is_distributed(conn, ANCHOR) else "none"
-        had_rows = conn.execute(sa.text(f"SELECT EXISTS (SELECT 1 FROM {name})")).scalar()
+        had_rows = conn.execute(sa.text(f"SELECT EXISTS (SELECT 1 FROM {SCHEMA}.{table})")).scalar()
         conn.execute(sa.text("SELECT create_distributed_table(:name, :column, colocate_with => :colocate)"),
                      {"name": name, "column": DISTRIBUTION_COLUMN, "colocate": colocate})
         if had_rows:

@@ -46,6 +46,10 @@ async def _release(conn: asyncpg.Connection, job_id: str) -> None:
             if conn.is_in_transaction():
                 raise RuntimeError("a transaction was left open under the job's lock")
             await conn.execute(UNLOCK_SQL, job_id)
+            if conn.is_in_transaction():
+                # The server says a transaction is open: a BEGIN cancelled after it was sent but before its
+                # answer was read. The session is closed, which rolls it back (nothing may stay idle in it).
+                raise RuntimeError("a transaction the client did not see was open under the job's lock")
     except asyncio.CancelledError:
         conn.terminate()
         raise

@@ -15,7 +15,7 @@ writer, failure, delete or retention pass of the job.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -281,6 +281,12 @@ async def _register(conn: asyncpg.Connection, ingest_id: int, job_id: str) -> No
         raise TransientError(f"ingest key {ingest_id} is still in use; the next attempt takes another") from exc
 
 
+async def _copy_stream(table: str, conn: asyncpg.Connection, columns: Sequence[str], data: bytes) -> None:
+    """COPY one binary stream the decoding process encoded into ``table``, as it is (nothing when empty)."""
+    if data:
+        await conn.copy_to_table(table, source=memoryview(data), columns=columns, format="binary")
+
+
 class JobWriter:
     """Writes one job's pages under a new key, a short transaction per page, on the connection that holds the
     job's lock (see :meth:`Store.job_writer`)."""
@@ -312,13 +318,10 @@ class JobWriter:
         conn, c = self._conn, self.counts
         # Streams encoded by the decoding process, sent as they are: a memoryview, because asyncpg takes
         # bytes for a file name (os.fspath accepts bytes).
-        for table, columns, data in (
-                ("faces", rows.face_columns, rows.faces),
-                ("landmarks", pagecopy.LANDMARK_COPY_COLUMNS, rows.landmarks),
-                ("emotions", pagecopy.EMOTION_COPY_COLUMNS, rows.emotions),
-                ("face_matches", pagecopy.MATCH_COPY_COLUMNS, rows.matches)):
-            if data:
-                await conn.copy_to_table(table, source=memoryview(data), columns=columns, format="binary")
+        await _copy_stream("faces", conn, rows.face_columns, rows.faces)
+        await _copy_stream("landmarks", conn, pagecopy.LANDMARK_COPY_COLUMNS, rows.landmarks)
+        await _copy_stream("emotions", conn, pagecopy.EMOTION_COPY_COLUMNS, rows.emotions)
+        await _copy_stream("face_matches", conn, pagecopy.MATCH_COPY_COLUMNS, rows.matches)
         new_faces = [fid for fid in rows.collection_faces if fid not in self._seen_faces]
         if new_faces:
             await conn.copy_to_table(

@@ -11,6 +11,7 @@ of 127.0.0.1, trusting local connections; nothing here builds or installs Citus.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -142,15 +143,22 @@ def _start(bin_dir: Path, nodes: list[Node]) -> None:
         raise RuntimeError(f"PostgreSQL did not start: {failed}")
 
 
+# The test databases this creates: a plain name, since CREATE DATABASE cannot bind it.
+DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
 async def create_citus_database(cluster: Cluster, database: str) -> None:
     """Create ``database`` on every node with the citus extension, and register the nodes on the coordinator.
 
     Citus keeps its node list per database: every database of a cluster gets the extension on each node
     and the coordinator's list of workers (a managed service does this for its one database).
     """
+    if not DATABASE_NAME.match(database):
+        raise ValueError(f"not a plain database name: {database!r}")
     for node in (*cluster.workers, cluster.coordinator):
         admin = await connect(node.url())
         try:
+            # CREATE DATABASE takes no bound parameters: the name is checked against DATABASE_NAME above.
             await admin.execute(f'CREATE DATABASE "{database}"')
         finally:
             await admin.close()
