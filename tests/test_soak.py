@@ -56,7 +56,7 @@ async def main():
     tasks = []
 
     # Long-lived tasks the service starts once (after `ready`): not per-job tasks, so not counted.
-    service_tasks = {"queue-depth", "pending-jobs", "retention", "stale-sweep", "watchdog", "events"}
+    service_tasks = {"queue-depth", "pending-jobs", "retention", "stale-sweep", "watchdog", "events", "events-wait"}
 
     def ready(worker):
         async def sample():

@@ -255,9 +255,10 @@ async def _open_listening(settings: Settings, wake: asyncio.Event) -> asyncpg.Co
 
 async def _wait(stop: asyncio.Event, wake: asyncio.Event | None, timeout_s: float) -> None:
     """Until ``stop`` (or ``wake``) is set, or ``timeout_s`` passed."""
-    waiters = [asyncio.create_task(stop.wait())]
+    # Named: two at most, owned by the publisher's wait (the soak test tells them from per-job tasks).
+    waiters = [asyncio.create_task(stop.wait(), name="events-wait")]
     if wake is not None:
-        waiters.append(asyncio.create_task(wake.wait()))
+        waiters.append(asyncio.create_task(wake.wait(), name="events-wait"))
     try:
         await asyncio.wait(waiters, timeout=max(0.0, timeout_s), return_when=asyncio.FIRST_COMPLETED)
     finally:
