@@ -115,7 +115,7 @@ INSERT INTO jobs (job_id, api, {_META_COLS}, ingest_state, failure_code, failure
                   first_ingested_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ingested', NULL, NULL,
         $16, $17, $25, $18, $19, $20, $21,
-        1, $22, $22, $23, clock_timestamp(), clock_timestamp(), $24, clock_timestamp())
+        1, $22, $22, $23, statement_timestamp(), statement_timestamp(), $24, statement_timestamp())
 ON CONFLICT (job_id) DO UPDATE SET
     api = EXCLUDED.api, {_META_UPDATE},
     ingest_state = 'ingested', failure_code = NULL, failure_reason = NULL,
@@ -124,7 +124,8 @@ ON CONFLICT (job_id) DO UPDATE SET
     landmarks = EXCLUDED.landmarks, emotions = EXCLUDED.emotions,
     attempts = jobs.attempts + 1, notified_at = COALESCE(EXCLUDED.notified_at, jobs.notified_at),
     completed_at = COALESCE(jobs.completed_at, EXCLUDED.completed_at),
-    ingest_started_at = EXCLUDED.ingest_started_at, ingested_at = clock_timestamp(), updated_at = clock_timestamp(),
+    ingest_started_at = EXCLUDED.ingest_started_at,
+    ingested_at = statement_timestamp(), updated_at = statement_timestamp(),
     ingest_id = EXCLUDED.ingest_id,
     -- The retention clock: when the results were first stored. A re-ingest, reprocess or retry keeps it
     -- (the previous ingested_at counts too, for rows that predate the column).
