@@ -25,6 +25,7 @@ from worker.config import Settings
 from worker.db import citus
 from worker.db.migrate import upgrade_to_head
 from worker.local import synth
+from worker.local.citus import add_citus
 
 needs_citus = pytest.mark.skipif(os.environ.get("TEST_CITUS") != "1",
                                  reason="needs a Citus cluster: run `make test-citus`")
@@ -100,7 +101,7 @@ async def test_a_database_migrated_before_citus_converts_in_place(
         finally:
             await conn.close()
         # The extension on every node, the node list on the coordinator.
-        await _add_citus(citus_cluster, name)
+        await add_citus(citus_cluster, name)
         migrated = run_cli("migrate", env={"DATABASE_URL": url})
         assert migrated.returncode == 0, migrated.stderr
         assert "Distributed on Citus by ingest_id" in migrated.stderr
@@ -123,22 +124,6 @@ async def test_a_database_migrated_before_citus_converts_in_place(
                 await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             finally:
                 await admin.close()
-
-
-async def _add_citus(cluster: Any, name: str) -> None:
-    for node in (*cluster.workers, cluster.coordinator):
-        conn = await asyncpg.connect(node.url(name))
-        try:
-            await conn.execute("CREATE EXTENSION citus")
-        finally:
-            await conn.close()
-    conn = await asyncpg.connect(cluster.url(name))
-    try:
-        await conn.execute("SELECT citus_set_coordinator_host('127.0.0.1', $1)", cluster.coordinator.port)
-        for worker in cluster.workers:
-            await conn.fetchval("SELECT citus_add_node('127.0.0.1', $1)", worker.port)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

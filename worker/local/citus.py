@@ -162,6 +162,13 @@ async def create_citus_database(cluster: Cluster, database: str) -> None:
             await admin.execute(f'CREATE DATABASE "{database}"')
         finally:
             await admin.close()
+    await add_citus(cluster, database)
+
+
+async def add_citus(cluster: Cluster, database: str) -> None:
+    """Make ``database``, which exists on every node, a Citus database: the extension on each node, the
+    workers registered on the coordinator (also how a database created before Citus is converted)."""
+    for node in (*cluster.workers, cluster.coordinator):
         conn = await connect(node.url(database))
         try:
             await conn.execute("CREATE EXTENSION citus")
